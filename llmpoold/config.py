@@ -1,0 +1,357 @@
+"""Settings: ``settings.json`` deep-merged with ``local.json``, validated by pydantic.
+
+Paths: ``--settings`` / ``--local`` flags, else ``LLM_POOL_SETTINGS_PATH`` /
+``LLM_POOL_LOCAL_SETTINGS_PATH``, else ``/etc/llmpool/settings.json`` and the
+``local.json`` beside the settings file. A missing default file means "no settings";
+a missing file that was named explicitly is an error. Every validation error names
+the field path and the offending value (:class:`SettingsError`).
+
+Backend-specific model keys (``gguf_n_ctx``, ``remote_base_url``...) are validated
+by the owning plugin's ``options_model`` in :func:`resolve_model_options`, once the
+installed plugins are known.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_SETTINGS_PATH = Path("/etc/llmpool/settings.json")
+SETTINGS_ENV = "LLM_POOL_SETTINGS_PATH"
+LOCAL_SETTINGS_ENV = "LLM_POOL_LOCAL_SETTINGS_PATH"
+MAX_OUTPUT_TOKENS = 4096
+MAX_FAIRNESS_KEY_LENGTH = 128
+
+
+class SettingsError(ValueError):
+    """An invalid settings file; the message names the file, field path and value."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServiceSettings(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8010, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    api_keys: tuple[str, ...] = ()
+    api_key_envs: tuple[str, ...] = ()
+    admin_api_key: str | None = None
+    admin_api_key_env: str | None = None
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    def resolved_api_keys(self) -> frozenset[str]:
+        """Inference keys: literal ones plus those read from the named env vars."""
+        keys = set(self.api_keys)
+        keys.update(os.environ[name] for name in self.api_key_envs if os.environ.get(name))
+        return frozenset(k for k in keys if k)
+
+    def resolved_admin_key(self) -> str | None:
+        if self.admin_api_key_env and os.environ.get(self.admin_api_key_env):
+            return os.environ[self.admin_api_key_env]
+        return self.admin_api_key or None
+
+
+class DecodingDefaults(_Strict):
+    beam_size: int = Field(1, ge=1, le=16)
+    top_k: int = Field(1, ge=1, le=200)
+    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: float = Field(0.1, ge=0, le=2)
+    repetition_penalty: float = Field(1.0, ge=0, le=4)
+    max_tokens: int = Field(256, ge=1, le=MAX_OUTPUT_TOKENS)
+    stop: tuple[str, ...] = ()
+
+    @field_validator("stop", mode="after")
+    @classmethod
+    def _drop_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(s for s in value if s)
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+        raise ValueError(f"engine.fairness.{name} must be an integer greater than 0")
+    return int(value)
+
+
+def _positive_finite(message: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(message)
+    return float(value)
+
+
+class FairnessSettings(_Strict):
+    """The seed's ``engine.fairness`` block, with its validation messages."""
+
+    default_weight: float = 1.0
+    weights: dict[str, float] = Field(default_factory=dict)
+    soft_max_inflight_per_key: int = 1
+    max_pending_per_key: int = 32
+    max_pending_per_executor: int = 128
+    idle_state_ttl_s: float = 300.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _validate(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValueError("engine.fairness must be an object")
+        data = dict(data)
+        if "default_weight" in data:
+            data["default_weight"] = _positive_finite(
+                "engine.fairness.default_weight must be a finite number greater than 0", data["default_weight"])
+        for name in ("soft_max_inflight_per_key", "max_pending_per_key", "max_pending_per_executor"):
+            if name in data:
+                data[name] = _positive_int(name, data[name])
+        if "idle_state_ttl_s" in data:
+            value = data["idle_state_ttl_s"]
+            if isinstance(value, str):
+                value = float(value) if value.strip().lower() not in {"inf", "nan", "-inf"} else math.inf
+            data["idle_state_ttl_s"] = _positive_finite(
+                "engine.fairness.idle_state_ttl_s must be a finite number greater than 0", value)
+        if "weights" in data:
+            raw = data["weights"]
+            if not isinstance(raw, dict):
+                raise ValueError("engine.fairness.weights must be an object of {fairness_key: weight}")
+            weights: dict[str, float] = {}
+            for key, weight in raw.items():
+                norm = str(key).strip()
+                if not norm:
+                    raise ValueError("engine.fairness.weights keys must not be blank")
+                if len(norm) > MAX_FAIRNESS_KEY_LENGTH:
+                    raise ValueError("engine.fairness.weights keys must be at most 128 characters")
+                if norm in weights:
+                    raise ValueError(f"duplicate normalized fairness weight key: {norm}")
+                weights[norm] = _positive_finite(
+                    f"engine.fairness.weights['{norm}'] must be a finite number greater than 0", weight)
+            data["weights"] = weights
+        return data
+
+    def weight_for(self, key: str | None) -> float:
+        return self.weights.get(key, self.default_weight) if key is not None else self.default_weight
+
+
+COMMON_MODEL_KEYS = frozenset({
+    "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas", "replica_max",
+    "target_inflight", "modalities", "reasoning_efforts", "isolation", "queue_timeout_s",
+})
+
+
+class ModelConfig(BaseModel):
+    """One entry of ``engine.models``: the keys every backend shares, plus ``options``
+    (the backend's own keys, validated by its plugin's ``options_model``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    backend: str | None = None
+    model_path: str | None = None
+    prompt_format: str = "generic"
+    enable_thinking: bool | None = None
+    enabled: bool = True
+    replicas: int = Field(1, ge=1)
+    replica_max: int = Field(1, ge=1)
+    target_inflight: int = Field(1, ge=1)
+    modalities: tuple[str, ...] = ("text",)
+    reasoning_efforts: tuple[str, ...] = ()
+    isolation: Literal["process", "inline"] | None = None
+    queue_timeout_s: float | None = Field(None, gt=0)
+    # Raw backend keys as configured; ``options`` holds them validated by the plugin.
+    backend_keys: dict[str, Any] = Field(default_factory=dict)
+    options: Any = None
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return value or None
+        return value
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _path(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return value.strip() or None
+        return value
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modalities(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError("modalities must be a list of strings")
+        seen: list[str] = []
+        for item in value:
+            norm = item.strip().lower()
+            if norm not in {"text", "image", "audio"}:
+                raise ValueError("modality must be one of: text, image, audio")
+            if norm not in seen:
+                seen.append(norm)
+        if "text" not in seen:
+            seen.insert(0, "text")
+        return tuple(seen)
+
+    @field_validator("reasoning_efforts", mode="before")
+    @classmethod
+    def _efforts(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ValueError("reasoning_efforts must be a list of strings")
+        out: list[str] = []
+        for item in value:
+            norm = item.strip().lower()
+            if not norm:
+                raise ValueError("reasoning_efforts must not contain blank values")
+            if norm not in out:
+                out.append(norm)
+        return tuple(out)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ModelConfig:
+        if self.replicas > self.replica_max:
+            raise ValueError(
+                f"model '{self.name}' has replicas={self.replicas} greater than replica_max={self.replica_max}")
+        return self
+
+    def definition(self) -> dict[str, Any]:
+        """The admin ``definition``: common keys plus the backend's own (no secrets:
+        plugins keep secrets in env vars and only their names in config)."""
+        common = self.model_dump(include={
+            "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas",
+            "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s"})
+        common["reasoning_efforts"] = list(self.reasoning_efforts)
+        options = self.options.model_dump(mode="json") if isinstance(self.options, BaseModel) else dict(self.backend_keys)
+        return {**common, **options}
+
+
+class EngineSettings(_Strict):
+    backend: str | None = None
+    decoding: DecodingDefaults = Field(default_factory=DecodingDefaults)
+    fairness: FairnessSettings = Field(default_factory=FairnessSettings)
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> Any:
+        return ModelConfig._backend(value)
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            raise ValueError("engine.models must be an object of {model_name: model}")
+        out: dict[str, Any] = {}
+        for name, entry in value.items():
+            if not isinstance(entry, dict):
+                raise ValueError(f"engine.models.{name} must be an object")
+            common = {k: v for k, v in entry.items() if k in COMMON_MODEL_KEYS}
+            common["backend_keys"] = {k: v for k, v in entry.items() if k not in COMMON_MODEL_KEYS}
+            out[name] = {"name": name, **common}
+        return out
+
+
+class AppSettings(_Strict):
+    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    def resolved_backend(self, model: ModelConfig) -> str | None:
+        return model.backend or self.engine.backend
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Objects merge key by key, recursively; anything else in ``override`` replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def settings_paths(settings: str | os.PathLike[str] | None = None,
+                   local: str | os.PathLike[str] | None = None) -> tuple[Path, Path, bool]:
+    """Resolve (settings path, local path, whether the settings path was named)."""
+    named = settings or os.environ.get(SETTINGS_ENV)
+    base = Path(named) if named else DEFAULT_SETTINGS_PATH
+    local_named = local or os.environ.get(LOCAL_SETTINGS_ENV)
+    local_path = Path(local_named) if local_named else base.with_name("local.json")
+    return base, local_path, bool(named)
+
+
+def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise SettingsError(f"{path}: settings file not found") from None
+        return {}
+    except OSError as exc:
+        raise SettingsError(f"{path}: cannot read settings file: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: the top level must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
+    """One line per error: ``<field path>: <message> (got <value>)``."""
+    lines = []
+    for err in exc.errors():
+        loc = [str(part) for part in err["loc"]]
+        if len(loc) >= 3 and loc[:2] == ["engine", "models"] and loc[3:4] == ["backend_keys"]:
+            del loc[3]
+        path = ".".join(([prefix] if prefix else []) + loc)
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        value = err.get("input")
+        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
+        lines.append(f"{path}: {message}{shown}" if path else f"{message}{shown}")
+    return "; ".join(lines)
+
+
+def parse_settings(data: Mapping[str, Any], *, source: str = "settings") -> AppSettings:
+    try:
+        return AppSettings.model_validate(data)
+    except ValidationError as exc:
+        raise SettingsError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def load_settings(settings: str | os.PathLike[str] | None = None,
+                  local: str | os.PathLike[str] | None = None) -> AppSettings:
+    """Read, merge and validate the settings files. Raises :class:`SettingsError`."""
+    base_path, local_path, named = settings_paths(settings, local)
+    merged = deep_merge(_read_json(base_path, required=named), _read_json(local_path, required=bool(local)))
+    return parse_settings(merged, source=str(base_path))
+
+
+def resolve_model_options(model: ModelConfig, options_model: type[BaseModel], *, backend: str,
+                          requires_model_path: bool, override: Mapping[str, Any] | None = None) -> ModelConfig:
+    """Validate ``model.backend_keys`` (plus a load override) with the plugin's options
+    model and return a copy with ``options`` set. Raises :class:`SettingsError`."""
+    keys = dict(model.backend_keys)
+    if override:
+        keys.update(override)
+    if requires_model_path and not model.model_path:
+        raise SettingsError(f"engine.models.{model.name}.model_path: required for backend '{backend}'")
+    try:
+        options = options_model.model_validate(keys)
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc, prefix=f"engine.models.{model.name}")) from None
+    return model.model_copy(update={"options": options})

@@ -1,0 +1,209 @@
+"""Values that cross the boundary between the daemon and a backend plugin.
+
+Everything here is a frozen dataclass of plain values so that it can also cross a
+process boundary (see ``llmpoold.worker``) as JSON: ``to_wire`` / ``from_wire``.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Return only the response."
+
+
+@dataclass(frozen=True, slots=True)
+class Decoding:
+    """Resolved decoding parameters: request value if given, else the engine default."""
+
+    beam_size: int = 1
+    top_k: int = 1
+    top_p: float = 1.0
+    temperature: float = 0.1
+    repetition_penalty: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One conversation turn. ``content`` is a string or the request's content items
+    (JSON objects with a ``type``: text, image_url, audio_url, file)."""
+
+    role: str
+    content: str | tuple[Mapping[str, Any], ...]
+
+
+class CancelToken:
+    """Set when the request's result is no longer wanted (client gone, deadline, unload).
+
+    A backend that generates in a loop checks ``is_set()`` once per token and stops;
+    one that batches uses it to drop the request from its batch. Thread-safe.
+    """
+
+    __slots__ = ("_event",)
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One inference request as a backend sees it.
+
+    ``messages`` is always the conversation to answer: the request's ``messages`` or a
+    single user turn made from ``input``. ``multi_turn`` says which one the client sent
+    (a single-turn prompt format must refuse ``multi_turn=True``).
+    ``thinking`` is the resolved switch for local templates (None: model default);
+    ``thinking_mode`` is what the request asked ("default", "enabled", "disabled").
+    """
+
+    request_id: str
+    model: str
+    replica_id: str
+    prompt_format: str
+    instructions: str
+    messages: tuple[Message, ...]
+    decoding: Decoding
+    multi_turn: bool = False
+    thinking: bool | None = None
+    thinking_mode: str = "default"
+    reasoning_effort: str | None = None
+    source_lang_code: str | None = None
+    target_lang_code: str | None = None
+    prompt_cache_key: str | None = None
+    cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
+
+    def to_wire(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
+        data["decoding"] = asdict(self.decoding)
+        data["messages"] = [
+            {"role": m.role, "content": m.content if isinstance(m.content, str) else list(m.content)}
+            for m in self.messages
+        ]
+        return data
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> GenerationRequest:
+        values = dict(data)
+        decoding = dict(values.pop("decoding"))
+        decoding["stop"] = tuple(decoding.get("stop") or ())
+        messages = tuple(
+            Message(role=m["role"], content=m["content"] if isinstance(m["content"], str) else tuple(m["content"]))
+            for m in values.pop("messages")
+        )
+        return cls(decoding=Decoding(**decoding), messages=messages, **values)
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of generated text, in order. ``channel`` separates visible output from
+    reasoning ("thinking") text. Never contains a partial UTF-8 character or any part of
+    a matched stop string."""
+
+    text: str
+    channel: Literal["output", "reasoning"] = "output"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendMetrics:
+    """What the runtime measured for one request; None where it cannot tell."""
+
+    tokenize_ms: float | None = None
+    time_to_first_token_ms: float | None = None
+    generate_total_ms: float | None = None
+    decode_after_first_token_ms: float | None = None
+    prompt_tokens: int | None = None
+    cached_prompt_tokens: int | None = None
+    output_tokens: int | None = None
+    tokens_per_second: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The last item of every stream: why generation ended, and its metrics.
+
+    ``finish_reason`` is "stop" (a stop string or end-of-sequence token), "length"
+    (max_tokens reached), "cancelled", or what an upstream API reported.
+    ``metadata`` is returned to the client as the response's ``metadata``.
+    """
+
+    finish_reason: str | None
+    metrics: BackendMetrics = field(default_factory=BackendMetrics)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+
+StreamItem = TextDelta | Completion
+
+
+def item_to_wire(item: StreamItem) -> dict[str, Any]:
+    if isinstance(item, TextDelta):
+        return {"t": "delta", "text": item.text, "channel": item.channel}
+    return {"t": "completion", "finish_reason": item.finish_reason,
+            "metrics": asdict(item.metrics), "metadata": dict(item.metadata)}
+
+
+def item_from_wire(data: Mapping[str, Any]) -> StreamItem:
+    if data["t"] == "delta":
+        return TextDelta(text=data["text"], channel=data["channel"])
+    return Completion(finish_reason=data["finish_reason"], metrics=BackendMetrics(**data["metrics"]),
+                      metadata=data["metadata"])
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a configured model can do; shown in the admin API and used for admission."""
+
+    modalities: tuple[str, ...] = ("text",)
+    file_inputs: bool = False
+    multi_turn: bool = False
+    thinking_modes: tuple[str, ...] = ("default",)
+    reasoning_efforts: tuple[str, ...] = ()
+    response_formats: tuple[str, ...] = ("text",)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "modalities": list(self.modalities),
+            "file_inputs": self.file_inputs,
+            "multi_turn": self.multi_turn,
+            "thinking_modes": list(self.thinking_modes),
+            "reasoning_efforts": list(self.reasoning_efforts),
+            "thinking_token_budget": None,
+            "response_formats": list(self.response_formats),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ModelTraits:
+    """Per configured model: its capabilities and how many requests one replica can run
+    at once (1 for a runtime that generates one request at a time, the batch size for a
+    batching runtime, the upstream concurrency cap for a remote API)."""
+
+    capabilities: Capabilities
+    concurrency: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Memory one replica is expected to need, without loading it.
+
+    ``device`` is "cpu" (RAM) or "cuda" (VRAM); ``source`` says how it was computed.
+    """
+
+    total_mib: float
+    device: str = "cpu"
+    weights_mib: float | None = None
+    cache_mib: float | None = None
+    source: str = "model_artifact_size"
+    details: Mapping[str, Any] = field(default_factory=dict)

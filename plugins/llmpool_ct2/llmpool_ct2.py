@@ -1,0 +1,1 @@
+"""llmpool backend plugin (work in progress)."""
