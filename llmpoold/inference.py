@@ -1,0 +1,267 @@
+"""One inference from admission to the last token, shared by every HTTP surface.
+
+:class:`Inference` is used in two steps so that refusals stay HTTP errors:
+``await start()`` runs admission and waits in the model's queue for a replica
+(raising :class:`ApiError`), then ``events()`` yields :class:`TextDelta` items as the
+runtime produces them; afterwards ``result`` holds the final text and metrics.
+Leaving ``events()`` early (client gone) cancels the generation and frees the slot.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmpoold.config import DecodingDefaults
+from llmpoold.errors import ApiError, model_state_error
+from llmpoold.pool import ModelEntry, Pool
+from llmpoold.scheduler import Job, Lease
+from llmpoold.schemas import ResponseRequest
+from llmpoold.types import DEFAULT_INSTRUCTIONS, Completion, Decoding, GenerationRequest, Message, TextDelta
+
+METRIC_FIELDS = (
+    "engine_queue_wait_ms", "backend_inference_wall_ms", "engine_total_wall_ms", "engine_outside_backend_wall_ms",
+    "pool_total_wall_ms", "engine_tokenize_ms", "gpu_time_to_first_token_ms", "gpu_generate_total_ms",
+    "gpu_decode_after_first_token_ms", "engine_prompt_tokens", "engine_cached_prompt_tokens",
+    "engine_output_tokens", "engine_finish_reason", "engine_tokens_per_second",
+)
+
+
+def _ms(start: float, end: float) -> float:
+    return round((end - start) * 1000, 3)
+
+
+@dataclass
+class InferenceResult:
+    output_text: str
+    reasoning_text: str | None
+    finish_reason: str | None
+    metrics: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class _Trim:
+    """Strip a stream as the seed strips final text: drop leading whitespace and hold
+    trailing whitespace back until more text follows, so deltas join to the result."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self.pending = ""
+
+    def feed(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            if not text:
+                return ""
+            self.started = True
+        text = self.pending + text
+        body = text.rstrip()
+        self.pending = text[len(body):]
+        return body
+
+
+def resolve_decoding(defaults: DecodingDefaults, body: ResponseRequest) -> Decoding:
+    d = body.decoding
+    return Decoding(
+        beam_size=d.beam_size if d.beam_size is not None else defaults.beam_size,
+        top_k=d.top_k if d.top_k is not None else defaults.top_k,
+        top_p=d.top_p if d.top_p is not None else defaults.top_p,
+        temperature=d.temperature if d.temperature is not None else defaults.temperature,
+        repetition_penalty=d.repetition_penalty if d.repetition_penalty is not None else defaults.repetition_penalty,
+        max_tokens=d.max_tokens if d.max_tokens is not None else defaults.max_tokens,
+        stop=tuple(s for s in (d.stop or defaults.stop) if s),
+    )
+
+
+def _content(value: Any) -> str | tuple[dict[str, Any], ...]:
+    if isinstance(value, str):
+        return value
+    return tuple(item.model_dump(mode="json") for item in value)
+
+
+def _has_type(body: ResponseRequest, kind: str) -> bool:
+    lists = [body.input] if isinstance(body.input, list) else []
+    lists += [m.content for m in body.messages or [] if isinstance(m.content, list)]
+    return any(item.type == kind for items in lists for item in items)
+
+
+class Inference:
+    """Admission, queueing and streaming of one ``ResponseRequest``."""
+
+    def __init__(self, pool: Pool, body: ResponseRequest, *, request_id: str | None = None,
+                 started_at: float | None = None) -> None:
+        self.pool = pool
+        self.body = body
+        self.request_id = request_id or uuid.uuid4().hex
+        self.response_id = f"resp_{uuid.uuid4().hex}"
+        self.started_at = started_at or time.perf_counter()
+        self.entry: ModelEntry | None = None
+        self.lease: Lease | None = None
+        self.request: GenerationRequest | None = None
+        self.result: InferenceResult | None = None
+        self._counted = False
+
+    # ----- admission -----------------------------------------------------------------
+
+    def _admit(self) -> ModelEntry:
+        body = self.body
+        entry = self.pool.entry(body.model)
+        if entry.state != "loaded" or entry.scheduler is None:
+            raise model_state_error(body.model, entry.state)
+        name = body.model
+        if entry.spec is not None and entry.spec.remote and not body.allow_remote:
+            raise ApiError(403, "remote_execution_disallowed", "remote execution is not allowed for this request",
+                           model=name)
+        caps = self.pool.traits(entry).capabilities
+        if _has_type(body, "file") and not caps.file_inputs:
+            raise ApiError(400, "file_input_unsupported", f"model '{name}' does not support file inputs", model=name)
+        for kind, modality in (("image_url", "image"), ("audio_url", "audio")):
+            if _has_type(body, kind) and modality not in caps.modalities:
+                raise ApiError(400, "modality_unsupported", f"model '{name}' does not support {modality} content",
+                               model=name)
+        if body.messages is not None and not caps.multi_turn:
+            raise ApiError(400, "multi_turn_unsupported",
+                           f"model '{name}' (prompt_format '{entry.current.prompt_format}') does not support "
+                           "multi-turn 'messages'; send 'input'", model=name)
+        if body.thinking != "default" and body.thinking not in caps.thinking_modes:
+            raise ApiError(400, "thinking_unsupported", f"model '{name}' does not support request-level thinking",
+                           model=name)
+        effort = body.reasoning_effort
+        if effort is not None:
+            if effort not in caps.reasoning_efforts:
+                raise ApiError(400, "reasoning_effort_unsupported",
+                               f"model '{name}' does not support reasoning_effort='{effort}'", model=name)
+            if effort == "none" and body.thinking == "enabled":
+                raise ApiError(400, "reasoning_control_conflict",
+                               "reasoning_effort='none' conflicts with thinking='enabled'", model=name)
+            if effort != "none" and body.thinking == "disabled":
+                raise ApiError(400, "reasoning_control_conflict",
+                               "a non-'none' reasoning_effort conflicts with thinking='disabled'", model=name)
+        return entry
+
+    def _generation_request(self, entry: ModelEntry, replica_id: str) -> GenerationRequest:
+        body = self.body
+        if body.messages is not None:
+            messages = tuple(Message(role=m.role, content=_content(m.content)) for m in body.messages)
+        else:
+            messages = (Message(role="user", content=_content(body.input)),)
+        if body.reasoning_effort is not None:
+            thinking: bool | None = body.reasoning_effort != "none"
+        elif body.thinking != "default":
+            thinking = body.thinking == "enabled"
+        else:
+            thinking = entry.current.enable_thinking
+        return GenerationRequest(
+            request_id=self.request_id, model=entry.name, replica_id=replica_id,
+            prompt_format=entry.current.prompt_format,
+            instructions=body.instructions if body.instructions is not None else DEFAULT_INSTRUCTIONS,
+            messages=messages, decoding=resolve_decoding(self.pool.settings.engine.decoding, body),
+            multi_turn=body.messages is not None, thinking=thinking, thinking_mode=body.thinking,
+            reasoning_effort=body.reasoning_effort, source_lang_code=body.source_lang_code,
+            target_lang_code=body.target_lang_code, prompt_cache_key=body.prompt_cache_key,
+        )
+
+    async def start(self) -> None:
+        """Admit the request and wait for a replica slot. Raises ApiError."""
+        entry = self._admit()
+        self.entry = entry
+        assert entry.scheduler is not None
+        entry.inflight_requests += 1
+        self._counted = True
+        try:
+            timeout = self.body.queue_timeout_s or entry.current.queue_timeout_s
+            self.lease = await entry.scheduler.acquire(Job(model=entry.name, fairness_key=self.body.fairness_key),
+                                                       timeout_s=timeout)
+        except BaseException:
+            self._finish()
+            raise
+        self.request = self._generation_request(entry, self.lease.replica.replica_id)
+
+    def _finish(self) -> None:
+        if self._counted and self.entry is not None:
+            self.entry.inflight_requests -= 1
+            self._counted = False
+
+    # ----- generation ----------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[TextDelta]:
+        """Yield output and reasoning deltas; set ``result`` when the runtime is done."""
+        assert self.entry is not None and self.lease is not None and self.request is not None
+        scheduler = self.entry.scheduler
+        assert scheduler is not None
+        lease, request = self.lease, self.request
+        backend_start = time.perf_counter()
+        completion: Completion | None = None
+        texts: dict[str, list[str]] = {"output": [], "reasoning": []}
+        trims = {"output": _Trim(), "reasoning": _Trim()}
+        stream = lease.replica.stream(request)
+        try:
+            async for item in stream:
+                if isinstance(item, Completion):
+                    completion = item
+                    continue
+                text = trims[item.channel].feed(item.text)
+                if text:
+                    texts[item.channel].append(text)
+                    yield TextDelta(text, channel=item.channel)
+            if completion is None:
+                raise ApiError(502, "backend_protocol_error",
+                               f"backend '{self.entry.backend}' ended the stream without a completion",
+                               model=self.entry.name)
+        except ApiError as exc:
+            raise exc.with_model(self.entry.name) from None
+        except Exception as exc:  # noqa: BLE001 - plugin failure: report without a traceback
+            raise ApiError(500, "backend_error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
+                           model=self.entry.name) from None
+        finally:
+            if completion is None:
+                request.cancel.set()
+            await stream.aclose()
+            backend_end = time.perf_counter()
+            scheduler.release(lease, service_ms=(backend_end - backend_start) * 1000)
+            self._finish()
+        self.result = self._result(completion, "".join(texts["output"]), "".join(texts["reasoning"]) or None,
+                                   backend_start, backend_end)
+
+    def _result(self, completion: Completion, output: str, reasoning: str | None, backend_start: float,
+                backend_end: float) -> InferenceResult:
+        assert self.lease is not None
+        now = time.perf_counter()
+        backend_ms = _ms(backend_start, backend_end)
+        engine_ms = max(_ms(self.started_at, now), backend_ms)
+        m = completion.metrics
+        metrics = {
+            "engine_queue_wait_ms": round(self.lease.queue_wait_ms, 3),
+            "backend_inference_wall_ms": backend_ms,
+            "engine_total_wall_ms": engine_ms,
+            "engine_outside_backend_wall_ms": round(max(0.0, engine_ms - backend_ms), 3),
+            "pool_total_wall_ms": engine_ms,
+            "engine_tokenize_ms": m.tokenize_ms,
+            "gpu_time_to_first_token_ms": m.time_to_first_token_ms,
+            "gpu_generate_total_ms": m.generate_total_ms,
+            "gpu_decode_after_first_token_ms": m.decode_after_first_token_ms,
+            "engine_prompt_tokens": m.prompt_tokens,
+            "engine_cached_prompt_tokens": m.cached_prompt_tokens,
+            "engine_output_tokens": m.output_tokens,
+            "engine_finish_reason": completion.finish_reason,
+            "engine_tokens_per_second": m.tokens_per_second,
+        }
+        return InferenceResult(output_text=output, reasoning_text=reasoning, finish_reason=completion.finish_reason,
+                               metrics=metrics, metadata=dict(completion.metadata))
+
+    async def run(self) -> InferenceResult:
+        """Non-streaming: start, collect, return the result."""
+        await self.start()
+        async for _ in self.events():
+            pass
+        assert self.result is not None
+        return self.result
+
+    def close_unstarted(self) -> None:
+        """Release a lease that was acquired but never streamed (handler aborted)."""
+        if self.lease is not None and not self.lease.released and self.entry and self.entry.scheduler:
+            self.entry.scheduler.release(self.lease, service_ms=0.0, charge=False)
+        self._finish()

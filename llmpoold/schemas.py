@@ -1,0 +1,140 @@
+"""Request bodies of the HTTP API, validated as the seed validates them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from llmpoold.config import MAX_FAIRNESS_KEY_LENGTH, MAX_OUTPUT_TOKENS
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class DecodingParams(_Body):
+    beam_size: int | None = Field(None, ge=1, le=16)
+    top_k: int | None = Field(None, ge=1, le=200)
+    top_p: float | None = Field(None, gt=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    repetition_penalty: float | None = Field(None, ge=0, le=4)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
+    stop: list[str] | None = None
+
+
+class TextItem(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImageUrl(_Body):
+    url: str
+    detail: Literal["low", "high", "auto"] = "auto"
+
+
+class ImageItem(_Body):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+class AudioUrl(_Body):
+    url: str
+
+
+class AudioItem(_Body):
+    type: Literal["audio_url"]
+    audio_url: AudioUrl
+
+
+class FileData(_Body):
+    filename: str = Field(min_length=1)
+    file_data: str = Field(min_length=1)
+
+
+class FileItem(_Body):
+    type: Literal["file"]
+    file: FileData
+
+
+ContentItem = Annotated[TextItem | ImageItem | AudioItem | FileItem, Field(discriminator="type")]
+
+
+class ChatTurn(_Body):
+    role: Literal["user", "assistant"]
+    content: str | list[ContentItem]
+
+
+class ResponseRequest(_Body):
+    """``POST /v1/responses``."""
+
+    model: str = Field(min_length=1)
+    input: str | list[ContentItem] | None = None
+    messages: list[ChatTurn] | None = None
+    instructions: str | None = None
+    fairness_key: str | None = Field(None, max_length=MAX_FAIRNESS_KEY_LENGTH)
+    source_lang_code: str | None = None
+    target_lang_code: str | None = None
+    allow_remote: bool = False
+    prompt_cache_key: str | None = Field(None, min_length=1)
+    stream: bool = False
+    thinking: Literal["default", "enabled", "disabled"] = "default"
+    reasoning_effort: str | None = Field(None, min_length=1, max_length=32)
+    queue_timeout_s: float | None = Field(None, gt=0, le=3600)
+    decoding: DecodingParams = Field(default_factory=DecodingParams)
+
+    @field_validator("fairness_key", mode="before")
+    @classmethod
+    def _fairness_key(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError("fairness_key must be a string")
+        value = value.strip()
+        if not value:
+            raise ValueError("fairness_key must not be blank")
+        return value
+
+    @field_validator("reasoning_effort", mode="before")
+    @classmethod
+    def _effort(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            raise ValueError("reasoning_effort must be a string")
+        value = value.strip().lower()
+        if not value:
+            raise ValueError("reasoning_effort must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _shape(self) -> ResponseRequest:
+        if self.messages is not None:
+            if not self.messages:
+                raise ValueError("messages must not be empty")
+            if self.messages[-1].role != "user":
+                raise ValueError("the last message must have role 'user'")
+        elif self.input is None:
+            raise ValueError("provide either 'input' or 'messages'")
+        return self
+
+
+class AdminLoadRequest(BaseModel):
+    """``POST /v1/admin/models/{name}/load``: only explicitly set fields count.
+
+    The seed's typed keys are checked here (422); other keys pass through to the
+    backend, which accepts only its declared ``load_override_keys``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    replicas: int | None = Field(None, ge=1)
+    target_inflight: int | None = Field(None, ge=1)
+    gguf_n_ctx: int | None = Field(None, ge=1)
+    gguf_flash_attn: Any = None
+    gguf_type_k: str | None = None
+    gguf_type_v: str | None = None
+    exllama_cache_size: int | None = Field(None, ge=256)
+    exllama_cache_k_bits: int | None = Field(None, ge=2, le=8)
+    exllama_cache_v_bits: int | None = Field(None, ge=2, le=8)
+    exllama_cache_quant: str | None = None
+    exllama_max_rq_tokens: int | None = Field(None, ge=1)

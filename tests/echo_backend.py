@@ -1,0 +1,131 @@
+"""A test backend ("echo"): echoes the last user message word by word.
+
+A fake runtime, named so: the daemon's own behaviour (HTTP, queueing, lifecycle,
+cancellation) is tested against it; real runtimes are tested in each plugin's tests.
+Options let a test make it slow, fail at load, fail mid-stream, or batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from llmpoold import hookimpl
+from llmpoold.errors import BackendError, LoadError
+from llmpoold.hookspecs import BackendSpec
+from llmpoold.types import BackendMetrics, Capabilities, Completion, ModelTraits, TextDelta
+
+
+class EchoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    echo_delay_s: float = 0.0
+    echo_fail_load: str | None = None
+    echo_fail_after: int | None = None
+    echo_concurrency: int = 1
+    echo_ctx: int = 128
+
+
+class EchoRuntime:
+    def __init__(self, replica_id: str, options: EchoOptions) -> None:
+        self.replica_id = replica_id
+        self.options = options
+        self.cancelled: list[str] = []
+        self.served: list[str] = []
+        self.active = 0
+        self.max_active = 0
+        self.lock = threading.Lock()
+        self.unloaded = False
+
+
+RUNTIMES: list[EchoRuntime] = []
+
+
+@hookimpl
+def llmpool_backends() -> list[BackendSpec]:
+    return [BackendSpec(name="echo", aliases=("echo_alias",), options_model=EchoOptions,
+                        load_override_keys=frozenset({"echo_ctx", "target_inflight"}),
+                        load_constraints={"echo_ctx": {"kind": "integer", "minimum": 1, "step": 1}},
+                        requires_model_path=False)]
+
+
+@hookimpl
+def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
+    if backend != "echo":
+        return None
+    return ModelTraits(capabilities=Capabilities(modalities=model.modalities, multi_turn=True,
+                                                 thinking_modes=("default", "enabled", "disabled")),
+                       concurrency=model.options.echo_concurrency)
+
+
+@hookimpl
+def llmpool_check_load_override(backend: str, override: dict[str, Any]) -> dict[str, Any] | None:
+    if backend != "echo":
+        return None
+    if "echo_ctx" in override and (not isinstance(override["echo_ctx"], int) or override["echo_ctx"] < 1):
+        raise ValueError("echo_ctx load override must be a positive integer")
+    return dict(override)
+
+
+@hookimpl
+def llmpool_load(backend: str, replica_id: str, model: Any) -> EchoRuntime | None:
+    if backend != "echo":
+        return None
+    if model.options.echo_fail_load:
+        raise LoadError(model.options.echo_fail_load)
+    runtime = EchoRuntime(replica_id, model.options)
+    RUNTIMES.append(runtime)
+    return runtime
+
+
+@hookimpl
+def llmpool_stream(backend: str, runtime: EchoRuntime, request: Any) -> Iterator[Any] | None:
+    if backend != "echo":
+        return None
+
+    def generate() -> Iterator[Any]:
+        with runtime.lock:
+            runtime.active += 1
+            runtime.max_active = max(runtime.max_active, runtime.active)
+        start = time.perf_counter()
+        words = str(request.messages[-1].content).split()
+        produced = 0
+        finish = "stop"
+        try:
+            for i, word in enumerate(words):
+                if request.cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if produced >= request.decoding.max_tokens:
+                    finish = "length"
+                    break
+                if runtime.options.echo_fail_after is not None and i >= runtime.options.echo_fail_after:
+                    raise BackendError(502, "echo_failed", "echo failed mid-stream")
+                if runtime.options.echo_delay_s:
+                    time.sleep(runtime.options.echo_delay_s)
+                produced += 1
+                yield TextDelta(word if i == 0 else " " + word)
+            total = (time.perf_counter() - start) * 1000
+            runtime.served.append(request.request_id)
+            yield Completion(finish_reason=finish, metrics=BackendMetrics(
+                prompt_tokens=len(words), output_tokens=produced, generate_total_ms=total))
+        except GeneratorExit:
+            runtime.cancelled.append(request.request_id)
+            raise
+        finally:
+            with runtime.lock:
+                runtime.active -= 1
+
+    return generate()
+
+
+@hookimpl
+def llmpool_unload(backend: str, runtime: EchoRuntime) -> bool | None:
+    if backend != "echo":
+        return None
+    runtime.unloaded = True
+    return True
