@@ -263,17 +263,23 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(settings: AppSettings, registry: PluginRegistry, *,
-               replica_factory: ReplicaFactory = inline_replica_factory, load_on_startup: bool = True) -> web.Application:
+               replica_factory: ReplicaFactory = inline_replica_factory, load_on_startup: bool = True,
+               settings_paths: tuple[str | None, str | None] = (None, None)) -> web.Application:
     """Build the app for ``settings`` with exactly the plugins in ``registry``.
 
+    ``settings_paths`` are re-read by ``POST /v1/admin/settings/reload``.
     Raises SettingsError when a model's backend keys are invalid.
     """
+    from llmpoold.reload import RELOAD_STATE, SETTINGS_PATHS
+
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=settings.service.max_body_bytes)
     pool = Pool(settings, registry, replica_factory=replica_factory)
     app[POOL] = pool
     app[REGISTRY] = registry
     app[SETTINGS] = settings
+    app[SETTINGS_PATHS] = settings_paths
+    app[RELOAD_STATE] = {"service": settings.service, "restart_required": False}
     app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/admin/models", admin_models)

@@ -232,7 +232,8 @@ class ModelConfig(BaseModel):
             "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas",
             "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s"})
         common["reasoning_efforts"] = list(self.reasoning_efforts)
-        options = self.options.model_dump(mode="json") if isinstance(self.options, BaseModel) else dict(self.backend_keys)
+        options = (self.options.model_dump(mode="json") if isinstance(self.options, BaseModel)
+                   else dict(self.backend_keys))
         return {**common, **options}
 
 
@@ -321,7 +322,8 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         value = err.get("input")
-        shown = "" if err["type"] == "missing" or isinstance(value, dict) else f" (got {json.dumps(value, default=str)})"
+        hidden = err["type"] == "missing" or isinstance(value, dict)
+        shown = "" if hidden else f" (got {json.dumps(value, default=str)})"
         lines.append(f"{path}: {message}{shown}" if path else f"{message}{shown}")
     return "; ".join(lines)
 

@@ -1,0 +1,5 @@
+import sys
+
+from llmpoold.cli import main
+
+sys.exit(main())
