@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 import structlog
@@ -136,8 +138,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if body.stream:
         return await _stream_response(request, inf, started)
     try:
-        async for _ in inf.events():
-            pass
+        async with aclosing(inf.events()) as events:
+            async for _ in events:
+                pass
     except ApiError as exc:
         log_inference(inf, stream=False, status=exc.status, error=exc.code)
         raise
@@ -171,15 +174,19 @@ async def _stream_response(request: web.Request, inf: Inference, started: float)
     await send_event(response, {"id": rid, "model": inf.body.model, "object": "response"}, event="response.created")
     sent_output = False
     try:
-        async for delta in inf.events():
-            name = "response.reasoning_text.delta" if delta.channel == "reasoning" else "response.output_text.delta"
-            sent_output |= delta.channel == "output"
-            await send_event(response, {"id": rid, "delta": delta.text}, event=name)
+        async with aclosing(inf.events()) as events:
+            async for delta in events:
+                name = "response.reasoning_text.delta" if delta.channel == "reasoning" else "response.output_text.delta"
+                sent_output |= delta.channel == "output"
+                await send_event(response, {"id": rid, "delta": delta.text}, event=name)
     except ApiError as exc:
         log_inference(inf, stream=True, status=exc.status, error=exc.code)
         await send_event(response, {"id": rid, "error": exc.detail(), "status": exc.status}, event="error")
         await response.write_eof()
         return response
+    except (ConnectionResetError, asyncio.CancelledError):
+        log_inference(inf, stream=True, status=499, error="client_disconnected")
+        raise
     assert inf.result is not None
     result = inf.result
     if not sent_output:

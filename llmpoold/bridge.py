@@ -34,10 +34,16 @@ async def iterate_in_thread(
     The thread pulls one item at a time and checks ``cancel`` between items; when the
     consumer stops early (break, ``aclose()``, task cancellation) ``cancel`` is set and
     the thread closes the iterator after the item it is producing, so the runtime
-    stops within one token. Exceptions from the iterator are re-raised here.
+    stops within one token; closing waits for that, so once this iterator is closed
+    the runtime is free. Exceptions from the iterator are re-raised here.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
+    finished: asyncio.Future[None] = loop.create_future()
+
+    def mark_finished() -> None:
+        if not finished.done():
+            finished.set_result(None)
 
     def deliver(item: Any) -> None:
         try:
@@ -65,6 +71,10 @@ async def iterate_in_thread(
                 except Exception as exc:  # noqa: BLE001
                     deliver(_Failure(exc))
             deliver(_DONE)
+            try:
+                loop.call_soon_threadsafe(mark_finished)
+            except RuntimeError:
+                pass
 
     thread = threading.Thread(target=produce, name=name, daemon=True)
     thread.start()
@@ -78,6 +88,9 @@ async def iterate_in_thread(
             yield item
     finally:
         cancel.set()
+        # Wait for the producer to let go of the runtime (at most the token it is
+        # computing), so the replica's next request never overlaps this one.
+        await asyncio.shield(finished)
 
 
 async def run_blocking(func: Callable[..., T], *args: Any) -> T:

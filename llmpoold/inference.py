@@ -4,7 +4,8 @@
 ``await start()`` runs admission and waits in the model's queue for a replica
 (raising :class:`ApiError`), then ``events()`` yields :class:`TextDelta` items as the
 runtime produces them; afterwards ``result`` holds the final text and metrics.
-Leaving ``events()`` early (client gone) cancels the generation and frees the slot.
+Leaving ``events()`` early (client gone) cancels the generation and frees the slot;
+wrap it in ``contextlib.aclosing`` so that happens at once, not at garbage collection.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,8 +257,9 @@ class Inference:
     async def run(self) -> InferenceResult:
         """Non-streaming: start, collect, return the result."""
         await self.start()
-        async for _ in self.events():
-            pass
+        async with aclosing(self.events()) as events:
+            async for _ in events:
+                pass
         assert self.result is not None
         return self.result
 
