@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from typing import Any, TypeVar
 
 from llmpoold.types import CancelToken
@@ -28,7 +28,7 @@ class _Failure:
 
 async def iterate_in_thread(
     make_iterator: Callable[[], Iterator[T]], *, cancel: CancelToken, name: str = "llmpool-stream"
-) -> AsyncIterator[T]:
+) -> AsyncGenerator[T, None]:
     """Yield the items of a blocking iterator built and driven on a dedicated thread.
 
     The thread pulls one item at a time and checks ``cancel`` between items; when the

@@ -239,7 +239,7 @@ class ModelConfig(BaseModel):
 
 class EngineSettings(_Strict):
     backend: str | None = None
-    decoding: DecodingDefaults = Field(default_factory=DecodingDefaults)
+    decoding: DecodingDefaults = Field(default_factory=lambda: DecodingDefaults())
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
@@ -264,7 +264,7 @@ class EngineSettings(_Strict):
 
 
 class AppSettings(_Strict):
-    service: ServiceSettings = Field(default_factory=ServiceSettings)
+    service: ServiceSettings = Field(default_factory=lambda: ServiceSettings())
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
     def resolved_backend(self, model: ModelConfig) -> str | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
@@ -189,7 +189,7 @@ class Inference:
 
     # ----- generation ----------------------------------------------------------------
 
-    async def events(self) -> AsyncIterator[TextDelta]:
+    async def events(self) -> AsyncGenerator[TextDelta, None]:
         """Yield output and reasoning deltas; set ``result`` when the runtime is done."""
         assert self.entry is not None and self.lease is not None and self.request is not None
         scheduler = self.entry.scheduler

@@ -45,7 +45,8 @@ async def reload_settings(app: web.Application) -> dict[str, Any]:
         conflicts.append("engine.fairness")
     added = sorted(set(new_models) - set(old_models))
     removed = sorted(set(old_models) - set(new_models))
-    updated, unchanged = [], []
+    updated: list[str] = []
+    unchanged: list[str] = []
     for name in sorted(set(old_models) & set(new_models)):
         same_backend = pool.settings.resolved_backend(old_models[name]) == new.resolved_backend(new_models[name])
         old_cfg, new_cfg = _comparable(old_models[name]), _comparable(new_models[name])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any, Protocol
 
 import structlog
@@ -36,7 +36,7 @@ class Replica(Protocol):
 
     async def load(self) -> None: ...
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]: ...
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]: ...
 
     async def unload(self) -> None: ...
 
@@ -53,7 +53,7 @@ def process_rss_mib(pid: int | None = None) -> float | None:
         return None
 
 
-async def _aiter_items(result: Any, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+async def _aiter_items(result: Any, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
     """Normalize what ``llmpool_stream`` returned (sync or async iterator)."""
     if hasattr(result, "__aiter__"):
         agen = result.__aiter__()
@@ -96,7 +96,7 @@ class InlineReplica:
             raise LoadError(f"no installed plugin loaded backend '{self.backend}'")
         return runtime
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamItem]:
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         result = self.registry.hook.llmpool_stream(backend=self.backend, runtime=self.runtime, request=request)
         if result is None:
             generated = self.registry.hook.llmpool_generate(backend=self.backend, runtime=self.runtime,

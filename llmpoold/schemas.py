@@ -81,7 +81,7 @@ class ResponseRequest(_Body):
     thinking: Literal["default", "enabled", "disabled"] = "default"
     reasoning_effort: str | None = Field(None, min_length=1, max_length=32)
     queue_timeout_s: float | None = Field(None, gt=0, le=3600)
-    decoding: DecodingParams = Field(default_factory=DecodingParams)
+    decoding: DecodingParams = Field(default_factory=lambda: DecodingParams())
 
     @field_validator("fairness_key", mode="before")
     @classmethod

@@ -159,7 +159,7 @@ class BackendContractSuite:
         items = collect(stream)
         assert items and isinstance(items[-1], Completion)
         assert all(isinstance(i, TextDelta) for i in items[:-1])
-        assert "".join(i.text for i in items[:-1] if i.channel == "output").strip()
+        assert "".join(i.text for i in items[:-1] if isinstance(i, TextDelta) and i.channel == "output").strip()
         metrics = items[-1].metrics
         if metrics.output_tokens is not None:
             assert 1 <= metrics.output_tokens <= 8
