@@ -228,3 +228,26 @@ async def test_api_keys_and_admin_key(make_client: Any, monkeypatch: pytest.Monk
     assert (await client.get("/v1/admin/models", headers={"Authorization": "Bearer k1"})).status == 401
     assert (await client.get("/v1/admin/models", headers={"Authorization": "Bearer root"})).status == 200
     assert (await client.get("/healthz")).status == 200
+
+
+SEED_ADMIN_KEYS = {
+    "name", "resolved_backend", "configured_enabled", "runtime_state", "is_loaded", "replicas", "replica_max",
+    "loaded_replicas", "inflight_requests", "queue_depth", "runtime_inflight", "configured_target_inflight",
+    "effective_target_inflight", "fairness", "last_error", "vram_estimate_mib", "vram_estimate_replica_count",
+    "vram_estimate_source", "load_constraints", "load_recommendations", "load_override", "capabilities",
+    "definition",
+}
+
+
+async def test_admin_entry_has_every_seed_field(client: Any) -> None:
+    models = (await (await client.get("/v1/admin/models")).json())["models"]
+    assert [m["name"] for m in models] == ["echo", "slow", "off"], "catalog order"
+    for entry in models:
+        assert SEED_ADMIN_KEYS <= set(entry), SEED_ADMIN_KEYS - set(entry)
+    echo = models[0]
+    assert echo["resolved_backend"] == "echo" and echo["loaded_replicas"] == 1
+    assert echo["fairness"] == {"rejected_per_key_limit": 0, "rejected_executor_limit": 0, "keys": []}
+    assert echo["load_constraints"] == {"echo_ctx": {"kind": "integer", "minimum": 1, "step": 1}}
+    assert echo["capabilities"]["multi_turn"] is True
+    off = models[2]
+    assert off["loaded_replicas"] == 0 and off["effective_target_inflight"] == 1
