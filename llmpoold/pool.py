@@ -247,6 +247,7 @@ class Pool:
         entry.scheduler = ModelScheduler(entry.name, replicas, target_inflight=active.target_inflight,
                                          queue=self.queue_factory(entry.name, self.settings))
         entry.load_override = override
+        entry.estimate, entry.estimate_error = None, None  # re-estimate with the override applied
         entry.state = "loaded"
         log.info("model_loaded", model=entry.name, backend=entry.backend, replicas=count, isolation=isolation)
 
@@ -267,6 +268,7 @@ class Pool:
             await asyncio.gather(*(r.unload() for r in entry.replicas), return_exceptions=True)
             entry.replicas, entry.scheduler, entry.active_config = [], None, None
             entry.state, entry.last_error, entry.load_override = "unloaded", None, {}
+            entry.estimate, entry.estimate_error = None, None
         log.info("model_unloaded", model=name)
         return await self.admin_entry(name)
 

