@@ -1,0 +1,124 @@
+"""A fake OpenAI-compatible upstream for fault injection (aiohttp), named so.
+
+Real behaviour is tested against llama-cpp-python's server; this fake only exists to
+produce the failures a real server will not produce on demand: error statuses,
+timeouts, garbage bodies, streams cut mid-way, stalls. Each ``POST /chat/completions``
+takes the next behaviour from ``script`` (``"ok"`` once the script is empty) and is
+recorded in ``calls``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+WORDS = ("Hello", " from", " fake")
+USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+         "prompt_tokens_details": {"cached_tokens": 3}}
+
+
+@dataclass
+class Call:
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class FakeUpstream:
+    """Behaviours: ``"ok"``, ``"reasoning"`` (a reasoning chunk first), ``("status", code,
+    body, headers)``, ``("sleep", seconds)`` before answering, ``"garbage"`` (200 with a
+    body that is not JSON), ``"garbage_stream"``, ``"cut"`` (two deltas then the
+    connection drops), ``("stall", seconds)`` after one delta, ``"slow"`` (one delta
+    every 50 ms for 10 s), ``"error_chunk"`` (an error object mid-stream)."""
+
+    models: list[str] = field(default_factory=lambda: ["fake-model"])
+    models_status: int = 200
+    script: list[Any] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        if self.models_status != 200:
+            return web.json_response({"error": {"message": "models unavailable"}}, status=self.models_status)
+        return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.calls.append(Call(headers=dict(request.headers), body=body))
+        behaviour = self.script.pop(0) if self.script else "ok"
+        kind = behaviour[0] if isinstance(behaviour, tuple) else behaviour
+        if kind == "status":
+            _, status, payload, headers = behaviour
+            text = payload if isinstance(payload, str) else json.dumps(payload)
+            return web.Response(status=status, text=text, content_type="application/json", headers=headers)
+        if kind == "sleep":
+            await asyncio.sleep(behaviour[1])
+        if kind == "garbage":
+            return web.Response(status=200, text="this is not json {", content_type="application/json")
+        if not body.get("stream"):
+            return web.json_response(self.completion(body))
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            await self.stream(request, response, kind, behaviour, body)
+        except (ConnectionResetError, asyncio.CancelledError):
+            self.disconnected.set()
+            raise
+        return response
+
+    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+        return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body["model"],
+                "system_fingerprint": "fp_fake", "x_unknown": "dropped",
+                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": "secret"},
+                             "message": {"role": "assistant", "content": "".join(WORDS),
+                                         "reasoning_content": "thinking hard"}}],
+                "usage": USAGE}
+
+    @staticmethod
+    def chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        return f"data: {json.dumps(data)}\n\n".encode()
+
+    async def stream(self, request: web.Request, response: web.StreamResponse, kind: str, behaviour: Any,
+                     body: dict[str, Any]) -> None:
+        model = body["model"]
+        await response.write(self.chunk(model, {"role": "assistant", "content": ""}))
+        if kind == "reasoning":
+            await response.write(self.chunk(model, {"reasoning_content": "thinking hard"}))
+        if kind == "garbage_stream":
+            await response.write(b"data: {not json\n\n")
+            return
+        if kind == "error_chunk":
+            await response.write(self.chunk(model, {"content": "Hello"}))
+            await response.write(b'data: {"error": {"message": "overloaded mid-way"}}\n\n')
+            return
+        if kind == "slow":
+            for i in range(200):
+                await response.write(self.chunk(model, {"content": f" w{i}"}))
+                await asyncio.sleep(0.05)
+            return
+        for i, word in enumerate(WORDS):
+            await response.write(self.chunk(model, {"content": word}))
+            if kind == "cut" and i == 1:
+                assert request.transport is not None
+                request.transport.close()
+                return
+            if kind == "stall":
+                await asyncio.sleep(behaviour[1])
+        await response.write(self.chunk(model, {}, finish="stop"))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
+                     "choices": [], "usage": USAGE}
+            await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
