@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
-import socket
 import subprocess
 import sys
 import time
@@ -21,24 +19,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from remote_fake_upstream import FakeUpstream  # noqa: E402
+from remote_test_support import KEY, KEY_ENV, LLAMA_MODEL, free_port  # noqa: E402
 
 from llmpoold.app import POOL, create_app  # noqa: E402
 from llmpoold.testing import make_registry, settings_from  # noqa: E402
-
-KEY_ENV = "LLMPOOL_REMOTE_TEST_KEY"
-KEY = "sk-llmpool-test-" + secrets.token_hex(12)
-LLAMA_MODEL = "gemma3-270m"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def remote_entry(base_url: str, model: str, **keys: Any) -> dict[str, Any]:
-    return {"backend": "openai_compatible", "remote_api_kind": "chat_completions", "remote_base_url": base_url,
-            "remote_api_key_env": KEY_ENV, "remote_model": model, **keys}
 
 
 @pytest.fixture(scope="session")

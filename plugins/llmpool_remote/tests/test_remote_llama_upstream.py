@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 import pytest
-from conftest import KEY_ENV, LLAMA_MODEL, remote_entry
+from remote_test_support import KEY_ENV, LLAMA_MODEL, remote_entry, sse_events
 
 from llmpoold.config import resolve_model_options
 from llmpoold.testing import BackendContractSuite, make_registry, make_request, settings_from
@@ -18,18 +18,6 @@ pytestmark = pytest.mark.timeout(120)
 PROMPT = {"instructions": "You are a helpful assistant.", "input": "Count from one to five.",
           "decoding": {"max_tokens": 8, "temperature": 0}}
 
-
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    events = []
-    for block in text.strip().split("\n\n"):
-        name, data = "message", ""
-        for line in block.splitlines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-        events.append((name, json.loads(data)))
-    return events
 
 
 @pytest.fixture

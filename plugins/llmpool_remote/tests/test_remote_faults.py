@@ -1,0 +1,291 @@
+"""Failures and mapping, through llmpoold, against the fake fault-injecting upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import llmpool_remote
+import pytest
+import structlog
+from pydantic import ValidationError
+from remote_test_support import KEY, KEY_ENV, free_port, remote_entry, sse_events
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST_RETRY = {"remote_retry_backoff_s": 0.01}
+
+
+
+def ask(stream: bool = False, **extra: Any) -> dict[str, Any]:
+    return {"model": "r", "input": "Say hello.", "allow_remote": True, "stream": stream, **extra}
+
+
+@pytest.fixture
+async def client(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> Any:
+    return await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model")})
+
+
+async def error_of(resp: Any) -> tuple[int, dict[str, Any]]:
+    return resp.status, (await resp.json())["detail"]
+
+
+# ----- success path and mapping ---------------------------------------------------------
+
+
+async def test_request_mapping_metrics_and_filtered_metadata(client: Any, fake_upstream: Any) -> None:
+    fake_upstream.script = ["reasoning"]
+    resp = await client.post("/v1/responses", json=ask(
+        instructions="Be brief.", thinking="enabled",
+        decoding={"temperature": 0.3, "top_p": 0.9, "max_tokens": 12, "stop": ["END"]}))
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["output_text"] == "Hello from fake" and body["reasoning_text"] == "thinking hard"
+    m = body["metrics"]
+    assert (m["engine_prompt_tokens"], m["engine_cached_prompt_tokens"], m["engine_output_tokens"]) == (7, 3, 3)
+    assert m["engine_finish_reason"] == "stop" and m["engine_tokens_per_second"] > 0
+    upstream = body["metadata"]["upstream_response"]
+    assert upstream["usage"]["prompt_tokens"] == 7 and upstream["id"] == "chatcmpl-fake"
+    assert upstream["choices"] == [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant"}}]
+    assert "Hello" not in json.dumps(upstream) and "logprobs" not in json.dumps(upstream)
+
+    call = fake_upstream.calls[-1]
+    assert call.headers["Authorization"] == f"Bearer {KEY}"
+    sent = call.body
+    assert sent["model"] == "fake-model"
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
+    assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"]) == (0.3, 0.9, 12, ["END"])
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert sent["thinking"] == {"type": "enabled"}
+
+
+async def test_stream_relays_reasoning_and_output(client: Any, fake_upstream: Any) -> None:
+    fake_upstream.script = ["reasoning"]
+    resp = await client.post("/v1/responses", json=ask(stream=True))
+    events = sse_events(await resp.text())
+    assert [n for n, _ in events] == [
+        "response.created", "response.reasoning_text.delta", "response.output_text.delta",
+        "response.output_text.delta", "response.output_text.delta", "response.metrics", "response.completed"]
+    assert events[-2][1]["metrics"]["engine_prompt_tokens"] == 7
+    assert events[-1][1]["output_text"] == "Hello from fake"
+
+
+async def test_messages_pass_as_conversation(client: Any, fake_upstream: Any) -> None:
+    resp = await client.post("/v1/responses", json={
+        "model": "r", "allow_remote": True,
+        "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                     {"role": "user", "content": [{"type": "text", "text": "More"}]}]})
+    assert resp.status == 200
+    sent = fake_upstream.calls[-1].body["messages"]
+    assert sent[1:] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                        {"role": "user", "content": [{"type": "text", "text": "More"}]}]
+
+
+async def test_gate_refuses_before_the_upstream_is_called(client: Any, fake_upstream: Any) -> None:
+    resp = await client.post("/v1/responses", json={"model": "r", "input": "hi"})
+    assert await error_of(resp) == (403, {"code": "remote_execution_disallowed", "model": "r",
+                                          "message": "remote execution is not allowed for this request"})
+    assert fake_upstream.calls == []
+
+
+async def test_unsupported_decoding_is_ignored_and_logged_once(client: Any, fake_upstream: Any) -> None:
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(2):
+            resp = await client.post("/v1/responses", json=ask(decoding={"top_k": 5, "repetition_penalty": 1.2}))
+            assert resp.status == 200
+    warned = [e for e in logs if e["event"] == "remote_unsupported_decoding"]
+    assert len(warned) == 1 and warned[0]["ignored"] == {"top_k": 5, "repetition_penalty": 1.2}
+    assert "top_k" not in fake_upstream.calls[-1].body
+
+
+# ----- error mapping ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("status", "code"), [
+    (400, "upstream_invalid_request"), (403, "upstream_authentication_failure"),
+    (500, "upstream_server_error"), (503, "upstream_server_error"),
+])
+async def test_http_errors_map_to_502(client: Any, fake_upstream: Any, status: int, code: str) -> None:
+    fake_upstream.script = [("status", status, {"error": {"message": "nope " * 200}}, {})]
+    got_status, detail = await error_of(await client.post("/v1/responses", json=ask()))
+    assert (got_status, detail["code"]) == (502, code)
+    assert f"HTTP {status}: nope" in detail["message"] and len(detail["message"]) < 600
+
+
+async def test_auth_failure_never_leaks_the_key(client: Any, fake_upstream: Any,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The fake echoes the key back in its 401 body, as some APIs do."""
+    fake_upstream.script = [("status", 401, {"error": {"message": f"Incorrect API key provided: {KEY}"}}, {})]
+    caplog.set_level(logging.DEBUG)
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.post("/v1/responses", json=ask())
+        text = await resp.text()
+        fake_upstream.script = [("status", 401, {"error": {"message": f"bad key {KEY}"}}, {})]
+        stream_text = await (await client.post("/v1/responses", json=ask(stream=True))).text()
+        admin = await (await client.get("/v1/admin/models")).text()
+    assert resp.status == 502 and json.loads(text)["detail"]["code"] == "upstream_authentication_failure"
+    assert "[redacted]" in text and "upstream_authentication_failure" in stream_text
+    for seen in (text, stream_text, admin, caplog.text, repr(logs)):
+        assert KEY not in seen
+    assert KEY_ENV in admin
+
+
+async def test_rate_limit_passes_retry_after(client: Any, fake_upstream: Any) -> None:
+    fake_upstream.script = [("status", 429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})]
+    resp = await client.post("/v1/responses", json=ask())
+    assert resp.status == 429 and resp.headers["Retry-After"] == "7"
+    assert (await resp.json())["detail"]["code"] == "upstream_rate_limit"
+    fake_upstream.script = [("status", 429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})]
+    events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
+    assert events[-1][0] == "error" and events[-1][1]["status"] == 429
+    assert events[-1][1]["error"]["code"] == "upstream_rate_limit"
+
+
+async def test_timeout_is_504(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model", remote_timeout_s=0.3)})
+    fake_upstream.script = [("sleep", 2)]
+    assert await error_of(await client.post("/v1/responses", json=ask())) == (
+        504, {"code": "upstream_timeout", "model": "r", "message": "upstream chat completion timed out"})
+    fake_upstream.script = [("stall", 2)]  # a stream that stalls after a token
+    events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
+    assert [n for n, _ in events][-2:] == ["response.output_text.delta", "error"]
+    assert events[-1][1]["error"]["code"] == "upstream_timeout"
+
+
+async def test_refused_connection_is_502(remote_key: str, make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": remote_entry(f"http://127.0.0.1:{free_port()}/v1", "m")})
+    status, detail = await error_of(await client.post("/v1/responses", json=ask()))
+    assert (status, detail["code"]) == (502, "upstream_connection_error")
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "garbage_stream"])
+async def test_unparseable_body_is_502(client: Any, fake_upstream: Any, behaviour: str) -> None:
+    fake_upstream.script = [behaviour]
+    status, detail = await error_of(await client.post("/v1/responses", json=ask()))
+    assert (status, detail["code"]) == (502, "upstream_response_parse_failure")
+
+
+async def test_stream_cut_mid_way_ends_with_error_event(client: Any, fake_upstream: Any) -> None:
+    fake_upstream.script = ["cut"]
+    resp = await asyncio.wait_for(client.post("/v1/responses", json=ask(stream=True)), 10)
+    events = sse_events(await asyncio.wait_for(resp.text(), 10))
+    names = [n for n, _ in events]
+    assert names[0] == "response.created" and "response.output_text.delta" in names and names[-1] == "error"
+    assert events[-1][1]["error"]["code"] == "upstream_connection_error" and events[-1][1]["status"] == 502
+
+
+async def test_error_object_mid_stream(client: Any, fake_upstream: Any) -> None:
+    fake_upstream.script = ["error_chunk"]
+    events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
+    assert events[-1][0] == "error" and "overloaded mid-way" in events[-1][1]["error"]["message"]
+
+
+async def test_missing_key_fails_the_load(fake_upstream: Any, make_remote_client: Any,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model")})
+    entry = (await (await client.get("/v1/admin/models")).json())["models"][0]
+    assert entry["runtime_state"] == "failed"
+    assert f"missing API key environment variable: {KEY_ENV}" in entry["last_error"]
+
+
+# ----- retries ------------------------------------------------------------------------------
+
+
+async def test_retry_succeeds_after_one_503(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model",
+                                                         remote_max_retries=2, **FAST_RETRY)})
+    fake_upstream.script = [("status", 503, {"error": "busy"}, {}), ("status", 429, {}, {"Retry-After": "0"})]
+    resp = await client.post("/v1/responses", json=ask())
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["output_text"] == "Hello from fake" and body["metadata"]["upstream_retries"] == 2
+    assert len(fake_upstream.calls) == 3
+
+
+async def test_retries_are_bounded_and_skip_other_errors(fake_upstream: Any, remote_key: str,
+                                                         make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model",
+                                                         remote_max_retries=1, **FAST_RETRY)})
+    fake_upstream.script = [("status", 503, {}, {})] * 3
+    assert (await client.post("/v1/responses", json=ask())).status == 502
+    assert len(fake_upstream.calls) == 2
+    fake_upstream.script = [("status", 500, {}, {})]
+    assert (await client.post("/v1/responses", json=ask())).status == 502
+    assert len(fake_upstream.calls) == 3, "a 500 may have done the work: never retried"
+
+
+async def test_no_retry_after_tokens(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model",
+                                                         remote_max_retries=3, **FAST_RETRY)})
+    fake_upstream.script = ["cut"]
+    events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
+    assert events[-1][0] == "error" and len(fake_upstream.calls) == 1
+
+
+async def test_refused_connection_is_retried(remote_key: str, make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": remote_entry(f"http://127.0.0.1:{free_port()}/v1", "m",
+                                                         remote_max_retries=2, **FAST_RETRY)})
+    with structlog.testing.capture_logs() as logs:
+        assert (await client.post("/v1/responses", json=ask())).status == 502
+    assert [e["attempt"] for e in logs if e["event"] == "remote_retry"] == [1, 2]
+
+
+# ----- health check, cancellation, config -----------------------------------------------------
+
+
+async def test_health_check_lists_the_model(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    client = await make_remote_client({
+        "ok": remote_entry(fake_upstream.base_url, "fake-model", remote_health_check="models"),
+        "absent": remote_entry(fake_upstream.base_url, "other-model", remote_health_check="models"),
+    })
+    entries = {m["name"]: m for m in (await (await client.get("/v1/admin/models")).json())["models"]}
+    assert entries["ok"]["runtime_state"] == "loaded"
+    assert entries["absent"]["runtime_state"] == "failed"
+    assert "does not list remote_model 'other-model'" in entries["absent"]["last_error"]
+    assert "fake-model" in entries["absent"]["last_error"]
+
+
+async def test_health_check_failure_is_clear(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    fake_upstream.models_status = 401
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model",
+                                                         remote_health_check="models")})
+    entry = (await (await client.get("/v1/admin/models")).json())["models"][0]
+    assert entry["runtime_state"] == "failed"
+    assert "health check GET" in entry["last_error"] and "upstream_authentication_failure" in entry["last_error"]
+    assert KEY not in entry["last_error"]
+    resp = await client.post("/v1/responses", json=ask())
+    assert resp.status == 409 and (await resp.json())["detail"]["code"] == "model_failed"
+
+
+async def test_client_disconnect_closes_the_upstream_connection(client: Any, fake_upstream: Any) -> None:
+    fake_upstream.script = ["slow"]
+    resp = await client.post("/v1/responses", json=ask(stream=True))
+    while b"output_text.delta" not in await resp.content.readline():
+        pass
+    resp.close()
+    await asyncio.wait_for(fake_upstream.disconnected.wait(), 5)
+    resp = await client.post("/v1/responses", json=ask())
+    assert (await resp.json())["output_text"] == "Hello from fake"
+
+
+def test_options_validation() -> None:
+    options = llmpool_remote.RemoteOptions
+    good = {"remote_api_kind": "chat_completions", "remote_base_url": "https://api.example.com/v1/",
+            "remote_api_key_env": "K", "remote_model": "m"}
+    assert options.model_validate(good).remote_base_url == "https://api.example.com/v1"
+    for bad, message in [
+        ({**good, "remote_model": " "}, "remote_model is required for openai_compatible models"),
+        ({k: v for k, v in good.items() if k != "remote_api_key_env"}, "remote_api_key_env is required"),
+        ({**good, "remote_api_kind": "responses"}, "chat_completions"),
+        ({**good, "remote_thinking": "maybe"}, "remote_thinking must be 'enabled', 'disabled', or omitted"),
+        ({**good, "remote_timeout_s": 0}, "greater than 0"),
+        ({**good, "remote_health_check": "ping"}, "config_only"),
+        ({**good, "remote_max_retries": -1}, "greater than or equal to 0"),
+        ({**good, "remote_base_url": "api.example.com"}, "must start with http"),
+        ({**good, "remote_api_key": "sk-inline"}, "Extra inputs are not permitted"),
+    ]:
+        with pytest.raises(ValidationError, match=message):
+            options.model_validate(bad)
