@@ -40,6 +40,8 @@ class FakeUpstream:
     script: list[Any] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+    active: int = 0
+    max_active: int = 0
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -53,6 +55,14 @@ class FakeUpstream:
         return web.json_response({"object": "list", "data": [{"id": m, "object": "model"} for m in self.models]})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._chat(request)
+        finally:
+            self.active -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.calls.append(Call(headers=dict(request.headers), body=body))
         behaviour = self.script.pop(0) if self.script else "ok"

@@ -289,3 +289,53 @@ def test_options_validation() -> None:
     ]:
         with pytest.raises(ValidationError, match=message):
             options.model_validate(bad)
+
+
+async def test_target_inflight_caps_concurrent_upstream_calls(fake_upstream: Any, remote_key: str,
+                                                               make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": {**remote_entry(fake_upstream.base_url, "fake-model"),
+                                             "target_inflight": 2}})
+    fake_upstream.script = [("sleep", 0.2)] * 5
+    responses = await asyncio.gather(*(client.post("/v1/responses", json=ask()) for _ in range(5)))
+    assert [r.status for r in responses] == [200] * 5
+    assert fake_upstream.max_active == 2
+
+
+async def test_missing_key_at_call_time_is_500(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    status, detail = await error_of(await client.post("/v1/responses", json=ask()))
+    assert (status, detail["code"]) == (500, "missing_api_key_env") and KEY_ENV in detail["message"]
+
+
+async def test_unload_closes_the_session(client: Any) -> None:
+    from llmpoold.app import POOL
+
+    assert (await client.post("/v1/responses", json=ask())).status == 200
+    runtime = client.app[POOL].entries["r"].replicas[0].runtime
+    session = runtime._session
+    assert session is not None and not session.closed
+    assert (await client.post("/v1/admin/models/r/unload")).status == 200
+    assert session.closed and runtime.closed
+
+
+def test_thinking_and_reasoning_effort_mapping() -> None:
+    import dataclasses
+
+    from llmpoold.testing import make_request
+
+    base = {"remote_api_kind": "chat_completions", "remote_base_url": "http://x/v1", "remote_api_key_env": "K",
+            "remote_model": "m"}
+
+    def body(options: dict[str, Any], **request: Any) -> dict[str, Any]:
+        runtime = llmpool_remote.RemoteRuntime("r#1", "r", llmpool_remote.RemoteOptions.model_validate(
+            {**base, **options}))
+        return llmpool_remote.build_body(runtime, dataclasses.replace(make_request(), **request), stream=False)
+
+    assert "thinking" not in body({}) and "stream" not in body({})
+    assert body({"remote_thinking": "enabled"})["thinking"] == {"type": "enabled"}
+    assert body({"remote_thinking": "enabled"}, thinking_mode="disabled")["thinking"] == {"type": "disabled"}
+    high = body({}, reasoning_effort="high")
+    assert high["thinking"] == {"type": "enabled"} and high["reasoning_effort"] == "high"
+    assert body({"remote_thinking": "enabled"}, reasoning_effort="none")["thinking"] == {"type": "disabled"}
+    assert "prompt_cache_key" not in body({}, prompt_cache_key="k")
+    assert body({"remote_prompt_cache_key_enabled": True}, prompt_cache_key="k")["prompt_cache_key"] == "k"
