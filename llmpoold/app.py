@@ -20,7 +20,7 @@ from llmpoold.errors import ApiError
 from llmpoold.gpu import gpu_memory
 from llmpoold.inference import Inference, InferenceResult
 from llmpoold.plugins import PluginRegistry
-from llmpoold.pool import Pool, ReplicaFactory, inline_replica_factory
+from llmpoold.pool import Pool, ReplicaFactory
 from llmpoold.schemas import AdminLoadRequest, ResponseRequest
 from llmpoold.sse import open_sse, send_event
 
@@ -270,7 +270,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def create_app(settings: AppSettings, registry: PluginRegistry, *,
-               replica_factory: ReplicaFactory = inline_replica_factory, load_on_startup: bool = True,
+               replica_factory: ReplicaFactory | None = None, load_on_startup: bool = True,
                settings_paths: tuple[str | None, str | None] = (None, None)) -> web.Application:
     """Build the app for ``settings`` with exactly the plugins in ``registry``.
 

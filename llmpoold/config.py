@@ -142,6 +142,22 @@ class FairnessSettings(_Strict):
         return self.weights.get(key, self.default_weight) if key is not None else self.default_weight
 
 
+class WorkerSettings(_Strict):
+    """``engine.workers``: process-isolated replicas (see ``llmpoold.process_replica``).
+
+    A crashed worker is restarted after ``restart_backoff_s`` (doubling per restart in
+    the window, capped at ``restart_backoff_max_s``), at most ``restart_max`` times per
+    ``restart_window_s``; then the replica stays failed. Unload waits
+    ``unload_timeout_s`` for the worker to exit before SIGTERM, then SIGKILL.
+    """
+
+    restart_max: int = Field(3, ge=0)
+    restart_window_s: float = Field(300.0, gt=0)
+    restart_backoff_s: float = Field(1.0, ge=0)
+    restart_backoff_max_s: float = Field(30.0, ge=0)
+    unload_timeout_s: float = Field(10.0, gt=0)
+
+
 COMMON_MODEL_KEYS = frozenset({
     "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas", "replica_max",
     "target_inflight", "modalities", "reasoning_efforts", "isolation", "queue_timeout_s",
@@ -241,6 +257,7 @@ class EngineSettings(_Strict):
     backend: str | None = None
     decoding: DecodingDefaults = Field(default_factory=lambda: DecodingDefaults())
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
 
     @field_validator("backend", mode="before")

@@ -21,6 +21,7 @@ from llmpoold.errors import ApiError, unknown_model
 from llmpoold.gpu import primary_gpu_used_mib
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.plugins import PluginRegistry
+from llmpoold.process_replica import ProcessReplicaFactory
 from llmpoold.replica import InlineReplica, Replica
 from llmpoold.scheduler import FifoQueue, ModelScheduler, QueuePolicy
 from llmpoold.types import Capabilities, MemoryEstimate, ModelTraits
@@ -88,11 +89,12 @@ class Pool:
     """Every configured model and what is loaded of it."""
 
     def __init__(self, settings: AppSettings, registry: PluginRegistry, *,
-                 replica_factory: ReplicaFactory = inline_replica_factory,
+                 replica_factory: ReplicaFactory | None = None,
                  queue_factory: QueueFactory = fifo_queue_factory) -> None:
         self.settings = settings
         self.registry = registry
-        self.replica_factory = replica_factory
+        # Default: inline or a worker process per model ``isolation`` (llmpoold.process_replica).
+        self.replica_factory = replica_factory or ProcessReplicaFactory(settings.engine.workers)
         self.queue_factory = queue_factory
         self.entries: dict[str, ModelEntry] = self._build_entries(settings)
         self.startup_done = asyncio.Event()
@@ -246,10 +248,36 @@ class Pool:
         entry.replicas = replicas
         entry.scheduler = ModelScheduler(entry.name, replicas, target_inflight=active.target_inflight,
                                          queue=self.queue_factory(entry.name, self.settings))
+        for replica in replicas:
+            add_listener = getattr(replica, "add_listener", None)
+            if add_listener is not None:  # process replicas report crashes and restarts
+                add_listener(lambda r, event, entry=entry: self._replica_event(entry, r, event))
         entry.load_override = override
         entry.estimate, entry.estimate_error = None, None  # re-estimate with the override applied
         entry.state = "loaded"
         log.info("model_loaded", model=entry.name, backend=entry.backend, replicas=count, isolation=isolation)
+
+    def _replica_event(self, entry: ModelEntry, replica: Any, event: str) -> None:
+        """A worker crashed, came back, or gave up (see llmpoold.process_replica)."""
+        if replica not in entry.replicas:
+            return
+        if event == "crashed":
+            entry.last_error = f"{replica.replica_id}: {replica.last_error}"
+        elif event == "restarted" and entry.scheduler is not None:
+            entry.scheduler.replica_available()
+        elif event == "gave_up":
+            entry.last_error = f"{replica.replica_id}: {replica.last_error}; not restarted again (restart limit)"
+            if all(getattr(r, "gave_up", False) for r in entry.replicas) and entry.state == "loaded":
+                # Nothing left to serve: fail the model and whoever was waiting for it.
+                scheduler, entry.scheduler = entry.scheduler, None
+                if scheduler is not None:
+                    scheduler.accepting = False
+                    for job in scheduler.queue.drain():
+                        if job.future is not None and not job.future.done():
+                            job.future.set_exception(ApiError(502, "replica_crashed", entry.last_error,
+                                                              model=entry.name))
+                entry.replicas, entry.active_config, entry.state = [], None, "failed"
+                log.error("model_failed", model=entry.name, error=entry.last_error)
 
     async def unload(self, name: str) -> dict[str, Any]:
         """Graceful unload: queued requests get 409 ``model_unloading``, running ones

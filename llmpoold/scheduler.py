@@ -141,7 +141,9 @@ class ModelScheduler:
         return len(self.queue)
 
     def _pick_replica(self) -> int | None:
-        eligible = [i for i in range(len(self.replicas)) if self.inflight[i] < self.replica_target(i)]
+        # A replica that is not ``accepting`` (a crashed worker being restarted) gets nothing.
+        eligible = [i for i in range(len(self.replicas))
+                    if self.inflight[i] < self.replica_target(i) and getattr(self.replicas[i], "accepting", True)]
         if not eligible:
             return None
         low = min(self.inflight[i] for i in eligible)
@@ -152,6 +154,10 @@ class ModelScheduler:
                 self._rr = (index + 1) % n
                 return index
         return None
+
+    def replica_available(self) -> None:
+        """A replica is accepting again (a worker restarted): let waiting jobs in."""
+        self._dispatch()
 
     def _dispatch(self) -> None:
         now = time.perf_counter()

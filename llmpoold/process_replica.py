@@ -1,0 +1,574 @@
+"""Process-isolated replicas: the daemon side of :mod:`llmpoold.worker`.
+
+:class:`ProcessReplica` implements the :class:`~llmpoold.replica.Replica` protocol by
+running the plugin in a child process (``python -m llmpoold.worker``) and speaking the
+framed protocol documented there over a Unix socket pair. A crash in a native runtime
+then takes down one replica, not the daemon:
+
+- in-flight requests of the dead worker end at once with 502 ``replica_crashed``
+  (a stream's consumer gets it as an exception, the HTTP layer as an ``error`` event);
+- the replica stops accepting work (``accepting`` is False, so the scheduler routes to
+  the others or keeps requests queued), records the exit status or signal in
+  ``last_error`` and is restarted with exponential backoff, at most
+  ``engine.workers.restart_max`` times per ``restart_window_s``, after which it stays
+  ``failed``;
+- listeners (the pool) hear ``crashed``, ``restarted`` and ``gave_up``.
+
+Unload asks the worker to unload and exit, then SIGTERM, then SIGKILL after
+``unload_timeout_s``; ending the process is what gives the memory back to the OS.
+
+:class:`ProcessReplicaFactory` is the pool's default ``replica_factory``: ``inline``
+models get an :class:`~llmpoold.replica.InlineReplica`, ``process`` models (the default
+for local backends) a :class:`ProcessReplica`. A plugin registered in-process rather than
+installed as an entry point (the test backends) can only be hosted by a worker when its
+module is named in ``plugin_modules`` (or ``$LLMPOOL_WORKER_PLUGINS``, comma-separated
+import paths); otherwise it runs inline, unless the model explicitly asks for
+``isolation: process``, which then fails to load with a message saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import builtins
+import collections
+import importlib.metadata as md
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from llmpoold.config import ModelConfig, WorkerSettings
+from llmpoold.errors import ApiError, BackendError, LoadError
+from llmpoold.gpu import process_vram_mib
+from llmpoold.hookspecs import PROJECT
+from llmpoold.plugins import PluginRegistry
+from llmpoold.replica import InlineReplica, Replica, process_rss_mib
+from llmpoold.types import GenerationRequest, MemoryEstimate, StreamItem, item_from_wire
+from llmpoold.worker import HEADER, MAX_FRAME, encode_frame, model_to_wire
+
+log = structlog.get_logger("llmpoold.process_replica")
+worker_log = structlog.get_logger("llmpoold.worker")
+
+PLUGINS_ENV = "LLMPOOL_WORKER_PLUGINS"
+Listener = Callable[["ProcessReplica", str], None]
+
+# Worker processes alive in this daemon, killed at interpreter exit as a last resort
+# (the workers also die with their parent through PR_SET_PDEATHSIG and socket EOF).
+_LIVE: dict[int, asyncio.subprocess.Process] = {}
+
+
+@atexit.register
+def _kill_leftover_workers() -> None:
+    for pid, proc in list(_LIVE.items()):
+        if proc.returncode is None:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def describe_exit(code: int | None) -> str:
+    """``exited with status 3`` / ``killed by signal 9 (SIGKILL)``."""
+    if code is None:
+        return "ended"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown"
+        return f"killed by signal {-code} ({name})"
+    return f"exited with status {code}"
+
+
+_EXC_TYPES: dict[str, type[Exception]] = {}
+
+
+def error_from_wire(msg: dict[str, Any]) -> Exception:
+    """The worker's error message as an exception like the one the plugin raised."""
+    message = msg.get("message") or ""
+    if msg.get("kind") == "api":
+        return BackendError(int(msg.get("status") or 500), str(msg.get("code") or "backend_error"),
+                            msg.get("message"))
+    if msg.get("kind") == "load":
+        return LoadError(message)
+    name = str(msg.get("type") or "Exception")
+    cls = getattr(builtins, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Exception)):
+        cls = _EXC_TYPES.setdefault(name, type(name, (Exception,), {}))
+    try:
+        return cls(message)
+    except Exception:  # noqa: BLE001 - an exception type with a different signature
+        return Exception(f"{name}: {message}")
+
+
+@dataclass(frozen=True)
+class WorkerPlugins:
+    """What a worker must load to host one backend."""
+
+    entry_points: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+
+    def argv(self) -> list[str]:
+        return [*(a for ep in self.entry_points for a in ("--entry-point", ep)),
+                *(a for mod in self.modules for a in ("--plugin", mod))]
+
+
+def _module_root(module: Any) -> str | None:
+    file = getattr(module, "__file__", None)
+    if not file:
+        return None
+    root = Path(file).resolve().parent
+    if Path(file).stem == "__init__":
+        root = root.parent
+    for _ in module.__name__.split(".")[1:]:
+        root = root.parent
+    return str(root)
+
+
+def worker_plugins(registry: PluginRegistry, backend: str, extra_modules: Sequence[str] = ()) -> WorkerPlugins | None:
+    """How a worker can load the plugin that provides ``backend``, or None when it
+    cannot (a plugin registered in-process that is neither an installed entry point
+    nor named in ``extra_modules``)."""
+    for info in registry.plugins:
+        if backend not in info.backends:
+            continue
+        plugin = registry.pm.get_plugin(info.name)
+        module = getattr(plugin, "__name__", None)
+        if module is not None and module in extra_modules:
+            root = _module_root(plugin)
+            return WorkerPlugins(modules=(module,), paths=(root,) if root else ())
+        for ep in md.entry_points(group=PROJECT, name=info.name):
+            if ep.module == module:
+                return WorkerPlugins(entry_points=(info.name,))
+        return None
+    return None
+
+
+class ProcessReplica:
+    """One replica whose runtime lives in a worker process."""
+
+    isolation = "process"
+
+    def __init__(self, *, backend: str, replica_id: str, model: ModelConfig, concurrency: int,
+                 plugins: WorkerPlugins | None, policy: WorkerSettings | None = None,
+                 python: str = sys.executable, unhosted_reason: str | None = None) -> None:
+        self.backend = backend
+        self.replica_id = replica_id
+        self.model = model
+        self.concurrency = concurrency
+        self.plugins = plugins
+        self.policy = policy or WorkerSettings()
+        self.python = python
+        self.unhosted_reason = unhosted_reason
+        self.state = "stopped"  # starting, ready, restarting, failed, stopped
+        self.pid: int | None = None
+        self.last_error: str | None = None
+        self.exit_status: int | None = None
+        self.restarts = 0
+        self.gave_up = False
+        self._restart_times: collections.deque[float] = collections.deque()
+        self._listeners: list[Listener] = []
+        self._ids = itertools.count(1)
+        self._streams: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._ops: dict[int, asyncio.Future[Any]] = {}
+        self._proc: asyncio.subprocess.Process | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
+        self._log_task: asyncio.Task[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+        self._state_changed: asyncio.Event | None = None
+        self._stopping = False
+        self._tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._vram: tuple[float, float | None] = (0.0, None)
+
+    # ----- public --------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the scheduler may route new work here."""
+        return self.state == "ready"
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    async def load(self) -> None:
+        if self.plugins is None:
+            raise LoadError(self.unhosted_reason or f"backend '{self.backend}' cannot run in a worker process")
+        self._stopping = False
+        self._set_state("starting")
+        try:
+            await self._spawn_and_load()
+        except BaseException:
+            await self._kill()
+            self._set_state("failed")
+            raise
+        self._set_state("ready")
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+        if self.state != "ready":
+            await self._wait_ready()
+        mid = next(self._ids)
+        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._streams[mid] = queue
+        ended = False
+        try:
+            self._send({"op": "stream", "id": mid, "request": request.to_wire()})
+            while True:
+                msg = await queue.get()
+                kind = msg["t"]
+                if kind == "delta" or kind == "completion":
+                    yield item_from_wire(msg)
+                elif kind == "end":
+                    ended = True
+                    return
+                elif kind == "error":
+                    ended = True
+                    raise error_from_wire(msg)
+                else:  # "crash": the worker died under this stream
+                    ended = True
+                    raise self._crash_error()
+        finally:
+            if not ended:
+                request.cancel.set()
+                await self._cancel_stream(mid, queue)
+            self._streams.pop(mid, None)
+
+    async def unload(self) -> None:
+        """Unload and end the worker: politely, then SIGTERM, then SIGKILL."""
+        self._stopping = True
+        if self._restart_task is not None:
+            self._restart_task.cancel()
+            self._restart_task = None
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            deadline = time.monotonic() + self.policy.unload_timeout_s
+            try:
+                await asyncio.wait_for(self._call({"op": "unload"}), self.policy.unload_timeout_s)
+            except Exception as exc:  # noqa: BLE001 - then by force
+                log.warning("worker_unload_failed", replica=self.replica_id, pid=proc.pid, error=str(exc) or
+                            type(exc).__name__)
+            await self._wait_or_force(proc, max(0.5, deadline - time.monotonic()))
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+        if self._log_task is not None:
+            await asyncio.gather(self._log_task, return_exceptions=True)
+        self._set_state("stopped")
+
+    async def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
+        """The worker's own view: pid, RSS, whether it is loaded, active streams."""
+        result: dict[str, Any] = await asyncio.wait_for(self._call({"op": "health"}), timeout_s)
+        return result
+
+    async def estimate(self) -> MemoryEstimate | None:
+        value = await self._call({"op": "estimate", "backend": self.backend, "model": model_to_wire(self.model)})
+        return None if value is None else MemoryEstimate(**value)
+
+    def info(self) -> dict[str, Any]:
+        pid = self.pid if self._proc is not None and self._proc.returncode is None else None
+        return {"replica_id": self.replica_id, "isolation": "process", "pid": pid, "state": self.state,
+                "rss_mib": process_rss_mib(pid) if pid else None, "vram_mib": self._vram_mib(pid),
+                "concurrency": self.concurrency, "restarts": self.restarts, "last_error": self.last_error,
+                "exit_status": self.exit_status}
+
+    # ----- process -------------------------------------------------------------------
+
+    async def _spawn_and_load(self) -> None:
+        assert self.plugins is not None
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The daemon's own logger filters the relayed lines again; the worker sends at
+        # least info so an unconfigured root logger (tests, embedding) still sees them.
+        level = logging.getLevelName(min(logging.getLogger().getEffectiveLevel(), logging.INFO)).lower()
+        cmd = [self.python, "-m", "llmpoold.worker", "--fd", str(child.fileno()), "--parent-pid", str(os.getpid()),
+               "--log-level", level if level in ("debug", "info", "warning", "error") else "info",
+               *self.plugins.argv()]
+        env = dict(os.environ)
+        if self.plugins.paths:
+            env["PYTHONPATH"] = os.pathsep.join([*self.plugins.paths, *filter(None, [env.get("PYTHONPATH")])])
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *cmd, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        self._proc, self.pid = proc, proc.pid
+        _LIVE[proc.pid] = proc
+        self._tail.clear()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        self._writer = writer
+        self._reader_task = asyncio.create_task(self._read_loop(reader, proc), name=f"worker-read-{self.replica_id}")
+        self._log_task = asyncio.create_task(self._relay_logs(proc), name=f"worker-log-{self.replica_id}")
+        log.info("worker_started", replica=self.replica_id, pid=proc.pid, backend=self.backend)
+        try:
+            await self._call({"op": "load", "backend": self.backend, "replica_id": self.replica_id,
+                              "model": model_to_wire(self.model)})
+        except ApiError as exc:
+            if exc.code == "replica_crashed":
+                tail = " | ".join(self._tail)
+                raise LoadError(f"worker {self.last_error} while loading" + (f"; output: {tail}" if tail else "")) \
+                    from None
+            raise
+
+    async def _kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        if self._reader_task is not None:
+            await asyncio.gather(self._reader_task, return_exceptions=True)
+
+    async def _wait_or_force(self, proc: asyncio.subprocess.Process, timeout_s: float) -> None:
+        for action in (None, proc.terminate, proc.kill):
+            if action is not None:
+                log.warning("worker_forced_exit", replica=self.replica_id, pid=proc.pid, action=action.__name__)
+                try:
+                    action()
+                except ProcessLookupError:
+                    pass
+            try:
+                await asyncio.wait_for(proc.wait(), timeout_s if action is None else 2.0)
+                return
+            except TimeoutError:
+                continue
+
+    async def _read_loop(self, reader: asyncio.StreamReader, proc: asyncio.subprocess.Process) -> None:
+        try:
+            while True:
+                header = await reader.readexactly(HEADER.size)
+                (size,) = HEADER.unpack(header)
+                if size > MAX_FRAME:
+                    raise ValueError(f"frame of {size} bytes from the worker")
+                msg = json.loads(await reader.readexactly(size))
+                mid = msg.get("id")
+                queue = self._streams.get(mid)
+                if queue is not None:
+                    queue.put_nowait(msg)
+                    continue
+                future = self._ops.pop(mid, None)
+                if future is None or future.done():
+                    continue
+                if msg["t"] == "result":
+                    future.set_result(msg.get("value"))
+                else:
+                    future.set_exception(error_from_wire(msg))
+        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
+            pass
+        # EOF: the worker ended (or closed its end; then make sure it ends).
+        try:
+            code = await asyncio.wait_for(proc.wait(), 5.0)
+        except TimeoutError:
+            proc.kill()
+            code = await proc.wait()
+        self._on_exit(proc, code)
+
+    async def _relay_logs(self, proc: asyncio.subprocess.Process) -> None:
+        """Re-log the worker's stderr/stdout with the replica id bound."""
+        assert proc.stdout is not None
+        bound = worker_log.bind(replica=self.replica_id, worker_pid=proc.pid)
+        while True:
+            try:
+                line = await proc.stdout.readline()
+            except (ValueError, OSError):  # an over-long line: skip it
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", errors="replace").rstrip()
+            if not text:
+                continue
+            self._tail.append(text[:500])
+            data: Any = None
+            if text.startswith("{"):
+                try:
+                    data = json.loads(text)
+                except ValueError:
+                    data = None
+            if isinstance(data, dict) and "event" in data:
+                event = str(data.pop("event"))
+                level = str(data.pop("level", "info"))
+                for key in ("timestamp", "replica"):
+                    data.pop(key, None)
+                getattr(bound, level if level in ("debug", "info", "warning", "error", "critical") else "info")(
+                    event, **data)
+            else:
+                bound.info("worker_output", line=text)
+
+    def _on_exit(self, proc: asyncio.subprocess.Process, code: int | None) -> None:
+        _LIVE.pop(proc.pid, None)
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.exit_status = code
+        description = f"process {proc.pid} {describe_exit(code)}"
+        if self._stopping:
+            log.info("worker_exited", replica=self.replica_id, pid=proc.pid, status=code)
+            self._fail_pending(ApiError(503, "replica_unloaded", f"replica '{self.replica_id}' was unloaded"))
+            return
+        self.last_error = description
+        was_ready = self.state == "ready"
+        log.error("worker_crashed", replica=self.replica_id, pid=proc.pid, status=code, error=description)
+        self._fail_pending(self._crash_error())
+        if was_ready:
+            self._set_state("failed")
+            self._notify("crashed")
+            self._schedule_restart()
+
+    def _crash_error(self) -> ApiError:
+        return ApiError(502, "replica_crashed",
+                        f"replica '{self.replica_id}' crashed: worker {self.last_error or 'ended'}")
+
+    def _fail_pending(self, error: ApiError) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait({"t": "crash"})
+        ops, self._ops = self._ops, {}
+        for future in ops.values():
+            if not future.done():
+                future.set_exception(error)
+
+    # ----- restarts ------------------------------------------------------------------
+
+    def _schedule_restart(self) -> None:
+        now = time.monotonic()
+        window = self.policy.restart_window_s
+        while self._restart_times and now - self._restart_times[0] > window:
+            self._restart_times.popleft()
+        if len(self._restart_times) >= self.policy.restart_max:
+            self.gave_up = True
+            self._set_state("failed")
+            log.error("worker_restart_gave_up", replica=self.replica_id, restarts=len(self._restart_times),
+                      window_s=window, error=self.last_error)
+            self._notify("gave_up")
+            return
+        delay = min(self.policy.restart_backoff_s * 2 ** len(self._restart_times), self.policy.restart_backoff_max_s)
+        self._restart_times.append(now)
+        self._set_state("restarting")
+        log.info("worker_restart_scheduled", replica=self.replica_id, delay_s=delay)
+        self._restart_task = asyncio.create_task(self._restart(delay), name=f"worker-restart-{self.replica_id}")
+
+    async def _restart(self, delay: float) -> None:
+        await asyncio.sleep(delay)
+        if self._stopping:
+            return
+        self._set_state("starting")
+        try:
+            await self._spawn_and_load()
+        except Exception as exc:  # noqa: BLE001 - counts as another crash
+            await self._kill()
+            self.last_error = f"restart failed: {exc}"
+            log.error("worker_restart_failed", replica=self.replica_id, error=self.last_error)
+            if not self._stopping:
+                self._schedule_restart()
+            return
+        if self._stopping:
+            return
+        self.restarts += 1
+        self._set_state("ready")
+        log.info("worker_restarted", replica=self.replica_id, pid=self.pid, restarts=self.restarts)
+        self._notify("restarted")
+
+    # ----- helpers -------------------------------------------------------------------
+
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        event = self._state_changed
+        if event is not None:
+            event.set()
+            self._state_changed = None
+
+    async def _wait_ready(self) -> None:
+        """A request routed here while restarting waits for the restart (or the end)."""
+        while self.state != "ready":
+            if self.gave_up or self._stopping or self.state == "stopped" or (
+                    self.state == "failed" and self._restart_task is None):
+                raise self._crash_error() if self.last_error else ApiError(
+                    503, "replica_unavailable", f"replica '{self.replica_id}' is not running")
+            if self._state_changed is None:
+                self._state_changed = asyncio.Event()
+            await self._state_changed.wait()
+
+    def _notify(self, event: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(self, event)
+            except Exception as exc:  # noqa: BLE001 - a listener must not break the replica
+                log.warning("replica_listener_failed", replica=self.replica_id, replica_event=event, error=str(exc))
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise self._crash_error()
+        writer.write(encode_frame(msg))
+
+    async def _call(self, msg: dict[str, Any]) -> Any:
+        mid = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ops[mid] = future
+        try:
+            self._send({**msg, "id": mid})
+            return await future
+        finally:
+            self._ops.pop(mid, None)
+
+    async def _cancel_stream(self, mid: int, queue: asyncio.Queue[dict[str, Any]]) -> None:
+        """Tell the worker to stop this stream and wait until its runtime has let go."""
+        try:
+            self._send({"op": "cancel", "id": mid})
+        except ApiError:
+            return
+        deadline = time.monotonic() + self.policy.unload_timeout_s
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                msg = await asyncio.wait_for(queue.get(), left)
+                if msg["t"] in ("end", "error", "crash"):
+                    return
+        except (TimeoutError, asyncio.CancelledError):
+            log.warning("worker_cancel_slow", replica=self.replica_id, stream=mid)
+
+    def _vram_mib(self, pid: int | None) -> float | None:
+        if pid is None:
+            return None
+        now = time.monotonic()
+        if now - self._vram[0] > 5.0:
+            self._vram = (now, process_vram_mib(pid))
+        return self._vram[1]
+
+
+class ProcessReplicaFactory:
+    """The pool's default ``replica_factory``: inline or process per model ``isolation``."""
+
+    def __init__(self, policy: WorkerSettings | None = None, *, plugin_modules: Sequence[str] | None = None,
+                 python: str = sys.executable) -> None:
+        self.policy = policy or WorkerSettings()
+        if plugin_modules is None:
+            plugin_modules = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
+        self.plugin_modules = tuple(plugin_modules)
+        self.python = python
+
+    def __call__(self, *, registry: PluginRegistry, backend: str, replica_id: str, model: ModelConfig,
+                 concurrency: int, isolation: str) -> Replica:
+        if isolation == "inline":
+            return InlineReplica(registry, backend, replica_id, model, concurrency)
+        plugins = worker_plugins(registry, backend, self.plugin_modules)
+        reason = None
+        if plugins is None:
+            if model.isolation != "process":
+                # A plugin registered in-process (tests): nothing a worker could import.
+                return InlineReplica(registry, backend, replica_id, model, concurrency)
+            reason = (f"backend '{backend}' comes from a plugin registered in-process, not an installed "
+                      f"'{PROJECT}' entry point, so a worker process cannot load it; set isolation: inline "
+                      f"or install the plugin")
+        return ProcessReplica(backend=backend, replica_id=replica_id, model=model, concurrency=concurrency,
+                              plugins=plugins, policy=self.policy, python=self.python, unhosted_reason=reason)
