@@ -415,7 +415,7 @@ class _Relay:
                 self.finish_reason = str(choice["finish_reason"])
             if index not in (0, None):
                 continue  # only the first choice is the answer
-            reasoning = part.get("reasoning_content", part.get("reasoning"))
+            reasoning = part.get("reasoning_content") or part.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 out.append(TextDelta(reasoning, channel="reasoning"))
             content = part.get("content")
