@@ -339,3 +339,19 @@ def test_thinking_and_reasoning_effort_mapping() -> None:
     assert body({"remote_thinking": "enabled"}, reasoning_effort="none")["thinking"] == {"type": "disabled"}
     assert "prompt_cache_key" not in body({}, prompt_cache_key="k")
     assert body({"remote_prompt_cache_key_enabled": True}, prompt_cache_key="k")["prompt_cache_key"] == "k"
+
+
+async def test_runs_in_a_worker_process_too(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    """``isolation: process`` drives the async stream on the worker's own loop."""
+    client = await make_remote_client({"r": {**remote_entry(fake_upstream.base_url, "fake-model"),
+                                             "isolation": "process"}})
+    resp = await client.post("/v1/responses", json=ask())
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["metrics"]["engine_prompt_tokens"] == 7
+    fake_upstream.script = ["cut"]
+    events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
+    assert events[-1][0] == "error" and events[-1][1]["error"]["code"] == "upstream_connection_error"
+    fake_upstream.script = [("status", 429, {}, {"Retry-After": "3"})]
+    resp = await client.post("/v1/responses", json=ask())
+    # The worker's error frame carries status and code only, not Retry-After (a core gap).
+    assert resp.status == 429 and (await resp.json())["detail"]["code"] == "upstream_rate_limit"
