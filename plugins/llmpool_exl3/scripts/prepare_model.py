@@ -45,8 +45,22 @@ def from_gguf(out: Path, gguf: str | None) -> Path:
     path = Path(gguf)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
-    model.config.architectures = ["Gemma3ForCausalLM"]
-    model.save_pretrained(out, safe_serialization=True)
+    # transformers refuses save_pretrained for a model "quantized with gguf", although
+    # its weights are dequantized by now: write the tensors and the config directly.
+    from safetensors.torch import save_file
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = ["Gemma3ForCausalLM"]
+    config.dtype = "bfloat16"
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    tensors = {name: tensor.detach().to(torch.bfloat16).contiguous() for name, tensor in model.state_dict().items()
+               if not (tied and name == "lm_head.weight")}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _ensure_generation_eos(out, tokenizer.convert_tokens_to_ids("<end_of_turn>"))
     return out
