@@ -211,6 +211,7 @@ class ProcessReplica:
         try:
             await self._spawn_and_load()
         except BaseException:
+            self._stopping = True  # the worker is ended on purpose, not crashed
             await self._kill()
             self._set_state("failed")
             raise
