@@ -434,8 +434,8 @@ class Exl3Runtime:
                     results = self.generator.iterate()
                 except Exception as exc:  # noqa: BLE001 - every job in flight fails with it
                     log.error("exl3_iterate_failed", replica=self.replica_id, error=str(exc))
-                    for stream in self.streams.values():
-                        stream.put(exc)
+                    for failed in self.streams.values():
+                        failed.put(exc)
                     self.streams.clear()
                     try:
                         self.generator.clear_queue()
@@ -444,10 +444,10 @@ class Exl3Runtime:
                     continue
                 for result in results:
                     key = result.get("identifier")
-                    stream = self.streams.get(key) if key is not None else None
-                    if stream is None:
+                    target = self.streams.get(key) if key is not None else None
+                    if target is None:
                         continue
-                    stream.put(result)
+                    target.put(result)
                     if result.get("eos"):
                         del self.streams[key]
             # Let a waiting submit/cancel take the lock between steps.
@@ -550,7 +550,7 @@ def _encode(runtime: Exl3Runtime, request: GenerationRequest, rendered: Rendered
         try:
             ids = tokenizer.hf_chat_template([dict(m) for m in rendered.messages], add_generation_prompt=True,
                                              **kwargs)
-        except (ValueError, OSError, ImportError) as exc:
+        except Exception as exc:  # noqa: BLE001 - no template, a Jinja error, transformers missing
             if text is None:
                 raise BackendError(500, "backend_error",
                                    f"the model has no usable chat template for prompt_format 'chat_template': "

