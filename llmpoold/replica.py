@@ -29,6 +29,11 @@ class Replica(Protocol):
 
     ``stream`` yields TextDelta items then one Completion; closing the iterator early
     (``aclose()``, task cancellation) cancels the generation in the runtime.
+
+    Optional: ``accepting`` (bool, default True when absent): the scheduler routes no
+    new work to a replica that is not accepting (a crashed worker being restarted,
+    see :mod:`llmpoold.process_replica`); ``add_listener(callback)`` lets the pool
+    hear ``crashed`` / ``restarted`` / ``gave_up``.
     """
 
     replica_id: str
