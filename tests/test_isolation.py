@@ -325,3 +325,34 @@ def test_daemon_exit_leaves_no_orphan_workers(tmp_path: Path, sig: signal.Signal
         time.sleep(0.05)
     assert not any(alive(p) for p in pids), output
     assert worker_pids(proc.pid) == []
+
+
+async def test_crash_of_one_replica_other_replica_serves(make_client: Any) -> None:
+    client = await make_client({"engine": {"backend": "echo", "models": {"m": {"replicas": 2, "replica_max": 2}}}},
+                               replica_factory=factory(restart_backoff_s=30))
+    first, second = ((await replica_info(client, "m"))["replica_info"])
+    os.kill(first["pid"], signal.SIGKILL)
+
+    async def first_down() -> bool:
+        return (await replica_info(client, "m"))["replica_info"][0]["state"] == "restarting"
+
+    await wait_for(first_down)
+    started = time.monotonic()
+    resps = await asyncio.gather(*(client.post("/v1/responses", json={"model": "m", "input": f"req {i}"})
+                                   for i in range(4)))
+    assert [(await r.json())["output_text"] for r in resps] == [f"req {i}" for i in range(4)]
+    assert time.monotonic() - started < 5  # served by the live replica, not after the 30 s backoff
+    infos = (await replica_info(client, "m"))["replica_info"]
+    assert infos[0]["state"] == "restarting" and infos[1]["pid"] == second["pid"]
+
+
+async def test_unload_forces_a_stuck_worker(make_client: Any) -> None:
+    client = await make_client({"engine": {"backend": "echo", "models": {"m": {}}}},
+                               replica_factory=factory(unload_timeout_s=0.5))
+    pid = (await replica_info(client, "m"))["replica_info"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)  # it will never answer the unload request
+    started = time.monotonic()
+    resp = await client.post("/v1/admin/models/m/unload")
+    assert resp.status == 200 and (await resp.json())["runtime_state"] == "unloaded"
+    assert time.monotonic() - started < 5
+    assert not alive(pid)
