@@ -349,8 +349,12 @@ def _check_directory(path: str) -> None:
 
 def _load_kwargs(options: Exl3Options) -> dict[str, Any]:
     """Arguments for ``Model.load`` as the seed passes them: tensor-parallel, a manual
-    split (GB per device), or one device (``cuda`` → ``cuda:0``)."""
+    split (GB per device), autosplit, or one device (``cuda`` → ``cuda:0``)."""
     kwargs: dict[str, Any] = {"progressbar": False}
+    if options.exllama_tensor_parallel or options.exllama_gpu_split is not None:
+        # "the maximum number of tokens to expect in a single forward pass; informs the
+        # layer split only" (load_gen): the generator's prefill chunk
+        kwargs["max_chunk_size"] = options.exllama_max_chunk_size
     if options.exllama_tensor_parallel:
         kwargs.update(tensor_p=True, tp_backend=options.exllama_tp_backend)
         if isinstance(options.exllama_gpu_split, tuple):

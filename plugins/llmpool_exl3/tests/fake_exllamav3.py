@@ -112,7 +112,8 @@ class Model:
              verbose: bool = False, max_batch_size: int = 1, tp_options: Any = None,
              autosplit_no_forward: bool = False, draft_model: Any = None) -> None:
         record("Model.load", device=device, use_per_device=use_per_device, tensor_p=tensor_p,
-               tp_backend=tp_backend, progressbar=progressbar, reserve_per_device=reserve_per_device)
+               tp_backend=tp_backend, progressbar=progressbar, reserve_per_device=reserve_per_device,
+               max_chunk_size=max_chunk_size)
         if device is not None:
             assert not reserve_per_device and not use_per_device, \
                 "Cannot specify reserve_per_device or use_per_device when loading to single device."

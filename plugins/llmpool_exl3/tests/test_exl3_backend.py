@@ -220,7 +220,7 @@ def test_load_passes_the_seeds_arguments(exl3_model_dir: Path, fake_exl3: Module
         assert (cache["k_bits"], cache["v_bits"]) == (8, 4)
         assert fake_exl3.calls("Model.load") == [{"device": "cuda:0", "use_per_device": None, "tensor_p": False,
                                                   "tp_backend": "native", "progressbar": False,
-                                                  "reserve_per_device": None}]
+                                                  "reserve_per_device": None, "max_chunk_size": 2048}]
         (gen,) = fake_exl3.calls("Generator")
         assert (gen["max_batch_size"], gen["max_chunk_size"], gen["max_q_size"]) == (5, 512, 4)
         assert gen["cache"] is runtime.cache and gen["tokenizer"] is runtime.tokenizer
@@ -237,16 +237,17 @@ def test_load_passes_the_seeds_arguments(exl3_model_dir: Path, fake_exl3: Module
 @pytest.mark.parametrize(("keys", "expected"), [
     ({}, {"device": "cuda:0", "use_per_device": None, "tensor_p": False}),
     ({"device": "cuda:1"}, {"device": "cuda:1", "use_per_device": None, "tensor_p": False}),
-    ({"exllama_gpu_split": "auto"}, {"device": None, "use_per_device": None, "tensor_p": False}),
+    ({"exllama_gpu_split": "auto"}, {"device": None, "use_per_device": None, "tensor_p": False,
+                                     "max_chunk_size": 1024}),
     ({"exllama_gpu_split": [10, 22.5]}, {"device": None, "use_per_device": [10.0, 22.5], "tensor_p": False}),
     ({"exllama_tensor_parallel": True, "exllama_tp_backend": "nccl"},
-     {"device": None, "use_per_device": None, "tensor_p": True, "tp_backend": "nccl"}),
+     {"device": None, "use_per_device": None, "tensor_p": True, "tp_backend": "nccl", "max_chunk_size": 1024}),
     ({"exllama_tensor_parallel": True, "exllama_gpu_split": "20,20"},
      {"device": None, "use_per_device": [20.0, 20.0], "tensor_p": True, "tp_backend": "native"}),
 ])
 def test_load_device_split_and_tensor_parallel(exl3_model_dir: Path, fake_exl3: ModuleType, keys: dict[str, Any],
                                                expected: dict[str, Any]) -> None:
-    runtime = load(exl3_model_dir, exllama_cache_size=512, **keys)
+    runtime = load(exl3_model_dir, exllama_cache_size=512, exllama_max_chunk_size=1024, **keys)
     unload(runtime)
     (call,) = fake_exl3.calls("Model.load")
     assert {k: call[k] for k in expected} == expected

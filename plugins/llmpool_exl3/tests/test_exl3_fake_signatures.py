@@ -74,7 +74,8 @@ def test_the_plugin_only_passes_real_keywords(fake_exl3_module: ModuleType) -> N
     passed = {
         ("cache/cache.py", "Cache", "__init__"): {"max_num_tokens", "layer_type"},
         ("cache/quant.py", "CacheLayer_quant", "__init__"): {"k_bits", "v_bits"},
-        ("model/model.py", "Model", "load_gen"): {"progressbar", "tensor_p", "tp_backend", "use_per_device", "device"},
+        ("model/model.py", "Model", "load_gen"): {"progressbar", "tensor_p", "tp_backend", "use_per_device", "device",
+                                                     "max_chunk_size"},
         ("tokenizer/tokenizer.py", "Tokenizer", "encode"): {"add_bos", "encode_special_tokens"},
         ("tokenizer/tokenizer.py", "Tokenizer", "decode"): {"decode_special_tokens"},
         ("tokenizer/tokenizer.py", "Tokenizer", "hf_chat_template"): {"add_generation_prompt"},
