@@ -1,0 +1,88 @@
+"""A worker hosts plugins whose streams are async iterators, or that only implement
+``llmpool_generate`` (returning an awaitable), through the same hooks as inline.
+
+This module is itself the test plugin: the worker imports it by its module name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from llmpoold import hookimpl
+from llmpoold.config import WorkerSettings
+from llmpoold.hookspecs import BackendSpec
+from llmpoold.process_replica import ProcessReplicaFactory
+from llmpoold.types import BackendMetrics, Completion, TextDelta
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@hookimpl
+def llmpool_backends() -> list[BackendSpec]:
+    return [BackendSpec(name="agen", requires_model_path=False), BackendSpec(name="genonly", requires_model_path=False)]
+
+
+@hookimpl
+def llmpool_load(backend: str, replica_id: str, model: Any) -> Any:
+    return {"backend": backend} if backend in ("agen", "genonly") else None
+
+
+@hookimpl
+def llmpool_stream(backend: str, runtime: Any, request: Any) -> Any:
+    if backend != "agen":
+        return None
+
+    async def items() -> AsyncIterator[Any]:
+        for word in str(request.messages[-1].content).split():
+            await asyncio.sleep(0)
+            yield TextDelta(word + " ")
+        yield Completion(finish_reason="stop", metrics=BackendMetrics(output_tokens=2))
+
+    return items()
+
+
+@hookimpl
+def llmpool_generate(backend: str, runtime: Any, request: Any) -> Any:
+    if backend != "genonly":
+        return None
+
+    async def answer() -> tuple[str, str | None, Completion]:
+        await asyncio.sleep(0)
+        return f"generated: {request.messages[-1].content}", "thought", Completion(finish_reason="stop")
+
+    return answer()
+
+
+@hookimpl
+def llmpool_unload(backend: str, runtime: Any) -> bool | None:
+    return True if backend in ("agen", "genonly") else None
+
+
+async def test_async_stream_and_generate_only_plugins_in_a_worker() -> None:
+    from llmpoold.app import create_app
+    from llmpoold.testing import make_registry, settings_from
+
+    me = sys.modules[__name__]
+    factory = ProcessReplicaFactory(WorkerSettings(), plugin_modules=(__name__,))
+    app = create_app(settings_from({"engine": {"models": {
+        "a": {"backend": "agen", "isolation": "process"}, "g": {"backend": "genonly", "isolation": "process"}}}}),
+        make_registry(me), replica_factory=factory)
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from llmpoold.app import POOL
+
+    async with TestClient(TestServer(app)) as client:
+        await app[POOL].startup_done.wait()
+        for name in ("a", "g"):
+            entry = app[POOL].entry(name)
+            assert entry.state == "loaded", entry.last_error
+            assert entry.replicas[0].info()["isolation"] == "process"
+        body = await (await client.post("/v1/responses", json={"model": "a", "input": "two words"})).json()
+        assert body["output_text"] == "two words"
+        body = await (await client.post("/v1/responses", json={"model": "g", "input": "hi"})).json()
+        assert body["output_text"] == "generated: hi" and body["reasoning_text"] == "thought"
