@@ -99,7 +99,8 @@ def error_from_wire(msg: dict[str, Any]) -> Exception:
     message = msg.get("message") or ""
     if msg.get("kind") == "api":
         return BackendError(int(msg.get("status") or 500), str(msg.get("code") or "backend_error"),
-                            msg.get("message"))
+                            msg.get("message"), headers=dict(msg.get("headers") or {}),
+                            extra=dict(msg.get("extra") or {}))
     if msg.get("kind") == "load":
         return LoadError(message)
     name = str(msg.get("type") or "Exception")

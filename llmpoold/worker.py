@@ -24,9 +24,11 @@ Worker to daemon::
     {"id": n, "t": "delta", ...}                 # stream items: item_to_wire() + id
     {"id": n, "t": "completion", ...}
     {"id": n, "t": "end"}                        # stream over; the runtime let go of it
-    {"id": n, "t": "error", "kind": k, "type": name, "message": m, "status": s, "code": c}
+    {"id": n, "t": "error", "kind": k, "type": name, "message": m, "status": s, "code": c,
+     "headers": {...}, "extra": {...}}
 
-``kind`` is ``api`` (a BackendError/ApiError, with status and code), ``load`` (a
+``kind`` is ``api`` (a BackendError/ApiError, with status, code, the response headers
+such as ``Retry-After`` and extra detail fields), ``load`` (a
 LoadError) or ``exception`` (anything else; ``type`` is its class name). Streams are
 multiplexed by id: several run at once when the runtime declares concurrency above 1,
 each on its own thread. A cancelled stream still ends with ``end`` (or ``error``), once
@@ -116,7 +118,7 @@ def model_from_wire(data: Mapping[str, Any], registry: PluginRegistry, backend: 
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ApiError):
         return {"t": "error", "kind": "api", "type": type(exc).__name__, "status": exc.status, "code": exc.code,
-                "message": exc.message}
+                "message": exc.message, "headers": dict(exc.headers), "extra": dict(exc.extra)}
     kind = "load" if isinstance(exc, LoadError) else "exception"
     return {"t": "error", "kind": kind, "type": type(exc).__name__, "message": str(exc)}
 

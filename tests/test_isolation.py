@@ -97,8 +97,14 @@ def test_frames_and_errors_round_trip() -> None:
     frame = encode_frame({"id": 3, "t": "delta", "text": "é", "channel": "output"})
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     assert decode_payload(frame[4:]) == {"id": 3, "t": "delta", "text": "é", "channel": "output"}
-    api = error_from_wire({"t": "error", "kind": "api", "status": 504, "code": "upstream_timeout", "message": "m"})
-    assert (api.status, api.code, api.message) == (504, "upstream_timeout", "m")  # type: ignore[attr-defined]
+    from llmpoold.errors import BackendError
+    from llmpoold.worker import error_to_wire
+
+    sent = BackendError(429, "upstream_rate_limit", "m", headers={"Retry-After": "3"}, extra={"x": 1})
+    api = error_from_wire(error_to_wire(sent))
+    assert isinstance(api, BackendError)
+    assert (api.status, api.code, api.message, api.headers, api.extra) == (429, "upstream_rate_limit", "m",
+                                                                           {"Retry-After": "3"}, {"x": 1})
     exc = error_from_wire({"t": "error", "kind": "exception", "type": "ValueError", "message": "bad"})
     assert type(exc) is ValueError and str(exc) == "bad"
     odd = error_from_wire({"t": "error", "kind": "exception", "type": "LlamaError", "message": "boom"})
