@@ -479,6 +479,7 @@ def llmpool_load(backend: str, replica_id: str, model: Any) -> Exl3Runtime | Non
     exl3 = _import_exllamav3()
     options: Exl3Options = model.options
     started = time.perf_counter()
+    exl_model = None
     try:
         config = exl3.Config.from_directory(path)
         exl_model = exl3.Model.from_config(config)
@@ -495,9 +496,13 @@ def llmpool_load(backend: str, replica_id: str, model: Any) -> Exl3Runtime | Non
                                    max_batch_size=options.exllama_max_batch_size,
                                    max_chunk_size=options.exllama_max_chunk_size,
                                    max_q_size=options.exllama_max_q_size)
-    except LoadError:
-        raise
-    except (AssertionError, ValueError, OSError, RuntimeError) as exc:
+    except (AssertionError, ValueError, KeyError, TypeError, OSError, RuntimeError) as exc:
+        # e.g. torch.cuda.OutOfMemoryError (a RuntimeError): free what was loaded
+        if exl_model is not None:
+            try:
+                exl_model.unload()
+            except Exception:  # noqa: BLE001
+                pass
         raise LoadError(f"exllamav3 could not load {path}: {exc or type(exc).__name__}") from None
     runtime = Exl3Runtime(replica_id=replica_id, model_path=path, options=options, exl3=exl3, config=config,
                           model=exl_model, cache=cache, tokenizer=tokenizer, generator=generator)

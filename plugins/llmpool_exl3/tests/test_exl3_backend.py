@@ -265,6 +265,17 @@ def test_load_failure_inside_exllamav3_is_a_load_error(tmp_path: Path, fake_exl3
         load(tmp_path)
 
 
+def test_failure_after_the_weights_loaded_unloads_them(exl3_model_dir: Path, fake_exl3: ModuleType,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(fake_exl3, "Generator", out_of_memory)
+    with pytest.raises(LoadError, match="CUDA out of memory"):
+        load(exl3_model_dir, exllama_cache_size=512)
+    assert [name for name, _ in fake_exl3.CALLS][-1] == "Model.unload"
+
+
 # ----- generation ------------------------------------------------------------------------
 
 
