@@ -618,7 +618,7 @@ def _metrics(eos: Mapping[str, Any], *, tokenize_s: float, prompt_tokens: int) -
     prefill, generate = eos.get("time_prefill"), eos.get("time_generate")
     new_tokens = eos.get("new_tokens")
     total = prefill + generate if prefill is not None and generate is not None else None
-    rate_s = generate if generate else total
+    rate_s = total or generate  # output tokens over the whole generation, as the other backends
     return BackendMetrics(
         tokenize_ms=round(tokenize_s * 1000, 3),
         time_to_first_token_ms=round(prefill * 1000, 3) if prefill is not None else None,
