@@ -62,6 +62,7 @@ def from_gguf(out: Path, gguf: str | None) -> Path:
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    _add_tokens_decoder(out)
     _ensure_generation_eos(out, tokenizer.convert_tokens_to_ids("<end_of_turn>"))
     return out
 
@@ -95,8 +96,24 @@ def tiny(out: Path) -> Path:
     model.config.architectures = ["Gemma3ForCausalLM"]
     model.save_pretrained(out, safe_serialization=True)
     fast.save_pretrained(out)
+    _add_tokens_decoder(out)
     _ensure_generation_eos(out, ids["<end_of_turn>"])
     return out
+
+
+def _add_tokens_decoder(out: Path) -> None:
+    """transformers 5 no longer writes ``added_tokens_decoder`` into tokenizer_config.json;
+    exllamav3's Tokenizer reads its special tokens from there (tokenizer/tokenizer.py), so
+    copy them over from tokenizer.json's ``added_tokens``."""
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if "added_tokens_decoder" in config:
+        return
+    added = json.loads((out / "tokenizer.json").read_text()).get("added_tokens", [])
+    config["added_tokens_decoder"] = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+                       if k in t} for t in added}
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False))
 
 
 def _ensure_generation_eos(out: Path, end_of_turn: int) -> None:
