@@ -93,6 +93,14 @@ def tiny(out: Path) -> Path:
         eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]], tie_word_embeddings=True)
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+    # Zero the (tied) embeddings of special tokens and of byte pieces that are not text
+    # on their own: their logits are then 0 while the best ordinary token scores above 0,
+    # so greedy decoding never stops at once on EOS and always yields visible text.
+    # (ids past the trained vocabulary pad the matrix to a multiple of 128 and are hidden too)
+    hidden = [i for i in range(vocab_size)
+              if i < len(SPECIAL) or i >= len(fast) or "\ufffd" in fast.decode([i]) or not fast.decode([i])]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[hidden] = 0
     model.config.architectures = ["Gemma3ForCausalLM"]
     model.save_pretrained(out, safe_serialization=True)
     fast.save_pretrained(out)
