@@ -342,11 +342,12 @@ class Worker:
 
     def _async_loop(self) -> asyncio.AbstractEventLoop:
         """One event loop thread for plugins that return async iterators or awaitables."""
-        if self._loop is None:
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="llmpool-worker-loop", daemon=True).start()
-            self._loop = loop
-        return self._loop
+        with self.streams_lock:
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="llmpool-worker-loop", daemon=True).start()
+                self._loop = loop
+            return self._loop
 
     def _drive_async(self, result: Any, request: GenerationRequest) -> Iterator[Any]:
         loop = self._async_loop()
