@@ -258,6 +258,14 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition; open like /healthz (no key), see README."""
+    body, content_type = request.app[POOL].metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
+
+
 async def readyz(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     ready = pool.startup_done.is_set()
@@ -297,6 +305,7 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     app.router.add_get("/v1/admin/gpu-memory", admin_gpu_memory)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         import asyncio

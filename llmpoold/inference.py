@@ -105,6 +105,7 @@ class Inference:
         self.request: GenerationRequest | None = None
         self.result: InferenceResult | None = None
         self._counted = False
+        self._outcome: str | None = None
 
     # ----- admission -----------------------------------------------------------------
 
@@ -168,7 +169,11 @@ class Inference:
 
     async def start(self) -> None:
         """Admit the request and wait for a replica slot. Raises ApiError."""
-        entry = self._admit()
+        try:
+            entry = self._admit()
+        except ApiError as exc:
+            self._record("rejected", reason=exc.code)
+            raise
         self.entry = entry
         assert entry.scheduler is not None
         entry.inflight_requests += 1
@@ -177,10 +182,22 @@ class Inference:
             timeout = self.body.queue_timeout_s or entry.current.queue_timeout_s
             self.lease = await entry.scheduler.acquire(Job(model=entry.name, fairness_key=self.body.fairness_key),
                                                        timeout_s=timeout)
-        except BaseException:
+        except ApiError as exc:
             self._finish()
+            self._record("rejected", reason=exc.code)
             raise
+        except BaseException:  # client gone while queued: the scheduler dropped the job
+            self._finish()
+            self._record("cancelled")
+            raise
+        self.pool.metrics.queue_wait.labels(entry.name).observe(self.lease.queue_wait_ms / 1000)
         self.request = self._generation_request(entry, self.lease.replica.replica_id)
+
+    def _record(self, outcome: str, *, reason: str | None = None) -> None:
+        """Count the request once, under a configured model name only (bounded labels)."""
+        if self._outcome is None and self.body.model in self.pool.entries:
+            self._outcome = outcome
+            self.pool.metrics.outcome(self.body.model, outcome, reason=reason)
 
     def _finish(self) -> None:
         if self._counted and self.entry is not None:
@@ -200,6 +217,9 @@ class Inference:
         texts: dict[str, list[str]] = {"output": [], "reasoning": []}
         trims = {"output": _Trim(), "reasoning": _Trim()}
         stream = lease.replica.stream(request)
+        metrics = self.pool.metrics
+        first_text = True
+        failed = False
         try:
             async for item in stream:
                 if isinstance(item, Completion):
@@ -207,6 +227,9 @@ class Inference:
                     continue
                 text = trims[item.channel].feed(item.text)
                 if text:
+                    if first_text:
+                        first_text = False
+                        metrics.ttft.labels(self.entry.name).observe(time.perf_counter() - self.started_at)
                     texts[item.channel].append(text)
                     yield TextDelta(text, channel=item.channel)
             if completion is None:
@@ -214,8 +237,10 @@ class Inference:
                                f"backend '{self.entry.backend}' ended the stream without a completion",
                                model=self.entry.name)
         except ApiError as exc:
+            failed = True
             raise exc.with_model(self.entry.name) from None
         except Exception as exc:  # noqa: BLE001 - plugin failure: report without a traceback
+            failed = True
             raise ApiError(500, "backend_error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
                            model=self.entry.name) from None
         finally:
@@ -223,8 +248,14 @@ class Inference:
                 request.cancel.set()
             await stream.aclose()
             backend_end = time.perf_counter()
+            # Charged for the replica time used, cancelled or failed work included.
             scheduler.release(lease, service_ms=(backend_end - backend_start) * 1000)
             self._finish()
+            self._record("error" if failed else "ok" if completion is not None else "cancelled")
+        assert completion is not None
+        metrics.latency.labels(self.entry.name).observe(backend_end - self.started_at)
+        if completion.metrics.output_tokens:
+            metrics.output_tokens.labels(self.entry.name).inc(completion.metrics.output_tokens)
         self.result = self._result(completion, "".join(texts["output"]), "".join(texts["reasoning"]) or None,
                                    backend_start, backend_end)
 
@@ -268,3 +299,4 @@ class Inference:
         if self.lease is not None and not self.lease.released and self.entry and self.entry.scheduler:
             self.entry.scheduler.release(self.lease, service_ms=0.0, charge=False)
         self._finish()
+        self._record("cancelled")

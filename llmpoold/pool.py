@@ -18,8 +18,10 @@ import structlog
 from llmpoold.bridge import run_blocking
 from llmpoold.config import AppSettings, ModelConfig, SettingsError, resolve_model_options
 from llmpoold.errors import ApiError, unknown_model
+from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
 from llmpoold.hookspecs import BackendSpec
+from llmpoold.metrics import PoolMetrics
 from llmpoold.plugins import PluginRegistry
 from llmpoold.process_replica import ProcessReplicaFactory
 from llmpoold.replica import InlineReplica, Replica
@@ -90,7 +92,7 @@ class Pool:
 
     def __init__(self, settings: AppSettings, registry: PluginRegistry, *,
                  replica_factory: ReplicaFactory | None = None,
-                 queue_factory: QueueFactory = fifo_queue_factory) -> None:
+                 queue_factory: QueueFactory = fair_queue_factory) -> None:
         self.settings = settings
         self.registry = registry
         # Default: inline or a worker process per model ``isolation`` (llmpoold.process_replica).
@@ -98,6 +100,7 @@ class Pool:
         self.queue_factory = queue_factory
         self.entries: dict[str, ModelEntry] = self._build_entries(settings)
         self.startup_done = asyncio.Event()
+        self.metrics = PoolMetrics(self)  # per pool: apps in one process do not share a registry
 
     def _build_entries(self, settings: AppSettings) -> dict[str, ModelEntry]:
         resolved = validate_settings(settings, self.registry)

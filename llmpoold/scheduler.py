@@ -3,7 +3,9 @@
 A request *acquires a lease* on a replica: it waits in the model's queue until some
 replica has a free slot (in-flight below its concurrency), then runs on that replica
 and *releases* the lease with the time it used. The queue policy decides who goes
-next (:class:`FifoQueue` here; the fair policy plugs in through the same methods).
+next: :class:`FifoQueue` here, the seed's fair queue in :mod:`llmpoold.fairness`
+(the pool's default). ``Retry-After`` on 429 and 503 ``queue_timeout`` is estimated
+from the recent service times.
 Routing is the seed's: the eligible replica with the fewest in-flight requests, ties
 broken round-robin.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -121,6 +124,7 @@ class ModelScheduler:
         self.queue: QueuePolicy = queue or FifoQueue(model)
         self.accepting = True
         self._rr = 0
+        self._service_ms: deque[float] = deque(maxlen=64)  # recent completed jobs, for Retry-After
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -139,6 +143,19 @@ class ModelScheduler:
     @property
     def queue_depth(self) -> int:
         return len(self.queue)
+
+    @property
+    def slots(self) -> int:
+        return sum(self.replica_target(i) for i in range(len(self.replicas))) or 1
+
+    def retry_after_s(self, *, ahead: int | None = None) -> int:
+        """Seconds until a slot is likely free for a newcomer: the jobs ahead of it
+        (queued and running) times the mean recent service time, spread over the slots.
+        At least 1 s; 1 s per job when nothing has finished yet."""
+        mean_ms = sum(self._service_ms) / len(self._service_ms) if self._service_ms else 1000.0
+        jobs = (self.queue_depth if ahead is None else ahead) + self.runtime_inflight
+        estimate = math.ceil(jobs * mean_ms / 1000 / self.slots)
+        return max(1, min(3600, estimate))
 
     def _pick_replica(self) -> int | None:
         # A replica that is not ``accepting`` (a crashed worker being restarted) gets nothing.
@@ -184,7 +201,12 @@ class ModelScheduler:
         if not self.accepting:
             raise ApiError(409, "model_unloading", model=self.model)
         job.future = asyncio.get_running_loop().create_future()
-        self.queue.push(job, time.perf_counter())
+        try:
+            self.queue.push(job, time.perf_counter())
+        except ApiError as exc:
+            if exc.status == 429:
+                exc.headers.setdefault("Retry-After", str(self.retry_after_s()))
+            raise
         self._idle.clear()
         self._dispatch()
         try:
@@ -200,7 +222,7 @@ class ModelScheduler:
             if isinstance(exc, TimeoutError):
                 raise ApiError(503, "queue_timeout",
                                f"request waited longer than {timeout_s:g}s in the queue for model '{self.model}'",
-                               model=self.model, headers={"Retry-After": "1"}) from None
+                               model=self.model, headers={"Retry-After": str(self.retry_after_s())}) from None
             raise
 
     def release(self, lease: Lease, *, service_ms: float | None = None, charge: bool = True) -> None:
@@ -210,6 +232,8 @@ class ModelScheduler:
         lease.released = True
         self.inflight[lease.replica_index] -= 1
         used = service_ms if service_ms is not None else (time.perf_counter() - lease.started_at) * 1000
+        if charge:
+            self._service_ms.append(used)
         self.queue.complete(lease.job, used if charge else 0.0)
         self._dispatch()
         self._check_idle()
