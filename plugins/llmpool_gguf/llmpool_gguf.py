@@ -158,31 +158,87 @@ def llmpool_check_load_override(backend: str, override: Mapping[str, Any]) -> Ma
 # ----- memory estimate -------------------------------------------------------------------
 
 
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def _read_gguf_metadata(path: str) -> tuple[dict[str, Any], list[tuple[tuple[int, ...], int]]]:
+    """Scalar metadata and (shape, ggml type) of every tensor from a GGUF header.
+
+    Arrays are skipped without being decoded: the tokenizer's vocabulary (262k strings
+    for Gemma 3) would otherwise cost seconds of CPU (gguf.GGUFReader decodes it all).
+    Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+    """
+    import struct
+
+    with open(path, "rb") as fh:
+        def unpack(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            return struct.unpack(fmt, fh.read(size))[0]
+
+        def string() -> str:
+            return fh.read(unpack("<Q")).decode("utf-8", errors="replace")
+
+        def skip_value(kind: int) -> None:
+            if kind == 8:
+                fh.seek(unpack("<Q"), 1)
+            elif kind == 9:
+                item, count = unpack("<I"), unpack("<Q")
+                if item in _SCALARS:
+                    fh.seek(struct.calcsize(_SCALARS[item]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip_value(item)
+            else:
+                fh.seek(struct.calcsize(_SCALARS[kind]), 1)
+
+        if fh.read(4) != b"GGUF":
+            raise ValueError(f"not a GGUF file: {path}")
+        unpack("<I")  # version
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        meta: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, kind = string(), unpack("<I")
+            if kind == 8:
+                meta[key] = string()
+            elif kind in _SCALARS:
+                meta[key] = unpack(_SCALARS[kind])
+            else:
+                skip_value(kind)
+        tensors = []
+        for _ in range(n_tensors):
+            string()
+            dims = tuple(unpack("<Q") for _ in range(unpack("<I")))
+            kind = unpack("<I")
+            unpack("<Q")  # offset
+            tensors.append((dims, kind))
+    return meta, tensors
+
+
 def read_gguf_header(path: str) -> dict[str, Any]:
     """Architecture facts and tensor bytes from the GGUF header (no weights loaded)."""
-    from gguf import GGUFReader
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    reader = GGUFReader(path, "r")
-
-    def value(key: str) -> Any:
-        fld = reader.fields.get(key)
-        return None if fld is None else fld.contents()
-
-    arch = value("general.architecture")
-    heads = value(f"{arch}.attention.head_count")
-    heads = heads[0] if isinstance(heads, list) else heads
-    kv_heads = value(f"{arch}.attention.head_count_kv")
-    kv_heads = kv_heads[0] if isinstance(kv_heads, list) else kv_heads
-    embedding = value(f"{arch}.embedding_length")
+    meta, tensors = _read_gguf_metadata(path)
+    weights = 0
+    for dims, kind in tensors:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        count = 1
+        for d in dims:
+            count *= d
+        weights += count // block * size
+    arch = meta.get("general.architecture")
+    heads = meta.get(f"{arch}.attention.head_count")
+    kv_heads = meta.get(f"{arch}.attention.head_count_kv") or heads
+    embedding = meta.get(f"{arch}.embedding_length")
     head_dim = embedding // heads if embedding and heads else None
     return {
         "architecture": arch,
-        "weights_bytes": sum(int(t.n_bytes) for t in reader.tensors),
-        "n_layer": value(f"{arch}.block_count"),
-        "n_head_kv": kv_heads or heads,
-        "key_length": value(f"{arch}.attention.key_length") or head_dim,
-        "value_length": value(f"{arch}.attention.value_length") or head_dim,
-        "context_length": value(f"{arch}.context_length"),
+        "weights_bytes": weights,
+        "n_layer": meta.get(f"{arch}.block_count"),
+        "n_head_kv": kv_heads,
+        "key_length": meta.get(f"{arch}.attention.key_length") or head_dim,
+        "value_length": meta.get(f"{arch}.attention.value_length") or head_dim,
+        "context_length": meta.get(f"{arch}.context_length"),
     }
 
 
