@@ -121,7 +121,7 @@ class ModelScheduler:
         self.replicas = list(replicas)
         self.inflight = [0] * len(self.replicas)
         self.configured_target_inflight = target_inflight
-        self.queue: QueuePolicy = queue or FifoQueue(model)
+        self.queue: QueuePolicy = queue if queue is not None else FifoQueue(model)  # an empty queue is falsy
         self.accepting = True
         self._rr = 0
         self._service_ms: deque[float] = deque(maxlen=64)  # recent completed jobs, for Retry-After
