@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +75,10 @@ class FairQueue:
         self.settings = settings or FairnessSettings()
         self._clock = clock
         self._buckets: dict[str | None, Bucket] = {}
+        # Indexes over _buckets so that every operation costs O(keys with work), however
+        # many idle keys are remembered: busy buckets, and idle ones oldest first.
+        self._busy: dict[str | None, Bucket] = {}
+        self._idle: OrderedDict[str | None, Bucket] = OrderedDict()
         self._orders = itertools.count(1)
         self._pending = 0
         self.rejected_per_key_limit = 0
@@ -89,14 +93,16 @@ class FairQueue:
 
     def _floor(self, now: float, exclude: Bucket | None = None) -> float:
         """The lowest score among buckets with work (0 when none has any)."""
-        scores = [b.score(now) for b in self._buckets.values() if b.busy and b is not exclude]
+        scores = [b.score(now) for b in self._busy.values() if b is not exclude]
         return min(scores, default=0.0)
 
     def _expire(self, now: float) -> None:
         ttl = self.settings.idle_state_ttl_s
-        stale = [key for key, b in self._buckets.items()
-                 if not b.busy and b.idle_since is not None and now - b.idle_since >= ttl]
-        for key in stale:
+        while self._idle:
+            key, oldest = next(iter(self._idle.items()))
+            if oldest.idle_since is None or now - oldest.idle_since < ttl:
+                return
+            del self._idle[key]
             del self._buckets[key]
 
     def _bucket(self, key: str | None, now: float) -> Bucket:
@@ -105,11 +111,20 @@ class FairQueue:
             bucket = Bucket(key=key, weight=self.weight(key), virtual_service_ms=self._floor(now),
                             activation_order=next(self._orders), idle_since=now)
             self._buckets[key] = bucket
+            self._idle[key] = bucket
         return bucket
 
     def _mark_idle(self, bucket: Bucket) -> None:
-        if not bucket.busy:
+        if not bucket.busy and bucket.key in self._busy:
+            del self._busy[bucket.key]
             bucket.idle_since = self._clock()
+            self._idle[bucket.key] = bucket  # newest idle last
+
+    def _mark_busy(self, bucket: Bucket) -> None:
+        if bucket.key not in self._busy:
+            self._idle.pop(bucket.key, None)
+            self._busy[bucket.key] = bucket
+            bucket.idle_since = None
 
     # ----- QueuePolicy ---------------------------------------------------------------
 
@@ -131,12 +146,12 @@ class FairQueue:
         if not bucket.busy:  # (re)activation: never below the floor of those with work
             bucket.virtual_service_ms = max(bucket.virtual_service_ms, self._floor(now, exclude=bucket))
         bucket.pending.append(job)
-        bucket.idle_since = None
+        self._mark_busy(bucket)
         self._pending += 1
 
     def pop_next(self, now: float) -> Job | None:
         self._expire(now)
-        candidates = [b for b in self._buckets.values() if b.pending]
+        candidates = [b for b in self._busy.values() if b.pending]
         if not candidates:
             return None
         soft_cap = self.settings.soft_max_inflight_per_key
@@ -169,7 +184,7 @@ class FairQueue:
 
     def drain(self) -> list[Job]:
         jobs: list[Job] = []
-        for bucket in self._buckets.values():
+        for bucket in list(self._busy.values()):
             jobs.extend(bucket.pending)
             bucket.pending.clear()
             self._mark_idle(bucket)
@@ -186,7 +201,7 @@ class FairQueue:
     def snapshot(self, now: float) -> dict[str, Any]:
         """The admin view: totals, and one entry per key with work (anonymous first)."""
         self._expire(now)
-        busy = sorted((b for b in self._buckets.values() if b.busy),
+        busy = sorted(self._busy.values(),
                       key=lambda b: (b.key is not None, b.key or ""))
         return {
             "rejected_per_key_limit": self.rejected_per_key_limit,

@@ -242,3 +242,15 @@ def test_snapshot_fields_and_drain() -> None:
     assert snap["keys"][1]["weight"] == 3.0
     drained = queue.drain()
     assert len(drained) == 2 and len(queue) == 0
+
+
+def test_many_one_off_keys_are_forgotten_after_the_ttl() -> None:
+    """Keys used once (e.g. a key per request) expire oldest first; only keys with work are scanned."""
+    queue, clock = make_queue(idle_state_ttl_s=10)
+    for i in range(500):
+        push(queue, clock, f"once-{i}", 1)
+        serve_one_slot(queue, clock, 1, service_s=0.01)
+    assert len(queue._buckets) == 500 and not queue._busy
+    clock.now = 10 + 2.505  # key i went idle at 0.01 * (i + 1): the first 250 are past the TTL
+    push(queue, clock, "new", 1)
+    assert len(queue._buckets) == 251 and list(queue._busy) == ["new"]
