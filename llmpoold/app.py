@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from llmpoold import openai_api
 from llmpoold.bridge import run_blocking
 from llmpoold.config import AppSettings
 from llmpoold.errors import ApiError
@@ -73,19 +74,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
+    render, invalid = ((openai_api.error_response, openai_api.validation_response)  # OpenAI's error shape there
+                       if openai_api.is_openai_path(request.path) else (error_response, validation_response))
     try:
         response = await handler(request)
     except ApiError as exc:
-        response = error_response(exc)
+        response = render(exc)
     except ValidationError as exc:
-        response = validation_response(exc)
+        response = invalid(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        response = error_response(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason))
+        response = render(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason))
     except Exception as exc:  # noqa: BLE001 - never a traceback in a response
         log.exception("unhandled_error", path=request.path)
-        response = error_response(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+        response = render(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
@@ -306,6 +309,7 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    openai_api.setup(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         import asyncio
