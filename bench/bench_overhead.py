@@ -16,6 +16,8 @@ Figures per (queue, concurrency):
 - ``pool-backend p50/p99``: the daemon's ``pool_total_wall_ms`` minus
   ``backend_inference_wall_ms`` from each response: handler entry to response built,
   minus the runtime's stream (admission, queue, lease, result, metrics);
+- ``bridge p50``: ``backend_inference_wall_ms`` minus the runtime's own generate time:
+  the hop to the runtime's thread and back (counted as backend time by the daemon);
 - ``e2e-gen p50/p99``: the client's round trip minus the echo runtime's own generate
   time: everything a client pays beyond generation (HTTP both ways, JSON, thread
   bridge, scheduler, and this client itself).
@@ -82,6 +84,7 @@ def pct(values: list[float], q: float) -> float:
 async def drive(session: Any, url: str, model: str, concurrency: int, total: int) -> dict[str, Any]:
     overhead: list[float] = []
     added: list[float] = []
+    bridge: list[float] = []
     counter = iter(range(total))
 
     async def worker() -> None:
@@ -97,11 +100,12 @@ async def drive(session: Any, url: str, model: str, concurrency: int, total: int
             m = data["metrics"]
             overhead.append(m["pool_total_wall_ms"] - m["backend_inference_wall_ms"])
             added.append(rtt_ms - (m["gpu_generate_total_ms"] or 0.0))
+            bridge.append(m["backend_inference_wall_ms"] - (m["gpu_generate_total_ms"] or 0.0))
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - start
-    return {"rps": total / wall, "overhead": overhead, "added": added}
+    return {"rps": total / wall, "overhead": overhead, "added": added, "bridge": bridge}
 
 
 async def run_client(port: int, levels: list[int], requests: int, rounds: int) -> None:
@@ -119,14 +123,16 @@ async def run_client(port: int, levels: list[int], requests: int, rounds: int) -
                     total = max(requests, concurrency * 20)
                     results.setdefault((model, concurrency), []).append(
                         await drive(session, url, model, concurrency, total))
-    print(f"{'queue':<6} {'conc':>4} {'req/s':>8} {'pool-backend p50':>17} {'p99':>7} "
+    print(f"{'queue':<6} {'conc':>4} {'req/s':>8} {'pool-backend p50':>17} {'p99':>7} {'bridge p50':>11} "
           f"{'e2e-gen p50':>12} {'p99':>7}   (ms; {rounds} round(s))")
     for (model, concurrency), runs in results.items():
         overhead = [v for r in runs for v in r["overhead"]]
         added = [v for r in runs for v in r["added"]]
+        bridge = [v for r in runs for v in r["bridge"]]
         rps = statistics.median(r["rps"] for r in runs)
         print(f"{model.removeprefix('echo-'):<6} {concurrency:>4} {rps:>8.0f} {pct(overhead, 0.5):>17.3f} "
-              f"{pct(overhead, 0.99):>7.3f} {pct(added, 0.5):>12.3f} {pct(added, 0.99):>7.3f}")
+              f"{pct(overhead, 0.99):>7.3f} {pct(bridge, 0.5):>11.3f} {pct(added, 0.5):>12.3f} "
+              f"{pct(added, 0.99):>7.3f}")
 
 
 # ----- the queue policies alone -------------------------------------------------------------
