@@ -254,3 +254,20 @@ async def test_http_disconnect_while_running_cancels_and_charges(make_client: An
     assert sched.queue._buckets["k"].virtual_service_ms >= 90
     resp = await client.post("/v1/responses", json={"model": "slow", "input": "next one"})
     assert (await resp.json())["output_text"] == "next one"
+
+
+async def test_http_batching_runtime_gets_several_simple_one_gets_one(make_client: Any) -> None:
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "simple": {"echo_delay_s": 0.02, "target_inflight": 4},
+        "batched": {"echo_delay_s": 0.02, "target_inflight": 3, "echo_concurrency": 8}}}})
+    pool = client.server.app[POOL]
+    body = {"input": "a b c d"}
+    results = await asyncio.gather(*(client.post("/v1/responses", json={"model": m, **body})
+                                     for m in ("simple", "batched") for _ in range(6)))
+    assert all(r.status == 200 for r in results)
+    assert pool.entries["simple"].replicas[0].runtime.max_active == 1
+    assert pool.entries["batched"].replicas[0].runtime.max_active == 3
+    admin = {m["name"]: m for m in (await (await client.get("/v1/admin/models")).json())["models"]}
+    assert (admin["simple"]["configured_target_inflight"], admin["simple"]["effective_target_inflight"]) == (4, 1)
+    assert (admin["batched"]["configured_target_inflight"], admin["batched"]["effective_target_inflight"]) == (3, 3)
+    assert admin["batched"]["queue_depth"] == 0 and admin["batched"]["runtime_inflight"] == 0
