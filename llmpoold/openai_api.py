@@ -102,6 +102,7 @@ class _Message(_Body):
 class _Extras(_Body):
     """Fields both APIs share, and llmpool's own, which OpenAI clients send via ``extra_body``."""
 
+    model: str = Field(min_length=1)
     allow_remote: bool = False
     fairness_key: Any = None
     decoding: dict[str, Any] | None = None
@@ -122,7 +123,6 @@ class StreamOptions(_Body):
 
 
 class ChatBody(_Extras):
-    model: str = Field(min_length=1)
     messages: list[_Message] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -137,7 +137,6 @@ class _Reasoning(_Body):
 
 
 class ResponsesBody(_Extras):
-    model: str = Field(min_length=1)
     input: str | list[_Message]
     instructions: str | None = None
     max_output_tokens: int | None = None
@@ -378,6 +377,7 @@ class ResponsesShape:
         if channel is None:
             return []
         where = self._where(channel)
+        extra: dict[str, Any]
         done, extra = (("response.reasoning_text.done", {}) if channel == "reasoning"
                        else ("response.output_text.done", {"logprobs": []}))
         item = self._item(channel, "completed")
@@ -399,6 +399,7 @@ class ResponsesShape:
             return []  # reasoning after the answer began: a closed item is never reopened
         events = self._open(channel) if self.open != channel else []
         self.texts[channel] += delta.text
+        extra: dict[str, Any]
         name, extra = (("response.reasoning_text.delta", {}) if channel == "reasoning"
                        else ("response.output_text.delta", {"logprobs": []}))
         return [*events, self._event(name, **self._where(channel), delta=delta.text, **extra)]

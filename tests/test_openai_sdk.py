@@ -84,7 +84,8 @@ async def test_chat_completion_json_sync(clients: Any) -> None:
     choice = completion.choices[0]
     assert (choice.message.role, choice.message.content, choice.finish_reason) == ("assistant", "one two three", "stop")
     assert completion.usage is not None
-    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens, completion.usage.total_tokens) == (3, 3, 6)
+    usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (3, 3, 6)
     metrics = completion.model_extra["metrics"]  # the seed's timing metrics, an extra field the SDK keeps
     assert metrics["pool_total_wall_ms"] >= metrics["engine_total_wall_ms"] >= metrics["backend_inference_wall_ms"]
 
@@ -246,7 +247,8 @@ async def test_queue_full_is_rate_limit_error(make_client: Any) -> None:
     sched = client.server.app[POOL].entries["slow"].scheduler
     _, aio = sdk(client)
     words = " ".join(f"w{i}" for i in range(8))
-    tasks = [asyncio.create_task(aio.chat.completions.create(model="slow", messages=[{"role": "user", "content": words}]))]
+    ask = [{"role": "user", "content": words}]
+    tasks = [asyncio.create_task(aio.chat.completions.create(model="slow", messages=ask))]
     await until(lambda: sched.runtime_inflight == 1)
     tasks.append(asyncio.create_task(aio.responses.create(model="slow", input=words)))
     await until(lambda: sched.queue_depth == 1)
