@@ -315,7 +315,8 @@ class FakeRemote:
     def llmpool_stream(backend: str, runtime: Any, request: Any) -> Iterator[Any] | None:
         if backend != "fake_remote":
             return None
-        return iter([TextDelta("remote ok"), Completion(finish_reason="stop", metrics=BackendMetrics(output_tokens=2))])
+        return iter([TextDelta("let me see", channel="reasoning"), TextDelta("remote"), TextDelta(" ok"),
+                     Completion(finish_reason="stop", metrics=BackendMetrics(output_tokens=2))])
 
     @staticmethod
     @hookimpl
@@ -335,8 +336,32 @@ async def test_remote_gate_and_extra_body(aiohttp_client: Any) -> None:
     completion = await aio.chat.completions.create(model="r", messages=[{"role": "user", "content": "x"}],
                                                    extra_body={"allow_remote": True, "fairness_key": "team-a"})
     assert completion.choices[0].message.content == "remote ok"
+    assert completion.choices[0].message.model_extra["reasoning_content"] == "let me see"
     response = await aio.responses.create(model="r", input="x", extra_body={"allow_remote": True})
     assert response.output_text == "remote ok"
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].content[0].text == "let me see"  # type: ignore[union-attr,index]
+
+
+async def test_reasoning_streams(aiohttp_client: Any) -> None:
+    app = create_app(settings_from({"engine": {"models": {"r": {"backend": "fake_remote"}}}}),
+                     make_registry(FakeRemote()))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    _, aio = sdk(client)
+    ask = {"model": "r", "stream": True, "extra_body": {"allow_remote": True}}
+    chunks = [c async for c in await aio.chat.completions.create(messages=[{"role": "user", "content": "x"}], **ask)]
+    assert [c.choices[0].delta.model_extra.get("reasoning_content") for c in chunks][1] == "let me see"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "remote ok"
+    events = [e async for e in await aio.responses.create(input="x", **ask)]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    kinds = [e.type for e in events]
+    assert kinds[2:9] == ["response.output_item.added", "response.content_part.added", "response.reasoning_text.delta",
+                          "response.reasoning_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.output_item.added"]
+    assert [e.output_index for e in events if e.type == "response.output_text.delta"] == [1, 1]
+    final = events[-1].response
+    assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == "remote ok"
 
 
 # ----- mapping onto the seed request ----------------------------------------------------
