@@ -249,7 +249,11 @@ class Pool:
         if gpu_before is not None and gpu_after is not None and gpu_after - gpu_before > 0:
             entry.observed_vram_mib, entry.observed_vram_replicas = gpu_after - gpu_before, count
         entry.replicas = replicas
-        entry.scheduler = ModelScheduler(entry.name, replicas, target_inflight=active.target_inflight,
+        # A batching runtime is fed its declared concurrency unless target_inflight is
+        # configured (or overridden) explicitly; the seed's default of 1 would idle it.
+        explicit = "target_inflight" in entry.config.model_fields_set or "target_inflight" in override
+        target = active.target_inflight if explicit else max(1, traits.concurrency)
+        entry.scheduler = ModelScheduler(entry.name, replicas, target_inflight=target,
                                          queue=self.queue_factory(entry.name, self.settings))
         for replica in replicas:
             add_listener = getattr(replica, "add_listener", None)

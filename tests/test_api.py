@@ -251,3 +251,16 @@ async def test_admin_entry_has_every_seed_field(client: Any) -> None:
     assert echo["capabilities"]["multi_turn"] is True
     off = models[2]
     assert off["loaded_replicas"] == 0 and off["effective_target_inflight"] == 1
+
+
+async def test_batching_runtime_is_fed_its_concurrency_by_default(make_client: Any) -> None:
+    """Without an explicit target_inflight, a runtime that declares concurrency 3 gets 3."""
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "batched": {"echo_delay_s": 0.05, "echo_concurrency": 3}}}})
+    runtime = client.server.app[POOL].entries["batched"].replicas[0].runtime
+    results = await asyncio.gather(*(client.post("/v1/responses", json={"model": "batched", "input": "a b c"})
+                                     for _ in range(6)))
+    assert all(r.status == 200 for r in results)
+    assert runtime.max_active == 3
+    entry = next(m for m in (await (await client.get("/v1/admin/models")).json())["models"] if m["name"] == "batched")
+    assert entry["configured_target_inflight"] == 1 and entry["effective_target_inflight"] == 3
