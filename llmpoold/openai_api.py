@@ -115,7 +115,7 @@ class _Extras(_Body):
     top_p: float | None = None
     top_k: int | None = None  # as vLLM and llama.cpp's server accept it
     repetition_penalty: float | None = None
-    stream: bool = False
+    stream: bool | None = False
 
 
 class StreamOptions(_Body):
@@ -215,7 +215,7 @@ def _seed_request(body: _Extras, conversation: dict[str, Any], *, max_tokens: in
             decoding[key] = value
     extras = {key: getattr(body, key) for key in _PASSED if getattr(body, key) is not None}
     return ResponseRequest.model_validate({
-        "model": body.model, **conversation, **extras, "allow_remote": body.allow_remote, "stream": body.stream,
+        "model": body.model, **conversation, **extras, "allow_remote": body.allow_remote, "stream": bool(body.stream),
         "reasoning_effort": reasoning_effort, "decoding": decoding})
 
 

@@ -292,6 +292,22 @@ async def test_closing_a_stream_cancels_the_generation(make_client: Any) -> None
     assert (await aio.responses.create(model="slow", input="next one")).output_text == "next one"
 
 
+async def test_prometheus_metrics_count_openai_requests(client: Any, clients: Any) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, aio = clients
+    await aio.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}])
+    [e async for e in await aio.responses.create(model="echo", input="c", stream=True)]
+    with pytest.raises(openai.ConflictError):
+        await aio.responses.create(model="off", input="x")
+    text = await (await client.get("/metrics")).text()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("llmpool_requests_total", (("model", "echo"), ("outcome", "ok")))] == 2
+    assert samples[("llmpool_output_tokens_total", (("model", "echo"),))] == 3
+    assert samples[("llmpool_rejected_requests_total", (("model", "off"), ("reason", "model_not_loaded")))] == 1
+
+
 class FakeRemote:
     """A remote backend stand-in (no network): it only has to be declared remote."""
 
