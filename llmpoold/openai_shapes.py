@@ -1,0 +1,212 @@
+"""OpenAI's answer shapes for one llmpool inference: Chat Completions and the Responses API.
+
+Pure functions of the deltas and the :class:`InferenceResult`; :mod:`llmpoold.openai_api`
+drives them. Each ``opening``/``delta``/``finish``/``failure`` returns the SSE events to
+send, as (event name or None, data) pairs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Protocol
+
+from llmpoold.errors import ApiError
+from llmpoold.inference import InferenceResult
+from llmpoold.types import TextDelta
+
+Event = tuple[str | None, Any]  # (SSE event name or None, data)
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
+
+
+def error_body(exc: ApiError) -> dict[str, Any]:
+    """OpenAI's error object for an ApiError; ``code`` is the seed's code."""
+    message = exc.message or exc.code.replace("_", " ")
+    if exc.model is not None and f"'{exc.model}'" not in message:
+        message = f"{message}: '{exc.model}'" if exc.message is None else f"{message} (model '{exc.model}')"
+    param = exc.extra.get("param", "model" if exc.code == "unknown_model" else None)
+    kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "code": exc.code, "param": param}}
+
+
+class Shape(Protocol):
+    def opening(self) -> list[Event]: ...
+    def delta(self, delta: TextDelta) -> list[Event]: ...
+    def finish(self, result: InferenceResult) -> list[Event]: ...
+    def failure(self, exc: ApiError) -> list[Event]: ...
+
+
+def _tokens(result: InferenceResult) -> tuple[int, int, int]:
+    m = result.metrics
+    return m["engine_prompt_tokens"] or 0, m["engine_output_tokens"] or 0, m["engine_cached_prompt_tokens"] or 0
+
+
+def _chat_finish(result: InferenceResult) -> str:
+    return "length" if result.finish_reason == "length" else "stop"
+
+
+def chat_usage(result: InferenceResult) -> dict[str, Any]:
+    prompt, output, cached = _tokens(result)
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+class ChatShape:
+    """Chat Completions JSON and ``chat.completion.chunk`` events for one request."""
+
+    def __init__(self, *, model: str, include_usage: bool = False) -> None:
+        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.include_usage = include_usage
+
+    def completion(self, result: InferenceResult) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": result.output_text, "refusal": None}
+        if result.reasoning_text:
+            message["reasoning_content"] = result.reasoning_text
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": _chat_finish(result), "logprobs": None}],
+                "usage": chat_usage(result), "system_fingerprint": None, "metrics": result.metrics}
+
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+        if self.include_usage:
+            chunk.setdefault("usage", None)
+        return chunk
+
+    def opening(self) -> list[Event]:
+        return [(None, self._chunk({"role": "assistant", "content": ""}))]
+
+    def delta(self, delta: TextDelta) -> list[Event]:
+        key = "reasoning_content" if delta.channel == "reasoning" else "content"
+        return [(None, self._chunk({key: delta.text}))]
+
+    def finish(self, result: InferenceResult) -> list[Event]:
+        events: list[Event] = [(None, self._chunk({}, _chat_finish(result), metrics=result.metrics))]
+        if self.include_usage:
+            events.append((None, {**self._chunk({}), "choices": [], "usage": chat_usage(result)}))
+        return [*events, (None, "[DONE]")]
+
+    def failure(self, exc: ApiError) -> list[Event]:
+        return [(None, error_body(exc)), (None, "[DONE]")]
+
+
+class ResponsesShape:
+    """Responses API JSON and its typed stream events (with sequence numbers) for one request.
+
+    Output items: a ``reasoning`` item when the model reasons, then one ``message``."""
+
+    def __init__(self, *, response_id: str, model: str, echo: dict[str, Any]) -> None:
+        """``echo``: the request's ``instructions``, ``temperature``, ``top_p``,
+        ``max_output_tokens`` and ``metadata``, repeated in the response object."""
+        self.id = response_id
+        self.created_at = time.time()
+        self.model = model
+        self.echo = echo
+        self.item_ids = {"reasoning": f"rs_{uuid.uuid4().hex}", "output": f"msg_{uuid.uuid4().hex}"}
+        self.sequence = 0
+        self.texts = {"reasoning": "", "output": ""}
+        self.open: str | None = None  # the channel whose output item is open
+        self.items: list[dict[str, Any]] = []  # finished output items
+
+    def response(self, *, status: str, result: InferenceResult | None = None) -> dict[str, Any]:
+        echo = self.echo
+        obj: dict[str, Any] = {
+            "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
+            "model": self.model, "output": list(self.items), "instructions": echo.get("instructions"),
+            "error": None, "incomplete_details": None, "metadata": echo.get("metadata") or {},
+            "parallel_tool_calls": False, "tool_choice": "auto", "tools": [], "temperature": echo.get("temperature"),
+            "top_p": echo.get("top_p"), "max_output_tokens": echo.get("max_output_tokens"),
+            "text": {"format": {"type": "text"}}, "usage": None,
+        }
+        if result is not None:
+            prompt, output, cached = _tokens(result)
+            obj["completed_at"] = time.time()
+            obj["usage"] = {"input_tokens": prompt,
+                            "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+                            "output_tokens": output, "output_tokens_details": {"reasoning_tokens": 0},
+                            "total_tokens": prompt + output}
+            if result.finish_reason == "length":
+                obj["incomplete_details"] = {"reason": "max_output_tokens"}
+            obj["metrics"] = result.metrics
+        return obj
+
+    def _part(self, channel: str) -> dict[str, Any]:
+        if channel == "reasoning":
+            return {"type": "reasoning_text", "text": self.texts[channel]}
+        return {"type": "output_text", "text": self.texts[channel], "annotations": [], "logprobs": []}
+
+    def _item(self, channel: str, status: str) -> dict[str, Any]:
+        content = [self._part(channel)] if status == "completed" else []
+        if channel == "reasoning":
+            return {"type": "reasoning", "id": self.item_ids[channel], "status": status, "summary": [],
+                    "content": content}
+        return {"type": "message", "id": self.item_ids[channel], "status": status, "role": "assistant",
+                "content": content}
+
+    def _event(self, kind: str, **fields: Any) -> Event:
+        event = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return kind, event
+
+    def _where(self, channel: str) -> dict[str, Any]:
+        return {"item_id": self.item_ids[channel], "output_index": len(self.items), "content_index": 0}
+
+    def _open(self, channel: str) -> list[Event]:
+        events = self._close()
+        self.open = channel
+        return [*events, self._event("response.output_item.added", output_index=len(self.items),
+                                     item=self._item(channel, "in_progress")),
+                self._event("response.content_part.added", **self._where(channel), part=self._part(channel))]
+
+    def _close(self) -> list[Event]:
+        channel = self.open
+        if channel is None:
+            return []
+        where = self._where(channel)
+        extra: dict[str, Any]
+        done, extra = (("response.reasoning_text.done", {}) if channel == "reasoning"
+                       else ("response.output_text.done", {"logprobs": []}))
+        item = self._item(channel, "completed")
+        events = [self._event(done, **where, text=self.texts[channel], **extra),
+                  self._event("response.content_part.done", **where, part=self._part(channel)),
+                  self._event("response.output_item.done", output_index=where["output_index"], item=item)]
+        self.items.append(item)
+        self.open = None
+        return events
+
+    def opening(self) -> list[Event]:
+        started = self.response(status="in_progress")
+        return [self._event("response.created", response=started),
+                self._event("response.in_progress", response=started)]
+
+    def delta(self, delta: TextDelta) -> list[Event]:
+        channel = delta.channel
+        if channel == "reasoning" and (self.texts["output"] or self.open == "output"):
+            return []  # reasoning after the answer began: a closed item is never reopened
+        events = self._open(channel) if self.open != channel else []
+        self.texts[channel] += delta.text
+        extra: dict[str, Any]
+        name, extra = (("response.reasoning_text.delta", {}) if channel == "reasoning"
+                       else ("response.output_text.delta", {"logprobs": []}))
+        return [*events, self._event(name, **self._where(channel), delta=delta.text, **extra)]
+
+    def finish(self, result: InferenceResult) -> list[Event]:
+        events = [] if self.open == "output" else self._open("output")
+        events += self._close()
+        status = "incomplete" if result.finish_reason == "length" else "completed"
+        return [*events, self._event(f"response.{status}", response=self.response(status=status, result=result))]
+
+    def failure(self, exc: ApiError) -> list[Event]:
+        error = error_body(exc)["error"]
+        return [self._event("error", code=error["code"], message=error["message"], param=error["param"])]
+
+    def json(self, result: InferenceResult) -> dict[str, Any]:
+        """The non-streaming answer: the object the stream's last event carries."""
+        if result.reasoning_text:
+            self.delta(TextDelta(result.reasoning_text, channel="reasoning"))
+        self.delta(TextDelta(result.output_text))
+        return self.finish(result)[-1][1]["response"]
