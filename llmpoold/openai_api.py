@@ -43,13 +43,19 @@ def error_response(exc: ApiError) -> web.Response:
     return web.json_response(error_body(exc), status=exc.status, headers=exc.headers)
 
 
+def invalid_body(exc: ValidationError, *, renamed: dict[str, str] | None = None) -> ApiError:
+    """422 ``invalid_body`` as on the seed surface; ``param`` is the first bad field, named
+    as the client sent it (``renamed`` maps seed paths such as ``decoding.max_tokens`` back)."""
+    names = [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
+    names = [(renamed or {}).get(name, name) for name in names]
+    message = "; ".join(f"{name or 'body'}: {str(e['msg']).removeprefix('Value error, ')}"
+                        for name, e in zip(names, exc.errors(), strict=True))
+    param = names[0] or None if names else None
+    return ApiError(422, "invalid_body", message or "invalid request body", extra={"param": param})
+
+
 def validation_response(exc: ValidationError) -> web.Response:
-    """A body that fails validation: 422 as on the seed surface, the first field as ``param``."""
-    errors = exc.errors()
-    param = ".".join(str(p) for p in errors[0]["loc"]) or None if errors else None
-    message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: "
-                        f"{str(e['msg']).removeprefix('Value error, ')}" for e in errors)
-    return error_response(ApiError(422, "invalid_body", message or "invalid request body", extra={"param": param}))
+    return error_response(invalid_body(exc))
 
 
 def _unsupported(param: str, message: str) -> ApiError:
@@ -188,19 +194,28 @@ def _conversation(messages: list[_Message], param: str, instructions: str | None
 _PASSED = ("fairness_key", "thinking", "queue_timeout_s", "prompt_cache_key", "source_lang_code", "target_lang_code")
 
 
-def _seed_request(body: _Extras, conversation: dict[str, Any], *, max_tokens: int | None, stop: Any = None,
+def _seed_request(body: _Extras, conversation: dict[str, Any], *, conversation_param: str,
+                  max_tokens: tuple[int | None, str], stop: Any = None,
                   reasoning_effort: str | None = None) -> ResponseRequest:
-    """The seed request: ``decoding`` from extra_body, overridden by OpenAI's own fields."""
+    """The seed request: ``decoding`` from extra_body, overridden by OpenAI's own fields.
+
+    ``max_tokens`` is (value, the OpenAI field it came from). Raises ApiError 422."""
     decoding = dict(body.decoding or {})
-    for key, value in (("max_tokens", max_tokens), ("temperature", body.temperature), ("top_p", body.top_p),
-                       ("top_k", body.top_k), ("repetition_penalty", body.repetition_penalty),
-                       ("stop", [stop] if isinstance(stop, str) else stop)):
+    renamed = {"input": conversation_param, "messages": conversation_param}
+    for key, value, name in (("max_tokens", *max_tokens), ("temperature", body.temperature, "temperature"),
+                             ("top_p", body.top_p, "top_p"), ("top_k", body.top_k, "top_k"),
+                             ("repetition_penalty", body.repetition_penalty, "repetition_penalty"),
+                             ("stop", [stop] if isinstance(stop, str) else stop, "stop")):
         if value is not None:
             decoding[key] = value
+            renamed[f"decoding.{key}"] = name
     extras = {key: getattr(body, key) for key in _PASSED if getattr(body, key) is not None}
-    return ResponseRequest.model_validate({
-        "model": body.model, **conversation, **extras, "allow_remote": body.allow_remote, "stream": bool(body.stream),
-        "reasoning_effort": reasoning_effort, "decoding": decoding})
+    try:
+        return ResponseRequest.model_validate({
+            "model": body.model, **conversation, **extras, "allow_remote": body.allow_remote,
+            "stream": bool(body.stream), "reasoning_effort": reasoning_effort, "decoding": decoding})
+    except ValidationError as exc:
+        raise invalid_body(exc, renamed=renamed) from None
 
 
 def _object(data: Any) -> dict[str, Any]:
@@ -214,9 +229,10 @@ def chat_request(data: Any) -> tuple[ChatBody, ResponseRequest]:
     body = ChatBody.model_validate(_object(data))
     if body.n is not None and body.n != 1:
         raise _unsupported("n", "n must be 1: llmpool returns one choice per request")
-    return body, _seed_request(body, _conversation(body.messages, "messages", None),
-                               max_tokens=body.max_completion_tokens or body.max_tokens, stop=body.stop,
-                               reasoning_effort=body.reasoning_effort)
+    limit = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
+             else (body.max_tokens, "max_tokens"))
+    return body, _seed_request(body, _conversation(body.messages, "messages", None), conversation_param="messages",
+                               max_tokens=limit, stop=body.stop, reasoning_effort=body.reasoning_effort)
 
 
 def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
@@ -228,7 +244,8 @@ def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
         conversation = {"input": body.input, **({"instructions": body.instructions} if body.instructions else {})}
     else:
         conversation = _conversation(body.input, "input", body.instructions)
-    return body, _seed_request(body, conversation, max_tokens=body.max_output_tokens,
+    return body, _seed_request(body, conversation, conversation_param="input",
+                               max_tokens=(body.max_output_tokens, "max_output_tokens"),
                                reasoning_effort=body.reasoning.effort if body.reasoning else None)
 
 

@@ -212,7 +212,12 @@ async def test_auth_failure_is_authentication_error(make_client: Any) -> None:
     ({"model": "nope"}, openai.NotFoundError, "unknown_model", "model"),
     ({"model": "off"}, openai.ConflictError, "model_not_loaded", None),
     ({"model": "echo", "n": 2}, openai.BadRequestError, "unsupported_parameter", "n"),
-    ({"model": "echo", "temperature": 9}, openai.UnprocessableEntityError, "invalid_body", "decoding.temperature"),
+    ({"model": "echo", "temperature": 9}, openai.UnprocessableEntityError, "invalid_body", "temperature"),
+    ({"model": "echo", "max_tokens": 5000}, openai.UnprocessableEntityError, "invalid_body", "max_tokens"),
+    ({"model": "echo", "extra_body": {"decoding": {"top_k": 0}}}, openai.UnprocessableEntityError, "invalid_body",
+     "decoding.top_k"),
+    ({"model": "echo", "extra_body": {"fairness_key": " "}}, openai.UnprocessableEntityError, "invalid_body",
+     "fairness_key"),
 ])
 async def test_errors_in_openai_shape(clients: Any, kwargs: dict, error: type, code: str, param: str | None) -> None:
     _, aio = clients
