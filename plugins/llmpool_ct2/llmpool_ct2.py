@@ -1,1 +1,368 @@
-"""llmpool backend plugin (work in progress)."""
+"""llmpool backend plugin ``ct2``: CTranslate2 decoder models with dynamic batching.
+
+One runtime is one ``ctranslate2.Generator`` plus its Hugging Face tokenizer (saved
+next to ``model.bin``). A batcher thread per replica gathers the requests waiting for
+it (up to ``ct2_max_batch_size``, for at most ``ct2_batch_wait_ms`` after the first)
+and decodes each group of compatible requests in one ``generate_batch`` call. The
+per-step ``callback`` hands each request its tokens as they are produced (``batch_id``
+says whose) and returns True to end one request's decoding (stop string, max_tokens,
+cancel) without disturbing the others. The replica declares the batch size as its
+concurrency, so the scheduler sends it that many requests at once.
+
+Requests in one call share the sampling settings that CTranslate2 takes per call
+(``sampling_topk``, ``sampling_topp``, ``sampling_temperature``,
+``repetition_penalty``, ``beam_size``, end tokens); requests that differ there go in
+separate calls, one after the other. ``max_tokens`` is per request (via the callback).
+Beam search (``beam_size`` > 1) has no per-step callback: its text arrives at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmpoold import hookimpl
+from llmpoold.errors import BackendError, LoadError
+from llmpoold.hookspecs import BackendSpec
+from llmpoold.prompts import capabilities_for, render
+from llmpoold.textstream import IncrementalDetokenizer, ReasoningSplitter, StopFilter
+from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
+
+BACKEND = "ct2"
+log = structlog.get_logger("llmpool_ct2")
+
+
+class Ct2Options(BaseModel):
+    """Per-model keys of the ``ct2`` backend."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    compute_type: str = "int8"
+    ct2_device_index: int | list[int] = 0
+    ct2_inter_threads: int = Field(1, ge=1)
+    ct2_intra_threads: int = Field(0, ge=0, description="0: CTranslate2's default (the machine's cores)")
+    ct2_max_batch_size: int = Field(8, ge=1, le=256)
+    ct2_batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+
+
+@dataclass
+class _Job:
+    """One request inside the batcher. ``events`` carries token ids, then a final
+    ``("done", finish_reason)`` or ``("error", exc)``; the consumer sets ``stop``."""
+
+    request: GenerationRequest
+    tokens: list[str]
+    end_tokens: tuple[str, ...]
+    submitted: float = field(default_factory=time.perf_counter)
+    events: queue.Queue[Any] = field(default_factory=queue.Queue)
+    produced: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    first_token_at: float | None = None
+
+    def group_key(self) -> tuple[Any, ...]:
+        d = self.request.decoding
+        return (d.beam_size, d.top_k, d.top_p, d.temperature, d.repetition_penalty, self.end_tokens)
+
+
+class Ct2Runtime:
+    """A loaded generator, its tokenizer and the batcher thread that feeds it."""
+
+    def __init__(self, replica_id: str, path: str, options: Ct2Options, generator: Any, tokenizer: Any) -> None:
+        self.replica_id = replica_id
+        self.path = path
+        self.options = options
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.vocab = set(tokenizer.get_vocab())
+        probe = "x"
+        self.adds_bos = tokenizer(probe).input_ids[:1] != tokenizer(probe, add_special_tokens=False).input_ids[:1]
+        self.batch_sizes: list[int] = []  # size of every generate_batch call, for tests and benchmarks
+        self._pending: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=f"llmpool-ct2-{replica_id}", daemon=True)
+        self._thread.start()
+
+    # ----- batcher thread ----------------------------------------------------------------
+
+    def submit(self, job: _Job) -> None:
+        self._pending.put(job)
+
+    def close(self) -> None:
+        self._pending.put(None)
+        self._thread.join(timeout=30)
+
+    def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
+        """The first job plus whatever else arrives within the window, up to the batch size."""
+        jobs, closing = [first], False
+        deadline = time.perf_counter() + self.options.ct2_batch_wait_ms / 1000
+        while len(jobs) < self.options.ct2_max_batch_size:
+            try:
+                timeout = max(0.0, deadline - time.perf_counter())
+                job = self._pending.get(timeout=timeout) if timeout else self._pending.get_nowait()
+            except queue.Empty:
+                break
+            if job is None:
+                closing = True
+                break
+            jobs.append(job)
+        return jobs, closing
+
+    def _run(self) -> None:
+        while True:
+            first = self._pending.get()
+            if first is None:
+                return
+            jobs, closing = self._gather(first)
+            groups: dict[tuple[Any, ...], list[_Job]] = {}
+            for job in jobs:
+                if job.request.cancel.is_set():
+                    job.events.put(("done", "cancelled"))
+                else:
+                    groups.setdefault(job.group_key(), []).append(job)
+            for group in groups.values():
+                self._decode(group)
+            if closing:
+                return
+
+    def _decode(self, jobs: list[_Job]) -> None:
+        d = jobs[0].request.decoding
+        self.batch_sizes.append(len(jobs))
+        streaming = d.beam_size == 1
+
+        def on_step(step: Any) -> bool:
+            job = jobs[step.batch_id]
+            if job.stop.is_set() or job.request.cancel.is_set():
+                return True
+            if job.first_token_at is None:
+                job.first_token_at = time.perf_counter()
+            job.produced += 1
+            job.events.put(step.token_id)
+            return job.produced >= job.request.decoding.max_tokens
+
+        kwargs: dict[str, Any] = {
+            "max_length": max(j.request.decoding.max_tokens for j in jobs), "beam_size": d.beam_size,
+            "sampling_topk": d.top_k, "sampling_topp": d.top_p, "sampling_temperature": max(d.temperature, 1e-5),
+            "repetition_penalty": d.repetition_penalty, "include_prompt_in_result": False,
+            "end_token": list(jobs[0].end_tokens),
+        }
+        if d.temperature == 0:
+            kwargs["sampling_topk"] = 1  # greedy
+        if streaming:
+            kwargs["callback"] = on_step
+        try:
+            results = self.generator.generate_batch([j.tokens for j in jobs], **kwargs)
+        except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
+            for job in jobs:
+                job.events.put(("error", exc))
+            return
+        for job, result in zip(jobs, results, strict=True):
+            if not streaming:
+                ids = result.sequences_ids[0][: job.request.decoding.max_tokens]
+                job.first_token_at = time.perf_counter()
+                for token_id in ids:
+                    job.events.put(token_id)
+                job.produced = len(ids)
+            if job.request.cancel.is_set():
+                reason = "cancelled"
+            elif job.produced >= job.request.decoding.max_tokens and not job.stop.is_set():
+                reason = "length"
+            else:
+                reason = "stop"
+            job.events.put(("done", reason))
+
+
+@hookimpl
+def llmpool_backends() -> list[BackendSpec]:
+    return [BackendSpec(name=BACKEND, description="CTranslate2 decoder models with dynamic batching",
+                        options_model=Ct2Options)]
+
+
+@hookimpl
+def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
+    if backend != BACKEND:
+        return None
+    return ModelTraits(capabilities=capabilities_for(model.prompt_format), concurrency=model.options.ct2_max_batch_size)
+
+
+@hookimpl
+def llmpool_estimate_memory(backend: str, model: Any) -> MemoryEstimate | None:
+    """Weights from ``model.bin``; CTranslate2 allocates the KV cache per batch as it
+    decodes, so the estimate has no fixed cache part."""
+    if backend != BACKEND:
+        return None
+    weights = os.path.join(os.path.expanduser(model.model_path or ""), "model.bin")
+    if not os.path.isfile(weights):
+        return None
+    size_mib = os.path.getsize(weights) / 2**20
+    device = _resolve_device(model.options.device) if _ct2_available() else model.options.device
+    return MemoryEstimate(total_mib=round(size_mib, 1), device=device, weights_mib=round(size_mib, 1), cache_mib=None,
+                          source="model_artifact_size", details={"compute_type": model.options.compute_type})
+
+
+def _ct2_available() -> bool:
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_device(device: str) -> str:
+    import ctranslate2
+
+    if device == "auto":
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    return device
+
+
+def _check_tokenizer(path: str, tokenizer: Any) -> None:
+    """The tokenizer must produce the tokens the converted vocabulary holds."""
+    vocab_file = os.path.join(path, "vocabulary.json")
+    if not os.path.isfile(vocab_file):
+        return
+    with open(vocab_file, encoding="utf-8") as fh:
+        vocabulary = json.load(fh)
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False).input_ids
+    for token_id, token in zip(ids, tokenizer.convert_ids_to_tokens(ids), strict=True):
+        if token_id >= len(vocabulary) or vocabulary[token_id] != token:
+            raise LoadError(f"the tokenizer in {path} does not match the model's vocabulary (token {token!r} has "
+                            f"id {token_id} in the tokenizer); save the tokenizer of the converted model there")
+
+
+@hookimpl
+def llmpool_load(backend: str, replica_id: str, model: Any) -> Ct2Runtime | None:
+    if backend != BACKEND:
+        return None
+    path = os.path.expanduser(model.model_path)
+    if not os.path.isdir(path):
+        raise LoadError(f"CTranslate2 model directory not found: {path}")
+    if not os.path.isfile(os.path.join(path, "model.bin")):
+        raise LoadError(f"{path} is not a CTranslate2 model (no model.bin); convert one with "
+                        "ct2-transformers-converter --model <hf model> --output_dir <dir>")
+    try:
+        import ctranslate2
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise LoadError(f"ctranslate2 and transformers are required for the ct2 backend: {exc}") from None
+    options: Ct2Options = model.options
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # noqa: BLE001 - transformers raises many kinds
+        raise LoadError(f"no usable Hugging Face tokenizer in {path} ({type(exc).__name__}: {exc}); save the "
+                        "model's tokenizer next to model.bin (tokenizer.save_pretrained)") from None
+    _check_tokenizer(path, tokenizer)
+    try:
+        generator = ctranslate2.Generator(path, device=_resolve_device(options.device),
+                                          compute_type=options.compute_type, device_index=options.ct2_device_index,
+                                          inter_threads=options.ct2_inter_threads,
+                                          intra_threads=options.ct2_intra_threads)
+    except (RuntimeError, ValueError) as exc:
+        raise LoadError(f"CTranslate2 could not load {path}: {exc}") from None
+    log.info("ct2_loaded", replica=replica_id, path=path, device=generator.device,
+             compute_type=generator.compute_type, batch=options.ct2_max_batch_size)
+    return Ct2Runtime(replica_id, path, options, generator, tokenizer)
+
+
+@hookimpl
+def llmpool_unload(backend: str, runtime: Ct2Runtime) -> bool | None:
+    if backend != BACKEND:
+        return None
+    runtime.close()
+    runtime.generator.unload_model()
+    runtime.generator = None
+    return True
+
+
+# ----- generation ------------------------------------------------------------------------
+
+
+def _prompt_ids(runtime: Ct2Runtime, request: GenerationRequest) -> tuple[list[int], Any]:
+    rendered = render(request)
+    tokenizer = runtime.tokenizer
+    if rendered.text is None:  # chat_template: the tokenizer's own template
+        if not getattr(tokenizer, "chat_template", None):
+            raise BackendError(400, "prompt_format_unsupported",
+                               f"the tokenizer in {runtime.path} has no chat template; choose another prompt_format")
+        extra = {} if request.thinking is None else {"enable_thinking": request.thinking}
+        text = tokenizer.apply_chat_template(list(rendered.messages), tokenize=False, add_generation_prompt=True,
+                                             **extra)
+    else:
+        text = rendered.text
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    bos = tokenizer.bos_token_id
+    if runtime.adds_bos and bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)  # formats without markup (raw) still need the model's BOS
+    return ids, rendered
+
+
+@hookimpl
+def llmpool_stream(backend: str, runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[Any] | None:
+    if backend != BACKEND:
+        return None
+    return _generate(runtime, request)
+
+
+def _generate(runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[TextDelta | Completion]:
+    started = time.perf_counter()
+    ids, rendered = _prompt_ids(runtime, request)
+    tokenizer = runtime.tokenizer
+    # Stop strings that are one token end decoding inside CTranslate2; others are
+    # matched in the text. The tokenizer's EOS always ends it.
+    end_tokens = tuple(dict.fromkeys(
+        [t for t in (tokenizer.eos_token, *rendered.stops) if t and t in runtime.vocab]))
+    job = _Job(request=request, tokens=tokenizer.convert_ids_to_tokens(ids), end_tokens=end_tokens)
+    tokenized = time.perf_counter()
+    runtime.submit(job)
+    detok = IncrementalDetokenizer(lambda seq: tokenizer.decode(seq, skip_special_tokens=True))
+    stops = StopFilter(rendered.stops)
+    splitter = ReasoningSplitter(rendered.reasoning_markers)
+    finish = None
+    try:
+        while True:
+            try:
+                event = job.events.get(timeout=0.05)
+            except queue.Empty:
+                if request.cancel.is_set():  # leave now; the batch drops us at its next step
+                    finish = "cancelled"
+                    break
+                continue
+            if isinstance(event, tuple):
+                kind, value = event
+                if kind == "error":
+                    raise BackendError(500, "backend_error", f"CTranslate2: {value}")
+                finish = value
+                break
+            if job.stop.is_set():
+                continue  # tokens decoded after the stop string: drop them
+            for delta in splitter.push(stops.push(detok.push(event))):
+                yield delta
+            if stops.stopped:
+                job.stop.set()
+        if not stops.stopped and finish != "cancelled":
+            for delta in splitter.push(stops.push(detok.flush()) + stops.flush()):
+                yield delta
+        for delta in splitter.flush():
+            yield delta
+    finally:
+        job.stop.set()  # a closed stream (client gone) leaves the batch at the next step
+    if stops.stopped:
+        finish = "stop"
+    ended = time.perf_counter()
+    first = job.first_token_at or ended
+    generate_s = ended - tokenized
+    yield Completion(finish_reason=finish, metrics=BackendMetrics(
+        tokenize_ms=round((tokenized - started) * 1000, 3),
+        time_to_first_token_ms=round((first - tokenized) * 1000, 3),
+        generate_total_ms=round(generate_s * 1000, 3),
+        decode_after_first_token_ms=round((ended - first) * 1000, 3),
+        prompt_tokens=len(ids), output_tokens=job.produced,
+        tokens_per_second=round(job.produced / generate_s, 2) if generate_s > 0 else None))

@@ -1,0 +1,199 @@
+"""The ct2 backend on a real CTranslate2 model (Gemma 3 270M converted by
+CTranslate2's own converter): streaming, stops, dynamic batching, cancel, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from llmpoold.app import POOL, create_app
+from llmpoold.bridge import iterate_in_thread
+from llmpoold.config import resolve_model_options
+from llmpoold.testing import BackendContractSuite, collect, make_registry, make_request, settings_from
+from llmpoold.types import Completion, TextDelta
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = ["The capital of France is", "Once upon a time", "My favourite food is", "The sea is"]
+
+
+def entry_for(path: str, **extra: Any) -> dict[str, Any]:
+    return {"backend": "ct2", "model_path": path, "prompt_format": "raw", "device": "cpu", **extra}
+
+
+class TestCt2Contract(BackendContractSuite):
+    backend = "ct2"
+    prompt_text = "The capital of France is"
+
+    @pytest.fixture(scope="class")
+    def model_entry(self, ct2_model_path: str) -> dict[str, Any]:
+        return entry_for(ct2_model_path)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Any:
+    return make_registry("ct2")
+
+
+@pytest.fixture(scope="module")
+def runtime(registry: Any, ct2_model_path: str) -> Any:
+    # float32 compute: int8 quantizes activations per batch, so with int8 a request's
+    # greedy text can change with the batch it shares (a near tie flips); float32 is exact.
+    settings = settings_from({"engine": {"models": {"c": entry_for(ct2_model_path, ct2_batch_wait_ms=50,
+                                                                   compute_type="float32")}}})
+    model = resolve_model_options(settings.engine.models["c"], registry.spec("ct2").options_model, backend="ct2",
+                                  requires_model_path=True)
+    runtime = registry.hook.llmpool_load(backend="ct2", replica_id="c#1", model=model)
+    yield runtime
+    registry.hook.llmpool_unload(backend="ct2", runtime=runtime)
+
+
+def run(registry: Any, runtime: Any, text: str, **decoding: Any) -> tuple[str, list[str], Completion]:
+    items = collect(registry.hook.llmpool_stream(backend="ct2", runtime=runtime, request=make_request(
+        model="c", prompt_format="raw", text=text, **decoding)))
+    completion = items[-1]
+    assert isinstance(completion, Completion)
+    pieces = [i.text for i in items[:-1] if isinstance(i, TextDelta)]
+    return "".join(pieces), pieces, completion
+
+
+def test_real_text_streams_token_by_token(registry: Any, runtime: Any) -> None:
+    text, pieces, done = run(registry, runtime, "The capital of France is", max_tokens=12)
+    assert text.startswith(" the capital of the country of France")
+    assert len(pieces) >= 8
+    m = done.metrics
+    assert done.finish_reason == "length" and m.output_tokens == 12 and m.prompt_tokens == 6
+    assert 0 < m.time_to_first_token_ms <= m.generate_total_ms
+
+
+def test_stream_matches_ctranslate2_non_streaming(registry: Any, runtime: Any) -> None:
+    """Our streamed text equals CTranslate2's own non-streaming greedy result."""
+    text, _, _ = run(registry, runtime, "Once upon a time", max_tokens=16)
+    tok = runtime.tokenizer
+    ids = [tok.bos_token_id, *tok("Once upon a time", add_special_tokens=False).input_ids]
+    result = runtime.generator.generate_batch([tok.convert_ids_to_tokens(ids)], max_length=16, sampling_topk=1,
+                                              include_prompt_in_result=False, end_token=[tok.eos_token])
+    assert text == tok.decode(result[0].sequences_ids[0], skip_special_tokens=True)
+
+
+def test_stop_string_never_leaks(registry: Any, runtime: Any) -> None:
+    full, _, _ = run(registry, runtime, "The capital of France is", max_tokens=16)
+    text, pieces, done = run(registry, runtime, "The capital of France is", max_tokens=16, stop=("France.",))
+    assert done.finish_reason == "stop" and text == full[: full.index("France.")]
+    assert "France" not in "".join(pieces)
+
+
+def test_concurrent_requests_are_batched_and_match_one_at_a_time(registry: Any, runtime: Any) -> None:
+    alone = {p: run(registry, runtime, p, max_tokens=10)[0] for p in PROMPTS}
+    runtime.batch_sizes.clear()
+    together: dict[str, str] = {}
+
+    def one(prompt: str) -> None:
+        together[prompt] = run(registry, runtime, prompt, max_tokens=10)[0]
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in PROMPTS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert together == alone, "greedy results do not depend on batching"
+    assert max(runtime.batch_sizes) >= 2, f"requests were not batched: {runtime.batch_sizes}"
+
+
+def test_incompatible_sampling_settings_go_in_separate_calls(registry: Any, runtime: Any) -> None:
+    runtime.batch_sizes.clear()
+    results: list[Completion] = []
+
+    def one(top_p: float) -> None:
+        results.append(run(registry, runtime, "The sea is", max_tokens=4, top_p=top_p)[2])
+
+    threads = [threading.Thread(target=one, args=(p,)) for p in (1.0, 0.5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 2 and sorted(runtime.batch_sizes) == [1, 1]
+
+
+def test_cancel_one_request_leaves_the_batch_intact(registry: Any, runtime: Any) -> None:
+    expected = run(registry, runtime, "Once upon a time", max_tokens=24)[0]
+    victim = make_request(model="c", prompt_format="raw", text="The capital of France is", max_tokens=200)
+    survivor: list[str] = []
+
+    def other() -> None:
+        survivor.append(run(registry, runtime, "Once upon a time", max_tokens=24)[0])
+
+    async def cancel_after_two() -> int:
+        stream = registry.hook.llmpool_stream(backend="ct2", runtime=runtime, request=victim)
+        source = iterate_in_thread(lambda: stream, cancel=victim.cancel)
+        seen = 0
+        async for item in source:
+            seen += isinstance(item, TextDelta)
+            if seen == 2:
+                break
+        await source.aclose()
+        return seen
+
+    thread = threading.Thread(target=other)
+    runtime.batch_sizes.clear()
+    thread.start()
+    time.sleep(0.01)
+    started = time.perf_counter()
+    assert asyncio.run(cancel_after_two()) == 2
+    assert time.perf_counter() - started < 10, "cancel returned promptly"
+    thread.join()
+    assert survivor == [expected]
+
+
+def test_load_errors_are_actionable(registry: Any, ct2_model_path: str, tmp_path: Path) -> None:
+    from llmpoold.errors import LoadError
+
+    def load(path: str) -> Any:
+        settings = settings_from({"engine": {"models": {"x": entry_for(path)}}})
+        model = resolve_model_options(settings.engine.models["x"], registry.spec("ct2").options_model,
+                                      backend="ct2", requires_model_path=True)
+        return registry.hook.llmpool_load(backend="ct2", replica_id="x#1", model=model)
+
+    with pytest.raises(LoadError, match="directory not found"):
+        load(str(tmp_path / "nowhere"))
+    with pytest.raises(LoadError, match="not a CTranslate2 model"):
+        load(str(tmp_path))
+    no_tokenizer = tmp_path / "no_tok"
+    no_tokenizer.mkdir()
+    for name in ("model.bin", "config.json", "vocabulary.json"):
+        (no_tokenizer / name).symlink_to(Path(ct2_model_path) / name)
+    with pytest.raises(LoadError, match="no usable Hugging Face tokenizer"):
+        load(str(no_tokenizer))
+    mismatch = tmp_path / "mismatch"
+    shutil.copytree(no_tokenizer, mismatch, symlinks=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(ct2_model_path) / name, mismatch / name)
+    (mismatch / "vocabulary.json").unlink()
+    (mismatch / "vocabulary.json").write_text(json.dumps(["<pad>", "<eos>", "<bos>"]))
+    with pytest.raises(LoadError, match="does not match the model's vocabulary"):
+        load(str(mismatch))
+
+
+async def test_http_batches_concurrent_requests(ct2_model_path: str) -> None:
+    app = create_app(settings_from({"engine": {"models": {"c": entry_for(ct2_model_path, ct2_batch_wait_ms=50,
+                                                                           isolation="inline")}}}),
+                     make_registry("ct2"))
+    async with TestClient(TestServer(app)) as client:
+        await app[POOL].startup_done.wait()
+        runtime = app[POOL].entries["c"].replicas[0].runtime
+        bodies = [{"model": "c", "input": p, "decoding": {"max_tokens": 8, "temperature": 0}} for p in PROMPTS]
+        responses = await asyncio.gather(*(client.post("/v1/responses", json=b) for b in bodies))
+        texts = [(await r.json())["output_text"] for r in responses]
+        assert all(r.status == 200 for r in responses) and all(texts)
+        assert max(runtime.batch_sizes) >= 2
+        models = (await (await client.get("/v1/admin/models")).json())["models"]
+        assert models[0]["effective_target_inflight"] == 8
+        assert models[0]["memory_estimate"]["weights_mib"] > 100
