@@ -161,7 +161,8 @@ def main() -> None:
             figures = {k: summarize(v) for k, v in samples.items() if v}
             for name, (ttft, tps) in figures.items():
                 failed = sum(1 for s in samples[name] if s[2] < 0)
-                print(f"{name:<18}{concurrency:>5}{ttft:>10.1f}{tps:>9.1f}" + (f"  ({failed} failed)" if failed else ""))
+                note = f"  ({failed} failed)" if failed else ""
+                print(f"{name:<18}{concurrency:>5}{ttft:>10.1f}{tps:>9.1f}{note}")
             ours = figures["llmpoold"]
             for peer in ("raw", "llama_cpp.server"):
                 if peer in figures:
