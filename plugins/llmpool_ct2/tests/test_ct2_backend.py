@@ -197,3 +197,19 @@ async def test_http_batches_concurrent_requests(ct2_model_path: str) -> None:
         models = (await (await client.get("/v1/admin/models")).json())["models"]
         assert models[0]["effective_target_inflight"] == 8
         assert models[0]["memory_estimate"]["weights_mib"] > 100
+
+
+async def test_http_through_a_worker_process(ct2_model_path: str) -> None:
+    """The default isolation for a local backend: the replica runs in a worker process
+    that multiplexes the concurrent requests into the one runtime."""
+    app = create_app(settings_from({"engine": {"models": {"c": entry_for(ct2_model_path, compute_type="float32")}}}),
+                     make_registry("ct2"))
+    async with TestClient(TestServer(app)) as client:
+        await app[POOL].startup_done.wait()
+        info = (await (await client.get("/v1/admin/models")).json())["models"][0]
+        assert info["runtime_state"] == "loaded", info["last_error"]
+        assert info["replica_info"][0].get("pid"), "runs in a worker process"
+        bodies = [{"model": "c", "input": p, "decoding": {"max_tokens": 8, "temperature": 0}} for p in PROMPTS]
+        together = await asyncio.gather(*(client.post("/v1/responses", json=b) for b in bodies))
+        alone = [await client.post("/v1/responses", json=b) for b in bodies]
+        assert [(await r.json())["output_text"] for r in together] == [(await r.json())["output_text"] for r in alone]
