@@ -191,3 +191,23 @@ async def test_http_stream_equals_json_under_greedy(gguf_path: str) -> None:
                     deltas.append(data["delta"])
     assert "".join(deltas).strip() == plain["output_text"]
     assert len(deltas) >= 5
+
+
+def test_estimate_within_25_percent_of_measured_rss_growth(registry: Any, runtime: Any, gguf_path: str) -> None:
+    """Load a second replica in this process (the library is already resident, as in a
+    daemon serving the model) and compare the RSS it adds with the estimate."""
+    from llmpoold.replica import process_rss_mib
+
+    settings = settings_from({"engine": {"models": {"g2": model_entry_for(gguf_path, gguf_n_ctx=2048)}}})
+    model = resolve_model_options(settings.engine.models["g2"], registry.spec("gguf").options_model,
+                                  backend="gguf", requires_model_path=True)
+    estimate = registry.hook.llmpool_estimate_memory(backend="gguf", model=model)
+    before = process_rss_mib()
+    second = registry.hook.llmpool_load(backend="gguf", replica_id="g2#1", model=model)
+    try:
+        run(registry, second, "The capital of France is", max_tokens=2)
+        growth = process_rss_mib() - before
+    finally:
+        registry.hook.llmpool_unload(backend="gguf", runtime=second)
+    print(f"estimate {estimate.total_mib:.0f} MiB, measured RSS growth {growth:.0f} MiB")
+    assert abs(estimate.total_mib - growth) <= 0.25 * growth
