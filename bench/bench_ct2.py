@@ -1,90 +1,121 @@
-"""CTranslate2 dynamic batching: N concurrent requests on one replica, batched
-(``ct2_max_batch_size`` N) against one at a time (``ct2_max_batch_size`` 1), same model,
-same process, alternating. Gemma 3 270M converted by CTranslate2's converter (cached by
-the ct2 tests' helper). Prints aggregate tokens/s, per-request latency and the ratio.
+"""CTranslate2 through llmpoold against CTranslate2 itself, Gemma 3 270M int8.
 
-    python bench/bench_ct2.py [--requests 8] [--max-tokens 32] [--rounds 3] [--compute-type int8]
+At concurrency 1, 4 and 8 (64 greedy output tokens each): aggregate tokens/s of N
+concurrent requests through the daemon (``llmpoold`` CLI, dynamic batching, worker
+process) against ``Generator.generate_batch`` on a batch of N in this process. Rounds
+alternate between the two. Prints figures and ratios; nothing is asserted. The model is
+converted by CTranslate2's own converter (cached by the ct2 tests' helper).
+
+    python bench/bench_ct2.py [--rounds 3] [--max-tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import socket
 import statistics
+import subprocess
 import sys
-import threading
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+
+import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins" / "llmpool_ct2" / "tests"))
 
 from ct2_test_model import ct2_gemma3_270m  # noqa: E402
 
-from llmpoold.config import resolve_model_options  # noqa: E402
-from llmpoold.testing import collect, make_registry, make_request, settings_from  # noqa: E402
-from llmpoold.types import Completion  # noqa: E402
-
 PROMPTS = ["The capital of France is", "Once upon a time", "My favourite food is", "The sea is",
            "In the morning I", "The best way to learn is", "Music is", "Yesterday we went"]
 
 
-def load(registry: Any, path: str, batch: int, compute_type: str) -> Any:
-    settings = settings_from({"engine": {"models": {"c": {
-        "backend": "ct2", "model_path": path, "prompt_format": "raw", "device": "cpu", "compute_type": compute_type,
-        "ct2_max_batch_size": batch, "ct2_batch_wait_ms": 10}}}})
-    model = resolve_model_options(settings.engine.models["c"], registry.spec("ct2").options_model, backend="ct2",
-                                  requires_model_path=True)
-    return registry.hook.llmpool_load(backend="ct2", replica_id=f"c#{batch}", model=model)
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-def round_(registry: Any, runtime: Any, n: int, max_tokens: int) -> tuple[float, int, list[float]]:
-    """Wall seconds, tokens produced, per-request latency (s) for n concurrent requests."""
-    done: list[Completion] = []
-    latencies: list[float] = []
+async def daemon_round(url: str, n: int, max_tokens: int) -> float:
+    """Aggregate tokens/s of n concurrent requests through the daemon."""
+    async def one(session: aiohttp.ClientSession, prompt: str) -> int:
+        body = {"model": "c", "input": prompt, "decoding": {"max_tokens": max_tokens, "temperature": 0, "top_k": 1}}
+        async with session.post(url, json=body) as resp:
+            data = await resp.json()
+            assert resp.status == 200, data
+            return int(data["metrics"]["engine_output_tokens"])
 
-    def one(i: int) -> None:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         started = time.perf_counter()
-        items = collect(registry.hook.llmpool_stream(backend="ct2", runtime=runtime, request=make_request(
-            model="c", prompt_format="raw", text=PROMPTS[i % len(PROMPTS)], max_tokens=max_tokens)))
-        latencies.append(time.perf_counter() - started)
-        done.append(items[-1])  # type: ignore[arg-type]
+        tokens = await asyncio.gather(*(one(session, PROMPTS[i % len(PROMPTS)]) for i in range(n)))
+        return sum(tokens) / (time.perf_counter() - started)
 
+
+def raw_round(generator: object, tokenizer: object, n: int, max_tokens: int) -> float:
+    batch = [tokenizer.convert_ids_to_tokens(tokenizer(PROMPTS[i % len(PROMPTS)]).input_ids)  # type: ignore[attr-defined]
+             for i in range(n)]
     started = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - started, sum(c.metrics.output_tokens or 0 for c in done), latencies
+    results = generator.generate_batch(batch, max_length=max_tokens, sampling_topk=1,  # type: ignore[attr-defined]
+                                       include_prompt_in_result=False, end_token=[tokenizer.eos_token])  # type: ignore[attr-defined]
+    return sum(len(r.sequences_ids[0]) for r in results) / (time.perf_counter() - started)
+
+
+async def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as session:
+        for _ in range(600):
+            if proc.poll() is not None:
+                raise SystemExit(f"llmpoold exited ({proc.returncode})")
+            try:
+                async with session.get(url) as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.2)
+    raise SystemExit("llmpoold not ready")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--compute-type", default="int8")
+    parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    import ctranslate2
+    from transformers import AutoTokenizer
+
     path = ct2_gemma3_270m()
-    registry = make_registry("ct2")
-    runtimes = {"batched": load(registry, path, args.requests, args.compute_type),
-                "one at a time": load(registry, path, 1, args.compute_type)}
-    figures: dict[str, list[tuple[float, int, list[float]]]] = {k: [] for k in runtimes}
-    round_(registry, runtimes["batched"], 2, 4)  # warm-up
-    for _ in range(args.rounds):
-        for name, runtime in runtimes.items():
-            figures[name].append(round_(registry, runtime, args.requests, args.max_tokens))
-    print(f"Gemma 3 270M CTranslate2 {args.compute_type}, {args.requests} concurrent requests x {args.max_tokens} "
-          f"tokens, {args.rounds} rounds (medians)")
-    rates = {}
-    for name, rounds in figures.items():
-        rates[name] = statistics.median(tokens / wall for wall, tokens, _ in rounds)
-        latency = statistics.median(statistics.median(lat) for _, _, lat in rounds)
-        print(f"  {name:<14} {rates[name]:7.1f} tokens/s aggregate, median request latency {latency:6.2f} s")
-    print(f"  batch sizes used: {sorted(set(runtimes['batched'].batch_sizes))}")
-    print(f"  batched / one at a time: x{rates['batched'] / rates['one at a time']:.2f} throughput")
-    for runtime in runtimes.values():
-        registry.hook.llmpool_unload(backend="ct2", runtime=runtime)
+    port = free_port()
+    settings = Path(tempfile.mkdtemp(prefix="bench-ct2-")) / "settings.json"
+    settings.write_text(json.dumps({"service": {"port": port, "log_level": "warning"}, "engine": {"models": {"c": {
+        "backend": "ct2", "model_path": path, "prompt_format": "raw", "device": "cpu", "compute_type": "int8",
+        "ct2_max_batch_size": 8, "ct2_batch_wait_ms": 20}}}}))
+    proc = subprocess.Popen([sys.executable, "-m", "llmpoold", "--settings", str(settings)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        asyncio.run(wait_ready(f"http://127.0.0.1:{port}/readyz", proc))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        generator = ctranslate2.Generator(path, device="cpu", compute_type="int8")
+        url = f"http://127.0.0.1:{port}/v1/responses"
+        raw_round(generator, tokenizer, 2, 4)
+        asyncio.run(daemon_round(url, 2, 4))
+        print(f"Gemma 3 270M CTranslate2 int8, {args.max_tokens} greedy tokens per request, {args.rounds} rounds "
+              "(median aggregate tokens/s), ct2_batch_wait_ms 20, ct2_max_batch_size 8")
+        print(f"{'concurrency':>11}{'llmpoold':>10}{'raw':>8}{'ratio':>8}")
+        for n in (1, 4, 8):
+            ours, raw = [], []
+            for _ in range(args.rounds):
+                raw.append(raw_round(generator, tokenizer, n, args.max_tokens))
+                ours.append(asyncio.run(daemon_round(url, n, args.max_tokens)))
+            a, b = statistics.median(ours), statistics.median(raw)
+            print(f"{n:>11}{a:>10.1f}{b:>8.1f}{a / b:>8.2f}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 if __name__ == "__main__":
