@@ -193,21 +193,28 @@ async def test_http_stream_equals_json_under_greedy(gguf_path: str) -> None:
     assert len(deltas) >= 5
 
 
-def test_estimate_within_25_percent_of_measured_rss_growth(registry: Any, runtime: Any, gguf_path: str) -> None:
-    """Load a second replica in this process (the library is already resident, as in a
-    daemon serving the model) and compare the RSS it adds with the estimate."""
-    from llmpoold.replica import process_rss_mib
+MEASURE_RSS = """
+import sys, llama_cpp
+from llmpoold.replica import process_rss_mib
+before = process_rss_mib()
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[2]), verbose=False)
+llm.create_completion("The capital of France is", max_tokens=2)
+print(process_rss_mib() - before)
+"""
+
+
+def test_estimate_within_25_percent_of_measured_rss_growth(registry: Any, gguf_path: str) -> None:
+    """In a fresh process (library already imported), the RSS a loaded model adds after
+    its first tokens, against the estimate made without loading."""
+    import subprocess
+    import sys
 
     settings = settings_from({"engine": {"models": {"g2": model_entry_for(gguf_path, gguf_n_ctx=2048)}}})
     model = resolve_model_options(settings.engine.models["g2"], registry.spec("gguf").options_model,
                                   backend="gguf", requires_model_path=True)
     estimate = registry.hook.llmpool_estimate_memory(backend="gguf", model=model)
-    before = process_rss_mib()
-    second = registry.hook.llmpool_load(backend="gguf", replica_id="g2#1", model=model)
-    try:
-        run(registry, second, "The capital of France is", max_tokens=2)
-        growth = process_rss_mib() - before
-    finally:
-        registry.hook.llmpool_unload(backend="gguf", runtime=second)
+    out = subprocess.run([sys.executable, "-c", MEASURE_RSS, gguf_path, "2048"], capture_output=True, text=True,
+                         timeout=120, check=True)
+    growth = float(out.stdout.strip().splitlines()[-1])
     print(f"estimate {estimate.total_mib:.0f} MiB, measured RSS growth {growth:.0f} MiB")
     assert abs(estimate.total_mib - growth) <= 0.25 * growth
