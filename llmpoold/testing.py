@@ -73,6 +73,23 @@ def make_request(*, model: str = "m", replica_id: str = "m#1", prompt_format: st
     )
 
 
+def sse_events(text: str) -> list[tuple[str, Any]]:
+    """Parse a server-sent-events body into (event name, JSON data) pairs
+    (``"message"`` where a block names no event)."""
+    import json
+
+    events = []
+    for block in text.strip().split("\n\n"):
+        name, data = "message", ""
+        for line in block.splitlines():
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data += line[5:].strip()
+        events.append((name, json.loads(data)))
+    return events
+
+
 def collect(stream: Iterator[StreamItem] | AsyncIterator[StreamItem]) -> list[StreamItem]:
     """Drain a stream returned by ``llmpool_stream`` (sync or async)."""
     if hasattr(stream, "__aiter__"):

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import echo_backend
 import pytest
 
 from llmpoold.app import POOL
+from llmpoold.testing import sse_events
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """Parse an SSE body into (event name, data) pairs."""
-    events = []
-    for block in text.strip().split("\n\n"):
-        name, data = "message", ""
-        for line in block.splitlines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-        events.append((name, json.loads(data)))
-    return events
 
 
 async def test_json_response_has_text_and_seed_metrics(client: Any) -> None:

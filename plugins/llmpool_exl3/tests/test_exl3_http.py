@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -12,20 +11,7 @@ from typing import Any
 import pytest
 
 from llmpoold.app import POOL, create_app
-from llmpoold.testing import make_registry, settings_from
-
-
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    events = []
-    for block in text.strip().split("\n\n"):
-        name, data = "", ""
-        for line in block.splitlines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-        events.append((name, json.loads(data)))
-    return events
+from llmpoold.testing import make_registry, settings_from, sse_events
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import socket
 from typing import Any
@@ -24,15 +23,3 @@ def remote_entry(base_url: str, model: str, **keys: Any) -> dict[str, Any]:
             "remote_api_key_env": KEY_ENV, "remote_model": model, **keys}
 
 
-def sse_events(text: str) -> list[tuple[str, dict[str, Any]]]:
-    """Parse an SSE body into (event name, data) pairs."""
-    events = []
-    for block in text.strip().split("\n\n"):
-        name, data = "message", ""
-        for line in block.splitlines():
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data += line[5:].strip()
-        events.append((name, json.loads(data)))
-    return events

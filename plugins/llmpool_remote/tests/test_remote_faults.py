@@ -11,7 +11,9 @@ import llmpool_remote
 import pytest
 import structlog
 from pydantic import ValidationError
-from remote_test_support import KEY, KEY_ENV, free_port, remote_entry, sse_events
+from remote_test_support import KEY, KEY_ENV, free_port, remote_entry
+
+from llmpoold.testing import sse_events
 
 pytestmark = pytest.mark.timeout(60)
 

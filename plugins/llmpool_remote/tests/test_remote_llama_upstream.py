@@ -8,10 +8,10 @@ import json
 from typing import Any
 
 import pytest
-from remote_test_support import KEY_ENV, LLAMA_MODEL, remote_entry, sse_events
+from remote_test_support import KEY_ENV, LLAMA_MODEL, remote_entry
 
 from llmpoold.config import resolve_model_options
-from llmpoold.testing import BackendContractSuite, make_registry, make_request, settings_from
+from llmpoold.testing import BackendContractSuite, make_registry, make_request, settings_from, sse_events
 
 pytestmark = pytest.mark.timeout(120)
 
