@@ -6,7 +6,8 @@ A plugin's tests subclass :class:`BackendContractSuite`::
         backend = "gguf"
 
         @pytest.fixture(scope="class")
-        def model_entry(self):
+        @classmethod
+        def model_entry(cls):
             return {"backend": "gguf", "model_path": path, "gguf_n_ctx": 1024}
 
 The suite goes through the installed entry point (as the daemon does) and checks
@@ -107,32 +108,37 @@ class BackendContractSuite:
     prompt_text: str = "Count from one to five."
 
     @pytest.fixture(scope="class")
-    def model_entry(self) -> dict[str, Any]:
+    @classmethod
+    def model_entry(cls) -> dict[str, Any]:
         raise NotImplementedError("provide the model_entry fixture")
 
     @pytest.fixture(scope="class")
-    def registry(self) -> PluginRegistry:
-        return make_registry(self.backend)
+    @classmethod
+    def registry(cls) -> PluginRegistry:
+        return make_registry(cls.backend)
 
     @pytest.fixture(scope="class")
-    def spec(self, registry: PluginRegistry) -> BackendSpec:
-        assert self.backend in registry.backends, (
-            f"backend '{self.backend}' not declared; plugins: {[p.to_json() for p in registry.plugins]}")
-        return registry.spec(self.backend)
+    @classmethod
+    def spec(cls, registry: PluginRegistry) -> BackendSpec:
+        assert cls.backend in registry.backends, (
+            f"backend '{cls.backend}' not declared; plugins: {[p.to_json() for p in registry.plugins]}")
+        return registry.spec(cls.backend)
 
     @pytest.fixture(scope="class")
-    def model(self, spec: BackendSpec, model_entry: dict[str, Any]) -> ModelConfig:
+    @classmethod
+    def model(cls, spec: BackendSpec, model_entry: dict[str, Any]) -> ModelConfig:
         settings = settings_from({"engine": {"models": {"contract": model_entry}}})
         raw = settings.engine.models["contract"]
-        return resolve_model_options(raw, spec.options_model, backend=self.backend,
+        return resolve_model_options(raw, spec.options_model, backend=cls.backend,
                                      requires_model_path=spec.requires_model_path)
 
     @pytest.fixture(scope="class")
-    def runtime(self, registry: PluginRegistry, model: ModelConfig) -> Iterator[Any]:
-        runtime = registry.hook.llmpool_load(backend=self.backend, replica_id="contract#1", model=model)
+    @classmethod
+    def runtime(cls, registry: PluginRegistry, model: ModelConfig) -> Iterator[Any]:
+        runtime = registry.hook.llmpool_load(backend=cls.backend, replica_id="contract#1", model=model)
         assert runtime is not None, "llmpool_load returned None for its own backend"
         yield runtime
-        assert registry.hook.llmpool_unload(backend=self.backend, runtime=runtime) is True
+        assert registry.hook.llmpool_unload(backend=cls.backend, runtime=runtime) is True
 
     def request(self, model: ModelConfig, **kwargs: Any) -> GenerationRequest:
         return make_request(model="contract", replica_id="contract#1", prompt_format=model.prompt_format,

@@ -34,7 +34,8 @@ class TestCt2Contract(BackendContractSuite):
     prompt_text = "The capital of France is"
 
     @pytest.fixture(scope="class")
-    def model_entry(self, ct2_model_path: str) -> dict[str, Any]:
+    @classmethod
+    def model_entry(cls, ct2_model_path: str) -> dict[str, Any]:
         return entry_for(ct2_model_path)
 
 

@@ -45,13 +45,15 @@ class TestExl3Contract(BackendContractSuite):
     backend = "exllamav3"
 
     @pytest.fixture(scope="class")
-    def model_entry(self, exl3_model_dir: Path, fake_exl3_class: ModuleType) -> dict[str, Any]:
+    @classmethod
+    def model_entry(cls, exl3_model_dir: Path, fake_exl3_class: ModuleType) -> dict[str, Any]:
         return {"backend": "exl3", "model_path": str(exl3_model_dir), "exllama_cache_size": 1024,
                 "exllama_max_batch_size": 4}
 
     @pytest.fixture(scope="class")
-    def registry(self, fake_exl3_class: ModuleType) -> Any:
-        return make_registry(self.backend)
+    @classmethod
+    def registry(cls, fake_exl3_class: ModuleType) -> Any:
+        return make_registry(cls.backend)
 
 
 # ----- options, overrides, static facts ---------------------------------------------------

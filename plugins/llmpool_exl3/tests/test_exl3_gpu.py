@@ -40,7 +40,8 @@ class TestExl3GpuContract(BackendContractSuite):
     backend = "exllamav3"
 
     @pytest.fixture(scope="class")
-    def model_entry(self) -> dict[str, Any]:
+    @classmethod
+    def model_entry(cls) -> dict[str, Any]:
         return entry()
 
 
@@ -50,7 +51,8 @@ class TestExl3GpuQuantCache(BackendContractSuite):
     backend = "exllamav3"
 
     @pytest.fixture(scope="class")
-    def model_entry(self) -> dict[str, Any]:
+    @classmethod
+    def model_entry(cls) -> dict[str, Any]:
         return entry(exllama_cache_quant="8,4", exllama_max_rq_tokens=256)
 
 

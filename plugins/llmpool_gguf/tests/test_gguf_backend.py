@@ -35,7 +35,8 @@ class TestGgufContract(BackendContractSuite):
     prompt_text = "The capital of France is"
 
     @pytest.fixture(scope="class")
-    def model_entry(self, gguf_path: str) -> dict[str, Any]:
+    @classmethod
+    def model_entry(cls, gguf_path: str) -> dict[str, Any]:
         return model_entry_for(gguf_path)
 
 

@@ -30,7 +30,8 @@ class TestRemoteContract(BackendContractSuite):
     backend = "openai_compatible"
 
     @pytest.fixture(scope="class")
-    def model_entry(self, llama_upstream: str) -> dict[str, Any]:
+    @classmethod
+    def model_entry(cls, llama_upstream: str) -> dict[str, Any]:
         return remote_entry(llama_upstream, LLAMA_MODEL, remote_timeout_s=60)
 
 
