@@ -101,13 +101,16 @@ class Ct2Runtime:
         self._thread.join(timeout=30)
 
     def _gather(self, first: _Job) -> tuple[list[_Job], bool]:
-        """The first job plus whatever else arrives within the window, up to the batch size."""
+        """The first job plus whatever else arrives, up to the batch size: gathering goes
+        on while requests keep coming within ``ct2_batch_wait_ms`` of each other (a burst
+        lands in one batch), and never longer than 4 windows after the first."""
         jobs, closing = [first], False
-        deadline = time.perf_counter() + self.options.ct2_batch_wait_ms / 1000
+        gap = self.options.ct2_batch_wait_ms / 1000
+        cap = time.perf_counter() + 4 * gap
         while len(jobs) < self.options.ct2_max_batch_size:
+            timeout = min(gap, cap - time.perf_counter())
             try:
-                timeout = max(0.0, deadline - time.perf_counter())
-                job = self._pending.get(timeout=timeout) if timeout else self._pending.get_nowait()
+                job = self._pending.get(timeout=timeout) if timeout > 0 else self._pending.get_nowait()
             except queue.Empty:
                 break
             if job is None:
