@@ -23,7 +23,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmpoold import hookimpl
-from llmpoold.errors import LoadError
+from llmpoold.errors import BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.prompts import capabilities_for, render
 from llmpoold.textstream import ReasoningSplitter, StopFilter, Utf8Stream
@@ -375,7 +375,8 @@ def _chat_template_prompt(runtime: GgufRuntime, request: GenerationRequest, mess
     if runtime.chat_formatter is None:
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
-            raise LoadError(f"{runtime.model_path} has no embedded chat template; choose another prompt_format")
+            raise BackendError(400, "prompt_format_unsupported",
+                               f"{runtime.model_path} has no embedded chat template; choose another prompt_format")
         vocab = llm._model  # token texts for the template's bos/eos variables
 
         def text(token: int) -> str:
@@ -412,8 +413,6 @@ def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[Text
             prompt.insert(0, bos)  # formats without markup (raw) still need the model's BOS
         tokenized = time.perf_counter()
         if len(prompt) + 1 > llm.n_ctx():
-            from llmpoold.errors import BackendError
-
             raise BackendError(400, "context_length_exceeded",
                                f"prompt has {len(prompt)} tokens; the model's context is {llm.n_ctx()} "
                                "(gguf_n_ctx)")

@@ -219,3 +219,65 @@ def test_estimate_within_25_percent_of_measured_rss_growth(registry: Any, gguf_p
     growth = float(out.stdout.strip().splitlines()[-1])
     print(f"estimate {estimate.total_mib:.0f} MiB, measured RSS growth {growth:.0f} MiB")
     assert abs(estimate.total_mib - growth) <= 0.25 * growth
+
+
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}<start_of_turn>user\n{{ m['content'] }}"
+    "<end_of_turn>\n{% else %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def templated_gguf(gguf_path: str) -> str:
+    """The test model with a chat template embedded (gguf's own gguf-new-metadata),
+    cached under ~/.cache/llmpool-test: the package's base model has none."""
+    import hashlib
+    import subprocess
+    import sys
+
+    cache = Path(os.environ.get("LLMPOOL_TEST_CACHE", Path.home() / ".cache" / "llmpool-test"))
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"gemma3-270m-chat-{hashlib.sha1(GEMMA_TEMPLATE.encode()).hexdigest()[:8]}.gguf"
+    if not out.is_file():
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--force", "--chat-template",
+                        GEMMA_TEMPLATE, gguf_path, str(tmp)], check=True, capture_output=True, timeout=300)
+        tmp.rename(out)
+    return str(out)
+
+
+def test_chat_template_renders_the_embedded_template(registry: Any, templated_gguf: str) -> None:
+    """``chat_template`` uses the GGUF's own Jinja template: with the same turns it gives
+    the prompt (and so the greedy text) that gemma3_template gives."""
+    settings = settings_from({"engine": {"models": {"t": model_entry_for(templated_gguf,
+                                                                          prompt_format="chat_template")}}})
+    model = resolve_model_options(settings.engine.models["t"], registry.spec("gguf").options_model,
+                                  backend="gguf", requires_model_path=True)
+    runtime = registry.hook.llmpool_load(backend="gguf", replica_id="t#1", model=model)
+    try:
+        def text(fmt: str) -> str:
+            items = collect(registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=make_request(
+                model="t", prompt_format=fmt, text="Write one word.", instructions="", max_tokens=8)))
+            return "".join(i.text for i in items if isinstance(i, TextDelta))
+
+        from llmpool_gguf import _chat_template_prompt
+
+        from llmpoold.prompts import render
+
+        request = make_request(model="t", prompt_format="chat_template", text="Hi", instructions="Be brief.")
+        assert _chat_template_prompt(runtime, request, render(request).messages) == (
+            "<bos><start_of_turn>user\nBe brief.<end_of_turn>\n<start_of_turn>user\nHi<end_of_turn>\n"
+            "<start_of_turn>model\n")
+        assert text("chat_template") == text("gemma3_template")
+    finally:
+        registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
+
+
+def test_chat_template_without_one_is_a_400(registry: Any, runtime: Any) -> None:
+    from llmpoold.errors import BackendError
+
+    with pytest.raises(BackendError) as info:
+        collect(registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=make_request(
+            model="g", prompt_format="chat_template", text="Hi")))
+    assert info.value.status == 400 and "no embedded chat template" in info.value.message
