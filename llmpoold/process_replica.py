@@ -189,6 +189,8 @@ class ProcessReplica:
         self._reader_task: asyncio.Task[None] | None = None
         self._log_task: asyncio.Task[None] | None = None
         self._restart_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._hung = False
         self._state_changed: asyncio.Event | None = None
         self._stopping = False
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -217,6 +219,7 @@ class ProcessReplica:
             self._set_state("failed")
             raise
         self._set_state("ready")
+        self._start_watchdog()
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         if self.state != "ready":
@@ -250,6 +253,9 @@ class ProcessReplica:
     async def unload(self) -> None:
         """Unload and end the worker: politely, then SIGTERM, then SIGKILL."""
         self._stopping = True
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+            self._watchdog_task = None
         if self._restart_task is not None:
             self._restart_task.cancel()
             self._restart_task = None
@@ -419,6 +425,10 @@ class ProcessReplica:
             log.info("worker_exited", replica=self.replica_id, pid=proc.pid, status=code)
             self._fail_pending(ApiError(503, "replica_unloaded", f"replica '{self.replica_id}' was unloaded"))
             return
+        if self._hung:
+            self._hung = False
+            description = (f"process {proc.pid} did not answer a health check within "
+                           f"{self.policy.health_timeout_s:g} s and was killed")
         self.last_error = description
         was_ready = self.state == "ready"
         log.error("worker_crashed", replica=self.replica_id, pid=proc.pid, status=code, error=description)
@@ -439,6 +449,36 @@ class ProcessReplica:
         for future in ops.values():
             if not future.done():
                 future.set_exception(error)
+
+    # ----- health ---------------------------------------------------------------------
+
+    def _start_watchdog(self) -> None:
+        if self.policy.health_interval_s <= 0 or self._proc is None:
+            return
+        if self._watchdog_task is not None:
+            self._watchdog_task.cancel()
+        self._watchdog_task = asyncio.create_task(self._watchdog(self._proc),
+                                                  name=f"worker-watchdog-{self.replica_id}")
+
+    async def _watchdog(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill a worker that stops answering (a hang, not a crash): its streams then end
+        with ``replica_crashed`` and the restart policy applies, as for a crash."""
+        while True:
+            await asyncio.sleep(self.policy.health_interval_s)
+            if self._stopping or self._proc is not proc or proc.returncode is not None:
+                return
+            try:
+                await asyncio.wait_for(self._call({"op": "health"}), self.policy.health_timeout_s)
+            except TimeoutError:
+                if self._stopping or proc.returncode is not None:
+                    return
+                log.error("worker_unresponsive", replica=self.replica_id, pid=proc.pid,
+                          timeout_s=self.policy.health_timeout_s)
+                self._hung = True
+                proc.kill()
+                return
+            except Exception:  # noqa: BLE001 - it died: the exit path handles that
+                return
 
     # ----- restarts ------------------------------------------------------------------
 
@@ -478,6 +518,7 @@ class ProcessReplica:
             return
         self.restarts += 1
         self._set_state("ready")
+        self._start_watchdog()
         log.info("worker_restarted", replica=self.replica_id, pid=self.pid, restarts=self.restarts)
         self._notify("restarted")
 

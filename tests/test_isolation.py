@@ -362,3 +362,25 @@ async def test_unload_forces_a_stuck_worker(make_client: Any) -> None:
     assert resp.status == 200 and (await resp.json())["runtime_state"] == "unloaded"
     assert time.monotonic() - started < 5
     assert not alive(pid)
+
+
+async def test_hung_worker_is_killed_by_the_health_check_and_restarted(make_client: Any) -> None:
+    """A worker that stops answering (here: SIGSTOP) is not a crash the kernel reports;
+    the watchdog's health check finds it, kills it and the replica restarts and serves."""
+    client = await make_client({"engine": {"backend": "echo", "models": {"m": {}}}},
+                               replica_factory=factory(health_interval_s=0.2, health_timeout_s=0.5))
+    pid = (await replica_info(client, "m"))["replica_info"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    started = time.monotonic()
+
+    async def restarted() -> bool:
+        info = (await replica_info(client, "m"))["replica_info"][0]
+        return info["pid"] not in (None, pid) and info["state"] == "ready"
+
+    await wait_for(restarted)
+    assert time.monotonic() - started < 10
+    assert not alive(pid)
+    info = (await replica_info(client, "m"))["replica_info"][0]
+    assert "did not answer a health check within 0.5 s" in info["last_error"] and info["restarts"] == 1
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "alive again"})
+    assert (await resp.json())["output_text"] == "alive again"
