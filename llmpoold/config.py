@@ -148,7 +148,10 @@ class WorkerSettings(_Strict):
     A crashed worker is restarted after ``restart_backoff_s`` (doubling per restart in
     the window, capped at ``restart_backoff_max_s``), at most ``restart_max`` times per
     ``restart_window_s``; then the replica stays failed. Unload waits
-    ``unload_timeout_s`` for the worker to exit before SIGTERM, then SIGKILL. Every
+    ``unload_timeout_s`` for the worker to exit before SIGTERM, then SIGKILL. A worker
+    that has not finished loading within ``load_timeout_s`` is killed and its replica
+    fails with that reason (a load that hangs would otherwise hold the model in
+    ``loading`` and the daemon un-ready for ever). Every
     ``health_interval_s`` (0: never) a ready worker must answer a health check within
     ``health_timeout_s``; one that does not (hung, stopped) is killed and handled as a
     crash.
@@ -159,6 +162,7 @@ class WorkerSettings(_Strict):
     restart_backoff_s: float = Field(1.0, ge=0)
     restart_backoff_max_s: float = Field(30.0, ge=0)
     unload_timeout_s: float = Field(10.0, gt=0)
+    load_timeout_s: float = Field(600.0, gt=0)
     health_interval_s: float = Field(10.0, ge=0)
     health_timeout_s: float = Field(10.0, gt=0)
 

@@ -321,9 +321,14 @@ class ProcessReplica:
         self._reader_task = asyncio.create_task(self._read_loop(reader, proc), name=f"worker-read-{self.replica_id}")
         self._log_task = asyncio.create_task(self._relay_logs(proc), name=f"worker-log-{self.replica_id}")
         log.info("worker_started", replica=self.replica_id, pid=proc.pid, backend=self.backend)
+        limit = self.policy.load_timeout_s
         try:
-            await self._call({"op": "load", "backend": self.backend, "replica_id": self.replica_id,
-                              "model": model_to_wire(self.model)})
+            await asyncio.wait_for(self._call({"op": "load", "backend": self.backend, "replica_id": self.replica_id,
+                                               "model": model_to_wire(self.model)}), limit)
+        except TimeoutError:
+            # The caller kills the worker: a runtime stuck in its load cannot be interrupted.
+            raise LoadError(f"worker did not finish loading within {limit:g} s "
+                            "(engine.workers.load_timeout_s); it was killed") from None
         except ApiError as exc:
             if exc.code == "replica_crashed":
                 tail = " | ".join(self._tail)

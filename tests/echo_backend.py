@@ -25,6 +25,7 @@ class EchoOptions(BaseModel):
 
     echo_delay_s: float = 0.0
     echo_fail_load: str | None = None
+    echo_load_delay_s: float = 0.0
     echo_fail_after: int | None = None
     echo_concurrency: int = 1
     echo_ctx: int = 128
@@ -75,6 +76,8 @@ def llmpool_check_load_override(backend: str, override: dict[str, Any]) -> dict[
 def llmpool_load(backend: str, replica_id: str, model: Any) -> EchoRuntime | None:
     if backend != "echo":
         return None
+    if model.options.echo_load_delay_s:
+        time.sleep(model.options.echo_load_delay_s)
     if model.options.echo_fail_load:
         raise LoadError(model.options.echo_fail_load)
     runtime = EchoRuntime(replica_id, model.options)

@@ -225,6 +225,22 @@ async def test_worker_that_fails_to_load(make_client: Any) -> None:
     assert resp.status == 200
 
 
+async def test_load_that_hangs_is_killed_after_the_load_timeout(make_client: Any) -> None:
+    """A runtime stuck in its load (here: a 60 s sleep) must not hold the model in
+    ``loading`` for ever: the worker is killed and the model fails with the reason."""
+    started = time.monotonic()
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "stuck": {"echo_load_delay_s": 60}, "good": {}}}}, replica_factory=factory(load_timeout_s=1))
+    assert time.monotonic() - started < 15
+    entry = await replica_info(client, "stuck")
+    assert entry["runtime_state"] == "failed"
+    assert "did not finish loading within 1 s" in entry["last_error"]
+    good_pid = (await replica_info(client, "good"))["replica_info"][0]["pid"]
+    assert worker_pids(os.getpid()) == [good_pid]  # the stuck worker was killed
+    resp = await client.get("/readyz")
+    assert resp.status == 200
+
+
 async def test_explicit_process_isolation_needs_a_hostable_plugin(make_client: Any) -> None:
     client = await make_client({"engine": {"backend": "echo", "models": {"p": {"isolation": "process"}}}},
                                replica_factory=ProcessReplicaFactory(plugin_modules=()))
