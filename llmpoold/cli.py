@@ -12,7 +12,7 @@ import sys
 from aiohttp import web
 
 from llmpoold import __version__
-from llmpoold.config import SettingsError, load_settings
+from llmpoold.config import SettingsError, load_settings, settings_paths
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     registry.load_entry_points()
     try:
         app = create_app(settings, registry, settings_paths=(args.settings, args.local))
-    except SettingsError as exc:
-        print(f"llmpoold: invalid settings: {exc}", file=sys.stderr)
+    except SettingsError as exc:  # a backend's own keys, checked once its plugin is known
+        source = settings_paths(args.settings, args.local)[0]
+        print(f"llmpoold: invalid settings: {source}: {exc}", file=sys.stderr)
         return 2
     if args.check:
         print(f"llmpoold: settings OK; backends: {registry.describe_installed()}")

@@ -85,7 +85,7 @@ def test_cli_invalid_settings_exits_2_without_traceback(tmp_path: Path) -> None:
     path = write(tmp_path / "settings.json", {"service": {"port": -1}})
     result = run_cli("--settings", str(path), "--check")
     assert result.returncode == 2
-    assert "service.port" in result.stderr and "(got -1)" in result.stderr
+    assert f"{path}: service.port" in result.stderr and "(got -1)" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -95,7 +95,7 @@ def test_cli_unknown_backend_key_exits_2(tmp_path: Path) -> None:
         "backend": "gguf", "model_path": str(tmp_path / "x.gguf"), "gguf_n_ctxx": 512}}}})
     result = run_cli("--settings", str(path), "--check")
     assert result.returncode == 2, result.stderr
-    assert "engine.models.m.gguf_n_ctxx: unknown key" in result.stderr
+    assert f"{path}: engine.models.m.gguf_n_ctxx: unknown key" in result.stderr  # names the file too
     assert "Traceback" not in result.stderr
 
 
