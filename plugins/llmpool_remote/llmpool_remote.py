@@ -15,12 +15,15 @@ scrubbed of it) and never shown by admin (only the variable's name is config).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import os
 import random
+import re
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -57,6 +60,9 @@ MAX_BACKOFF_S = 30.0
 RESPONSE_KEYS = ("id", "object", "created", "model", "usage", "service_tier", "system_fingerprint")
 CHOICE_KEYS = ("index", "finish_reason", "stop_reason")
 REQUIRED = ("remote_api_kind", "remote_base_url", "remote_api_key_env", "remote_model")
+FILE_MODES = ("chat_completions_inline", "files_extract")
+DATA_URL = re.compile(r"data:[^;,]*;base64,(.*)", re.DOTALL)
+CHAT = "chat completion"
 
 
 # ----- config ------------------------------------------------------------------------
@@ -77,6 +83,8 @@ class RemoteOptions(BaseModel):
     remote_retry_backoff_s: float = Field(0.5, ge=0, le=MAX_BACKOFF_S)
     remote_thinking: Literal["enabled", "disabled"] | None = None
     remote_prompt_cache_key_enabled: bool = False
+    remote_file_mode: Literal["chat_completions_inline", "files_extract"] | None = None
+    remote_file_purpose: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -105,6 +113,21 @@ class RemoteOptions(BaseModel):
         if value is not None and value not in ("enabled", "disabled"):
             raise ValueError("remote_thinking must be 'enabled', 'disabled', or omitted")
         return value
+
+    @field_validator("remote_file_mode", mode="before")
+    @classmethod
+    def _file_mode(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower() or None
+        if value is not None and value not in FILE_MODES:
+            raise ValueError("remote_file_mode must be one of 'chat_completions_inline', 'files_extract'")
+        return value
+
+    @model_validator(mode="after")
+    def _file_purpose(self) -> RemoteOptions:
+        if self.remote_file_mode == "files_extract" and not (self.remote_file_purpose or "").strip():
+            raise ValueError("remote_file_purpose is required when remote_file_mode is 'files_extract'")
+        return self
 
 
 # ----- runtime -----------------------------------------------------------------------
@@ -211,10 +234,87 @@ def _close_session(session: aiohttp.ClientSession, loop: asyncio.AbstractEventLo
 # ----- request mapping -----------------------------------------------------------------
 
 
-def _content(content: Any) -> Any:
+def _content(content: Any, *, drop_files: bool = False) -> Any:
     if isinstance(content, str):
         return content
-    return [{k: v for k, v in dict(item).items() if v is not None} for item in content]
+    return [{k: v for k, v in dict(item).items() if v is not None} for item in content
+            if not (drop_files and item.get("type") == "file")]
+
+
+def _file_items(request: GenerationRequest) -> list[Mapping[str, Any]]:
+    return [item["file"] for m in request.messages if not isinstance(m.content, str)
+            for item in m.content if item.get("type") == "file"]
+
+
+def _decode_file(file: Mapping[str, Any]) -> tuple[str, bytes]:
+    """(sanitized filename, bytes) of a file item; 400 ``invalid_file_input`` unless its
+    ``file_data`` is a base64 data URL."""
+    name = str(file.get("filename") or "file")
+    match = DATA_URL.fullmatch(str(file.get("file_data") or "").strip())
+    if match is None:
+        raise BackendError(400, "invalid_file_input", f"file '{name}' must use a base64 data URL")
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", match.group(1)), validate=True)
+    except (binascii.Error, ValueError):
+        raise BackendError(400, "invalid_file_input", f"file '{name}' contains invalid base64 data") from None
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(name)).strip("._") or "file"
+    return safe, data
+
+
+async def extract_files(runtime: RemoteRuntime, request: GenerationRequest) -> tuple[str, ...]:
+    """``files_extract``: upload each file item (``POST <base>/files``), read the text
+    the upstream extracted (``GET <base>/files/<id>/content``), then delete it (best
+    effort: a failed cleanup is only logged). Returns the texts in request order."""
+    import aiohttp
+
+    files = [_decode_file(f) for f in _file_items(request)]  # all checked before any upload
+    texts: list[str] = []
+    for name, data in files:
+        purpose = str(runtime.options.remote_file_purpose)
+
+        def form(name: str = name, data: bytes = data, purpose: str = purpose) -> aiohttp.FormData:
+            fields = aiohttp.FormData()
+            fields.add_field("purpose", purpose)
+            fields.add_field("file", data, filename=name, content_type="application/octet-stream")
+            return fields
+
+        response, _ = await _open(runtime, None, request, path="/files", form=form, what="file upload")
+        uploaded = await _read_body(response, what="file upload", parse=True)
+        file_id = uploaded.get("id") if isinstance(uploaded, dict) else None
+        if not isinstance(file_id, str) or not file_id:
+            raise parse_error("returned no file id", what="file upload")
+        try:
+            response, _ = await _open(runtime, None, request, path=f"/files/{file_id}/content", method="GET",
+                                      what="file content extraction")
+            texts.append(await _read_body(response, what="file content extraction", parse=False))
+        finally:
+            try:
+                response, _ = await _open(runtime, None, None, path=f"/files/{file_id}", method="DELETE",
+                                          what="file cleanup")
+                response.release()
+            except BackendError as exc:
+                log.warning("remote_file_cleanup_failed", model=runtime.model_name, file_id=file_id,
+                            code=exc.code, error=exc.message)
+    return tuple(texts)
+
+
+async def _read_body(response: aiohttp.ClientResponse, *, what: str, parse: bool) -> Any:
+    """The whole body of a 2xx response: parsed JSON, or text (UTF-8)."""
+    import aiohttp
+
+    try:
+        raw = await response.read()
+    except TimeoutError:
+        raise timeout_error(what) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise connection_error(exc, what) from None
+    finally:
+        response.release()
+    try:
+        return json.loads(raw) if parse else raw.decode("utf-8")
+    except ValueError:
+        raise parse_error("returned a body that is not valid " + ("JSON" if parse else "UTF-8 text"),
+                          what=what) from None
 
 
 def resolved_thinking(options: RemoteOptions, request: GenerationRequest) -> str | None:
@@ -225,11 +325,16 @@ def resolved_thinking(options: RemoteOptions, request: GenerationRequest) -> str
     return options.remote_thinking
 
 
-def build_body(runtime: RemoteRuntime, request: GenerationRequest, *, stream: bool) -> dict[str, Any]:
-    """The upstream Chat Completions request body for ``request``."""
+def build_body(runtime: RemoteRuntime, request: GenerationRequest, *, stream: bool,
+               file_texts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The upstream Chat Completions request body for ``request``. With
+    ``files_extract``, ``file_texts`` (see :func:`extract_files`) become one system
+    message each, after the instructions, and the file items are dropped."""
     options, d = runtime.options, request.decoding
+    drop_files = options.remote_file_mode == "files_extract"
     messages: list[dict[str, Any]] = [{"role": "system", "content": request.instructions}]
-    messages += [{"role": m.role, "content": _content(m.content)} for m in request.messages]
+    messages += [{"role": "system", "content": text} for text in file_texts]
+    messages += [{"role": m.role, "content": _content(m.content, drop_files=drop_files)} for m in request.messages]
     body: dict[str, Any] = {"model": options.remote_model, "messages": messages, "max_tokens": d.max_tokens,
                             "temperature": d.temperature, "top_p": d.top_p}
     if d.stop:
@@ -276,9 +381,9 @@ def error_detail(raw: str) -> str:
     return json.dumps(data)[:DETAIL_LIMIT]
 
 
-def http_error(status: int, detail: str, *, retry_after: str | None = None) -> BackendError:
-    """The seed's mapping of an upstream HTTP error status."""
-    what = "upstream chat completion"
+def http_error(status: int, detail: str, *, retry_after: str | None = None, what: str = CHAT) -> BackendError:
+    """The seed's mapping of an upstream HTTP error status (``what``: the operation)."""
+    what = f"upstream {what}"
     if status in (401, 403):
         return BackendError(502, "upstream_authentication_failure",
                             f"{what} authentication failed with HTTP {status}: {detail}")
@@ -293,17 +398,17 @@ def http_error(status: int, detail: str, *, retry_after: str | None = None) -> B
     return BackendError(502, "upstream_http_error", f"{what} returned HTTP {status}: {detail}")
 
 
-def timeout_error() -> BackendError:
-    return BackendError(504, "upstream_timeout", "upstream chat completion timed out")
+def timeout_error(what: str = CHAT) -> BackendError:
+    return BackendError(504, "upstream_timeout", f"upstream {what} timed out")
 
 
-def connection_error(exc: BaseException) -> BackendError:
+def connection_error(exc: BaseException, what: str = CHAT) -> BackendError:
     return BackendError(502, "upstream_connection_error",
-                        f"upstream chat completion connection failed: {type(exc).__name__}: {exc}")
+                        f"upstream {what} connection failed: {type(exc).__name__}: {exc}")
 
 
-def parse_error(message: str) -> BackendError:
-    return BackendError(502, "upstream_response_parse_failure", f"upstream chat completion {message}")
+def parse_error(message: str, what: str = CHAT) -> BackendError:
+    return BackendError(502, "upstream_response_parse_failure", f"upstream {what} {message}")
 
 
 def _retry_delay(options: RemoteOptions, attempt: int, retry_after: str | None) -> float:
@@ -318,11 +423,14 @@ def _retry_delay(options: RemoteOptions, attempt: int, retry_after: str | None) 
     return min(delay, MAX_BACKOFF_S, options.remote_timeout_s)
 
 
-async def _open(runtime: RemoteRuntime, body: dict[str, Any], request: GenerationRequest | None,
-                path: str = "/chat/completions", method: str = "POST") -> tuple[aiohttp.ClientResponse, int]:
-    """Send the request, retrying where the upstream cannot have done the work
-    (connection refused, 429, 503; always before any token). Returns the 2xx response
-    (headers read, body not) and the number of retries."""
+async def _open(runtime: RemoteRuntime, body: dict[str, Any] | None, request: GenerationRequest | None,
+                path: str = "/chat/completions", method: str = "POST", *,
+                form: Callable[[], aiohttp.FormData] | None = None,
+                what: str = CHAT) -> tuple[aiohttp.ClientResponse, int]:
+    """Send the request (a JSON ``body``, or a multipart ``form`` built anew for each
+    attempt), retrying where the upstream cannot have done the work (connection
+    refused, 429, 503; always before any token). Returns the 2xx response (headers
+    read, body not) and the number of retries. Errors name the operation ``what``."""
     import aiohttp
 
     options = runtime.options
@@ -333,29 +441,29 @@ async def _open(runtime: RemoteRuntime, body: dict[str, Any], request: Generatio
         headers = {"Authorization": f"Bearer {key}"}
         retry_after: str | None = None
         try:
-            if method == "POST":
-                response = await (await runtime.session()).post(url, json=body, headers=headers)
-            else:
-                response = await (await runtime.session()).get(url, headers=headers)
+            payload: dict[str, Any] = {"data": form()} if form is not None else {}
+            if body is not None:
+                payload["json"] = body
+            response = await (await runtime.session()).request(method, url, headers=headers, **payload)
         except TimeoutError:
-            raise timeout_error() from None
+            raise timeout_error(what) from None
         except aiohttp.ClientConnectorError as exc:
-            failure: BackendError = connection_error(exc)
+            failure: BackendError = connection_error(exc, what)
         except (aiohttp.ClientError, OSError) as exc:
-            raise connection_error(exc) from None
+            raise connection_error(exc, what) from None
         else:
             if response.status < 400:
                 return response, retries
             try:
                 raw = (await response.content.read(ERROR_BODY_LIMIT)).decode("utf-8", "replace")
             except TimeoutError:
-                raise timeout_error() from None
+                raise timeout_error(what) from None
             except (aiohttp.ClientError, OSError):
                 raw = ""
             finally:
                 response.release()
             retry_after = response.headers.get("Retry-After")
-            failure = http_error(response.status, _scrub(error_detail(raw), key), retry_after=retry_after)
+            failure = http_error(response.status, _scrub(error_detail(raw), key), retry_after=retry_after, what=what)
             if response.status not in (429, 503):
                 raise failure
         if retries >= options.remote_max_retries or (request is not None and request.cancel.is_set()):
@@ -491,6 +599,12 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
         raise parse_error("returned a body that is not valid JSON") from None
 
 
+async def _file_texts(runtime: RemoteRuntime, request: GenerationRequest) -> tuple[str, ...]:
+    if runtime.options.remote_file_mode != "files_extract":
+        return ()
+    return await extract_files(runtime, request)
+
+
 async def remote_stream(runtime: RemoteRuntime, request: GenerationRequest) -> AsyncIterator[StreamItem]:
     """Stream one request from the upstream (the async iterator ``llmpool_stream`` returns)."""
     import aiohttp
@@ -501,7 +615,7 @@ async def remote_stream(runtime: RemoteRuntime, request: GenerationRequest) -> A
     response: aiohttp.ClientResponse | None = None
     relay = _Relay()
     try:
-        body = build_body(runtime, request, stream=True)
+        body = build_body(runtime, request, stream=True, file_texts=await _file_texts(runtime, request))
         key = runtime.api_key()
         response, retries = await _open(runtime, body, request)
         try:
@@ -556,7 +670,7 @@ async def remote_generate(runtime: RemoteRuntime, request: GenerationRequest) ->
 
     started = time.perf_counter()
     relay = _Relay()
-    body = build_body(runtime, request, stream=False)
+    body = build_body(runtime, request, stream=False, file_texts=await _file_texts(runtime, request))
     key = runtime.api_key()
     response, retries = await _open(runtime, body, request)
     try:
@@ -592,7 +706,7 @@ def health_check(runtime: RemoteRuntime) -> None:
 
     async def check() -> None:
         try:
-            response, _ = await _open(runtime, {}, None, path="/models", method="GET")
+            response, _ = await _open(runtime, None, None, path="/models", method="GET")
             try:
                 data = await _read_json(response)
             finally:
@@ -635,7 +749,8 @@ def llmpool_model_traits(backend: str, model: ModelConfig) -> ModelTraits | None
         return None
     return ModelTraits(capabilities=Capabilities(modalities=model.modalities, multi_turn=True,
                                                  thinking_modes=("default", "enabled", "disabled"),
-                                                 reasoning_efforts=model.reasoning_efforts),
+                                                 reasoning_efforts=model.reasoning_efforts,
+                                                 file_inputs=model.options.remote_file_mode is not None),
                        concurrency=model.target_inflight)
 
 

@@ -4,7 +4,9 @@ Real behaviour is tested against llama-cpp-python's server; this fake only exist
 produce the failures a real server will not produce on demand: error statuses,
 timeouts, garbage bodies, streams cut mid-way, stalls. Each ``POST /chat/completions``
 takes the next behaviour from ``script`` (``"ok"`` once the script is empty) and is
-recorded in ``calls``.
+recorded in ``calls``. The Files API (``POST /files``, ``GET /files/{id}/content``,
+``DELETE /files/{id}``) keeps uploads in ``files``; its "extraction" is the file's text
+prefixed with ``extracted:``; ``upload_status`` / ``delete_status`` make it fail.
 """
 
 from __future__ import annotations
@@ -42,12 +44,42 @@ class FakeUpstream:
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
     active: int = 0
     max_active: int = 0
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    upload_status: int = 200
+    delete_status: int = 200
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/files", self.upload)
+        app.router.add_get("/v1/files/{id}/content", self.file_content)
+        app.router.add_delete("/v1/files/{id}", self.delete_file)
         return app
+
+    async def upload(self, request: web.Request) -> web.Response:
+        if self.upload_status != 200:
+            return web.json_response({"error": {"message": "upload refused"}}, status=self.upload_status)
+        form = await request.post()
+        upload = form["file"]
+        assert isinstance(upload, web.FileField)
+        file_id = f"file-{len(self.files) + 1}"
+        self.files[file_id] = {"purpose": form["purpose"], "filename": upload.filename,
+                               "data": upload.file.read(), "auth": request.headers.get("Authorization")}
+        return web.json_response({"id": file_id, "object": "file", "filename": upload.filename})
+
+    async def file_content(self, request: web.Request) -> web.Response:
+        file = self.files.get(request.match_info["id"])
+        if file is None:
+            return web.json_response({"error": {"message": "no such file"}}, status=404)
+        return web.Response(text="extracted: " + file["data"].decode(), content_type="text/plain")
+
+    async def delete_file(self, request: web.Request) -> web.Response:
+        if self.delete_status != 200:
+            return web.json_response({"error": {"message": "cannot delete"}}, status=self.delete_status)
+        self.deleted.append(request.match_info["id"])
+        return web.json_response({"id": request.match_info["id"], "deleted": True})
 
     async def list_models(self, request: web.Request) -> web.Response:
         if self.models_status != 200:

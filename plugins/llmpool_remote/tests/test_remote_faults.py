@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 from typing import Any
@@ -288,6 +289,10 @@ def test_options_validation() -> None:
         ({**good, "remote_max_retries": -1}, "greater than or equal to 0"),
         ({**good, "remote_base_url": "api.example.com"}, "must start with http"),
         ({**good, "remote_api_key": "sk-inline"}, "Extra inputs are not permitted"),
+        ({**good, "remote_file_mode": "upload"},
+         "remote_file_mode must be one of 'chat_completions_inline', 'files_extract'"),
+        ({**good, "remote_file_mode": "files_extract"},
+         "remote_file_purpose is required when remote_file_mode is 'files_extract'"),
     ]:
         with pytest.raises(ValidationError, match=message):
             options.model_validate(bad)
@@ -357,3 +362,87 @@ async def test_runs_in_a_worker_process_too(fake_upstream: Any, remote_key: str,
     resp = await client.post("/v1/responses", json=ask())
     # The worker's error frame carries status and code only, not Retry-After (a core gap).
     assert resp.status == 429 and (await resp.json())["detail"]["code"] == "upstream_rate_limit"
+
+
+# ----- file inputs ----------------------------------------------------------------------
+
+
+def data_url(text: str) -> str:
+    return "data:text/plain;base64," + base64.b64encode(text.encode()).decode()
+
+
+def with_file(file_data: str, filename: str = "../Q3 report.txt") -> dict[str, Any]:
+    return ask(input=None, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Summarise the file."},
+        {"type": "file", "file": {"filename": filename, "file_data": file_data}}]}])
+
+
+async def file_client(fake_upstream: Any, make_remote_client: Any, mode: str | None) -> Any:
+    keys = {} if mode is None else {"remote_file_mode": mode, "remote_file_purpose": "file-extract"}
+    return await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model", **keys)})
+
+
+async def test_files_extract_uploads_extracts_and_deletes(fake_upstream: Any, remote_key: str,
+                                                          make_remote_client: Any) -> None:
+    client = await file_client(fake_upstream, make_remote_client, "files_extract")
+    resp = await client.post("/v1/responses", json=with_file(data_url("revenue rose 12%")))
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["output_text"] == "Hello from fake"
+    [(file_id, upload)] = fake_upstream.files.items()
+    assert upload["purpose"] == "file-extract" and upload["data"] == b"revenue rose 12%"
+    assert upload["filename"] == "Q3_report.txt" and upload["auth"] == f"Bearer {KEY}"
+    sent = fake_upstream.calls[-1].body["messages"]
+    assert sent[1] == {"role": "system", "content": "extracted: revenue rose 12%"}
+    assert sent[2] == {"role": "user", "content": [{"type": "text", "text": "Summarise the file."}]}
+    assert fake_upstream.deleted == [file_id]
+
+
+async def test_files_extract_streams_too_and_cleanup_failure_is_only_logged(
+        fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    client = await file_client(fake_upstream, make_remote_client, "files_extract")
+    fake_upstream.delete_status = 500
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.post("/v1/responses", json={**with_file(data_url("a")), "stream": True})
+        events = sse_events(await resp.text())
+    assert events[-1][0] == "response.completed" and events[-1][1]["output_text"] == "Hello from fake"
+    assert [e for e in logs if e["event"] == "remote_file_cleanup_failed"][0]["code"] == "upstream_server_error"
+
+
+@pytest.mark.parametrize("file_data, message", [
+    ("https://example.com/a.txt", "file 'bad.txt' must use a base64 data URL"),
+    ("data:text/plain;base64,@@not base64@@", "file 'bad.txt' contains invalid base64 data"),
+])
+async def test_files_extract_refuses_a_bad_file_before_any_upload(
+        fake_upstream: Any, remote_key: str, make_remote_client: Any, file_data: str, message: str) -> None:
+    client = await file_client(fake_upstream, make_remote_client, "files_extract")
+    resp = await client.post("/v1/responses", json=with_file(file_data, filename="bad.txt"))
+    assert await error_of(resp) == (400, {"code": "invalid_file_input", "model": "r", "message": message})
+    assert fake_upstream.files == {} and fake_upstream.calls == []
+
+
+async def test_files_extract_upload_failure_names_the_operation(fake_upstream: Any, remote_key: str,
+                                                                make_remote_client: Any) -> None:
+    client = await file_client(fake_upstream, make_remote_client, "files_extract")
+    fake_upstream.upload_status = 400
+    resp = await client.post("/v1/responses", json=with_file(data_url("x")))
+    status, detail = await error_of(resp)
+    assert (status, detail["code"]) == (502, "upstream_invalid_request")
+    assert detail["message"] == "upstream file upload rejected the request with HTTP 400: upload refused"
+    assert fake_upstream.calls == []
+
+
+async def test_chat_completions_inline_forwards_file_items(fake_upstream: Any, remote_key: str,
+                                                           make_remote_client: Any) -> None:
+    client = await file_client(fake_upstream, make_remote_client, "chat_completions_inline")
+    resp = await client.post("/v1/responses", json=with_file(data_url("inline")))
+    assert resp.status == 200, await resp.text()
+    content = fake_upstream.calls[-1].body["messages"][1]["content"]
+    assert content[1] == {"type": "file", "file": {"filename": "../Q3 report.txt", "file_data": data_url("inline")}}
+    assert fake_upstream.files == {}
+
+
+async def test_file_items_need_a_file_mode(client: Any, fake_upstream: Any) -> None:
+    resp = await client.post("/v1/responses", json=with_file(data_url("x")))
+    status, detail = await error_of(resp)
+    assert (status, detail["code"]) == (400, "file_input_unsupported")
+    assert fake_upstream.calls == []
