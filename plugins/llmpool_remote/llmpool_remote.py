@@ -738,8 +738,10 @@ def health_check(runtime: RemoteRuntime) -> None:
 
 @hookimpl
 def llmpool_backends() -> list[BackendSpec]:
+    # As the seed: target_inflight (the concurrent upstream calls) is the one load override.
     return [BackendSpec(name=BACKEND, aliases=ALIASES, options_model=RemoteOptions, remote=True,
-                        requires_model_path=False,
+                        requires_model_path=False, load_override_keys=frozenset({"target_inflight"}),
+                        load_constraints={"target_inflight": {"kind": "integer", "minimum": 1, "step": 1}},
                         description="an upstream OpenAI-compatible Chat Completions API (remote execution)")]
 
 

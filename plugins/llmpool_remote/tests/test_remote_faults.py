@@ -308,6 +308,27 @@ async def test_target_inflight_caps_concurrent_upstream_calls(fake_upstream: Any
     assert fake_upstream.max_active == 2
 
 
+async def test_target_inflight_load_override(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
+    """The seed's one load override for remote models: it caps the upstream calls for
+    that load only; other keys are refused."""
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model", enabled=False)})
+    resp = await client.post("/v1/admin/models/r/load", json={"remote_timeout_s": 5})
+    assert (await error_of(resp))[1]["message"] == "unsupported load override for openai_compatible backend: " \
+                                                   "remote_timeout_s"
+    resp = await client.post("/v1/admin/models/r/load", json={"target_inflight": 3})
+    entry = await resp.json()
+    assert resp.status == 200, entry
+    assert (entry["configured_target_inflight"], entry["effective_target_inflight"]) == (3, 3)
+    assert entry["load_override"] == {"target_inflight": 3}
+    assert entry["load_constraints"]["target_inflight"] == {"kind": "integer", "minimum": 1, "step": 1}
+    fake_upstream.script = [("sleep", 0.2)] * 6
+    responses = await asyncio.gather(*(client.post("/v1/responses", json=ask()) for _ in range(6)))
+    assert [r.status for r in responses] == [200] * 6 and fake_upstream.max_active == 3
+    await client.post("/v1/admin/models/r/unload")
+    entry = [m for m in (await (await client.get("/v1/admin/models")).json())["models"] if m["name"] == "r"][0]
+    assert (entry["configured_target_inflight"], entry["load_override"]) == (1, {})
+
+
 async def test_missing_key_at_call_time_is_500(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV)
     status, detail = await error_of(await client.post("/v1/responses", json=ask()))
