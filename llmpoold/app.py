@@ -129,17 +129,34 @@ def log_inference(inf: Inference, *, stream: bool, status: int, error: str | Non
              status=status, error=error, metrics=inf.result.metrics if inf.result else None)
 
 
-async def responses(request: web.Request) -> web.StreamResponse:
-    started = time.perf_counter()
-    body: ResponseRequest = parse_body(ResponseRequest, await read_json(request))
+def parse_inference_body(model: type[BaseModel], data: Any) -> Any:
+    """``parse_body`` that also writes the request's ``inference`` log line when the
+    body is refused (every request gets one)."""
+    try:
+        return parse_body(model, data)
+    except (ApiError, ValidationError) as exc:
+        code = exc.code if isinstance(exc, ApiError) else "invalid_request_body"
+        log.info("inference", model=data.get("model") if isinstance(data, dict) else None, status=422, error=code)
+        raise
+
+
+async def start_inference(request: web.Request, body: ResponseRequest, started: float) -> Inference:
+    """Admit ``body`` and wait for a replica slot; log the line of a request that is
+    refused or whose client leaves while it is queued."""
     inf = Inference(request.app[POOL], body, request_id=request[REQUEST_ID], started_at=started)
     try:
         await inf.start()
     except ApiError as exc:
         log_inference(inf, stream=body.stream, status=exc.status, error=exc.code)
         raise
-    if body.stream:
-        return await _stream_response(request, inf, started)
+    except asyncio.CancelledError:
+        log_inference(inf, stream=body.stream, status=499, error="client_disconnected")
+        raise
+    return inf
+
+
+async def collect_inference(inf: Inference, started: float) -> InferenceResult:
+    """Run a started request to the end (non-streaming) and log its line."""
     try:
         async with aclosing(inf.events()) as events:
             async for _ in events:
@@ -147,10 +164,22 @@ async def responses(request: web.Request) -> web.StreamResponse:
     except ApiError as exc:
         log_inference(inf, stream=False, status=exc.status, error=exc.code)
         raise
+    except asyncio.CancelledError:
+        log_inference(inf, stream=False, status=499, error="client_disconnected")
+        raise
     assert inf.result is not None
     _finish_pool_time(inf.result, started)
     log_inference(inf, stream=False, status=200)
-    return web.json_response(response_object(inf, inf.result))
+    return inf.result
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    body: ResponseRequest = parse_inference_body(ResponseRequest, await read_json(request))
+    inf = await start_inference(request, body, started)
+    if body.stream:
+        return await _stream_response(request, inf, started)
+    return web.json_response(response_object(inf, await collect_inference(inf, started)))
 
 
 def _finish_pool_time(result: InferenceResult, started: float) -> None:

@@ -82,14 +82,20 @@ class DecodingDefaults(_Strict):
 
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
-        raise ValueError(f"engine.fairness.{name} must be an integer greater than 0")
+        raise ValueError(f"engine.fairness.{name} must be an integer greater than 0{_got(value)}")
     return int(value)
 
 
 def _positive_finite(message: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(message)
+        raise ValueError(message + _got(value))
     return float(value)
+
+
+def _got(value: Any) -> str:
+    """`` (got <value>)``: the seed's messages, plus the value (errors raised on a whole
+    block cannot rely on :func:`format_validation_error` to show it)."""
+    return f" (got {json.dumps(value, default=str)})"
 
 
 class FairnessSettings(_Strict):
@@ -336,6 +342,9 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
+SECRET_FIELDS = frozenset({"api_keys", "admin_api_key"})
+
+
 def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
     """One line per error: ``<field path>: <message> (got <value>)``."""
     lines = []
@@ -345,10 +354,14 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
             del loc[3]
         path = ".".join(([prefix] if prefix else []) + loc)
         message = str(err["msg"]).removeprefix("Value error, ")
+        if message.startswith(path + ".") or message.startswith(path + " ") or message.startswith(path + "["):
+            path = ""  # the message names the field itself (the seed's fairness messages)
         if err["type"] == "extra_forbidden":
             message = "unknown key"
         value = err.get("input")
-        hidden = err["type"] == "missing" or isinstance(value, dict)
+        # A literal API key must not reach stderr or an admin reload response.
+        secret = any(part in SECRET_FIELDS for part in loc)
+        hidden = err["type"] == "missing" or isinstance(value, dict) or secret
         shown = "" if hidden else f" (got {json.dumps(value, default=str)})"
         lines.append(f"{path}: {message}{shown}" if path else f"{message}{shown}")
     return "; ".join(lines)

@@ -252,31 +252,6 @@ def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
 # ----- handlers -------------------------------------------------------------------------
 
 
-async def _start(request: web.Request, body: ResponseRequest, started: float) -> Inference:
-    """Admission and queueing, exactly as ``POST /v1/responses``."""
-    inf = Inference(request.app[core.POOL], body, request_id=request[core.REQUEST_ID], started_at=started)
-    try:
-        await inf.start()
-    except ApiError as exc:
-        core.log_inference(inf, stream=body.stream, status=exc.status, error=exc.code)
-        raise
-    return inf
-
-
-async def _collect(inf: Inference, started: float) -> InferenceResult:
-    try:
-        async with aclosing(inf.events()) as events:
-            async for _ in events:
-                pass
-    except ApiError as exc:
-        core.log_inference(inf, stream=False, status=exc.status, error=exc.code)
-        raise
-    assert inf.result is not None
-    core._finish_pool_time(inf.result, started)
-    core.log_inference(inf, stream=False, status=200)
-    return inf.result
-
-
 def _json(data: dict[str, Any], result: InferenceResult) -> web.Response:
     return web.json_response(data, headers={"X-Llmpool-Metrics": json.dumps(result.metrics, separators=(",", ":"))})
 
@@ -317,24 +292,24 @@ async def _stream(request: web.Request, inf: Inference, shape: Shape, started: f
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     body, seed = chat_request(await core.read_json(request))
-    inf = await _start(request, seed, started)
+    inf = await core.start_inference(request, seed, started)
     usage = bool(body.stream_options and body.stream_options.include_usage)
     shape = ChatShape(model=seed.model, include_usage=usage)
     if seed.stream:
         return await _stream(request, inf, shape, started)
-    result = await _collect(inf, started)
+    result = await core.collect_inference(inf, started)
     return _json(shape.completion(result), result)
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
     started = time.perf_counter()
     body, seed = responses_request(await core.read_json(request))
-    inf = await _start(request, seed, started)
+    inf = await core.start_inference(request, seed, started)
     shape = ResponsesShape(response_id=inf.response_id, model=seed.model, echo=body.model_dump(
         include={"instructions", "temperature", "top_p", "max_output_tokens", "metadata"}))
     if seed.stream:
         return await _stream(request, inf, shape, started)
-    result = await _collect(inf, started)
+    result = await core.collect_inference(inf, started)
     return _json(shape.json(result), result)
 
 

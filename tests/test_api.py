@@ -7,6 +7,7 @@ from typing import Any
 
 import echo_backend
 import pytest
+import structlog
 
 from llmpoold.app import POOL
 from llmpoold.testing import sse_events
@@ -75,8 +76,11 @@ async def test_malformed_bodies_get_clear_errors(client: Any) -> None:
     assert resp.status == 415
     resp = await client.post("/v1/responses", json=[1, 2])
     assert resp.status == 422
-    resp = await client.post("/v1/responses", json={"model": "echo", "input": "x", "decoding": {"max_tokens": "many"}})
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.post("/v1/responses", json={"model": "echo", "input": "x",
+                                                        "decoding": {"max_tokens": "many"}})
     assert resp.status == 422
+    assert [(e["model"], e["status"]) for e in logs if e["event"] == "inference"] == [("echo", 422)]
     detail = (await resp.json())["detail"]
     assert detail[0]["loc"] == ["body", "decoding", "max_tokens"]
     resp = await client.post("/v1/responses", json={"model": "echo"})

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,15 @@ def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
     ({"servce": {}}, "servce: unknown key"),
     ({"engine": {"models": {"m": {"replicas": 0}}}}, "engine.models.m.replicas"),
     ({"engine": {"fairness": {"max_pending_per_key": 0}}},
-     "engine.fairness.max_pending_per_key must be an integer greater than 0"),
+     "settings.json: engine.fairness.max_pending_per_key must be an integer greater than 0 (got 0)"),
+    ({"engine": {"fairness": {"default_weight": -2}}},
+     "settings.json: engine.fairness.default_weight must be a finite number greater than 0 (got -2)"),
+    ({"engine": {"fairness": {"weights": {"team-a": "heavy"}}}},
+     "engine.fairness.weights['team-a'] must be a finite number greater than 0 (got \"heavy\")"),
+    ({"engine": {"fairness": {"soft_max_inflight_per_key": 1.5}}}, "(got 1.5)"),
+    ({"engine": {"fairness": 3}}, "settings.json: engine.fairness must be an object (got 3)"),
+    ({"engine": {"models": {"m": {"replicas": 2, "replica_max": 1}}}}, "engine.models.m"),
+    ({"service": {"log_level": "loud"}}, "service.log_level: "),
 ])
 def test_validation_errors_name_field_path_and_value(data: dict, expected: str) -> None:
     with pytest.raises(SettingsError) as info:
@@ -79,6 +88,14 @@ def test_example_config_in_repo_is_valid() -> None:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "llmpoold", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("service", [{"api_keys": "sk-secret-1"}, {"api_keys": ["ok", 7]},
+                                     {"admin_api_key": ["sk-secret-1"]}])
+def test_validation_errors_never_echo_api_keys(service: dict[str, Any]) -> None:
+    with pytest.raises(SettingsError) as exc:
+        parse_settings({"service": service})
+    assert "service." in str(exc.value) and "sk-secret-1" not in str(exc.value) and "got" not in str(exc.value)
 
 
 def test_cli_invalid_settings_exits_2_without_traceback(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import echo_backend
 import pytest
+import structlog
 
 from llmpoold.app import POOL
 from llmpoold.config import FairnessSettings
@@ -213,6 +214,10 @@ async def test_http_model_default_queue_deadline(make_client: Any) -> None:
     assert (await first).status == 200
 
 
+def _inference_lines(logs: list[dict[str, Any]]) -> list[tuple[int, str | None]]:
+    return [(e["status"], e.get("error")) for e in logs if e["event"] == "inference"]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_http_disconnect_while_queued_removes_the_job(make_client: Any, stream: bool) -> None:
     client = await make_client(_settings())
@@ -222,8 +227,10 @@ async def test_http_disconnect_while_queued_removes_the_job(make_client: Any, st
     await until(lambda: sched.runtime_inflight == 1)
     queued = _post(client, "gone", "b", stream=stream)
     await until(lambda: sched.queue_depth == 1)
-    queued.cancel()
-    await until(lambda: sched.queue_depth == 0 and entry.inflight_requests == 1)
+    with structlog.testing.capture_logs() as logs:
+        queued.cancel()
+        await until(lambda: sched.queue_depth == 0 and entry.inflight_requests == 1)
+    assert _inference_lines(logs) == [(499, "client_disconnected")]  # every request gets its line
     assert [k["fairness_key"] for k in sched.snapshot()["keys"]] == ["a"]
     assert (await first).status == 200
     await until(lambda: sched.runtime_inflight == 0)
@@ -236,19 +243,22 @@ async def test_http_disconnect_while_running_cancels_and_charges(make_client: An
     entry = client.server.app[POOL].entries["slow"]
     runtime, sched = entry.replicas[0].runtime, entry.scheduler
     assert isinstance(runtime, echo_backend.EchoRuntime)
-    if stream:
-        resp = await client.post("/v1/responses", headers={"X-Request-Id": "dropped"},
-                                 json={"model": "slow", "input": " ".join(["w"] * 200), "stream": True,
-                                       "fairness_key": "k"})
-        await resp.content.readline()
-        await asyncio.sleep(0.1)
-        resp.close()
-    else:
-        task = _post(client, "dropped", "k", words=200)
-        await until(lambda: runtime.active == 1)
-        await asyncio.sleep(0.1)
-        task.cancel()
-    await until(lambda: "dropped" in runtime.cancelled and runtime.active == 0)
+    with structlog.testing.capture_logs() as logs:
+        if stream:
+            resp = await client.post("/v1/responses", headers={"X-Request-Id": "dropped"},
+                                     json={"model": "slow", "input": " ".join(["w"] * 200), "stream": True,
+                                           "fairness_key": "k"})
+            await resp.content.readline()
+            await asyncio.sleep(0.1)
+            resp.close()
+        else:
+            task = _post(client, "dropped", "k", words=200)
+            await until(lambda: runtime.active == 1)
+            await asyncio.sleep(0.1)
+            task.cancel()
+        await until(lambda: "dropped" in runtime.cancelled and runtime.active == 0)
+        await until(lambda: bool(_inference_lines(logs)))
+    assert _inference_lines(logs) == [(499, "client_disconnected")]
     await until(lambda: sched.runtime_inflight == 0 and entry.inflight_requests == 0)
     # charged for the time it actually held the replica (≥ the 0.1 s it ran), not 0
     assert sched.queue._buckets["k"].virtual_service_ms >= 90
