@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from llmpoold import hookimpl
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.prompts import capabilities_for, render
+from llmpoold.prompts import RenderedPrompt, capabilities_for, render
 from llmpoold.textstream import ReasoningSplitter, StopFilter, Utf8Stream
 from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
 
@@ -367,6 +367,18 @@ def llmpool_unload(backend: str, runtime: GgufRuntime) -> bool | None:
 # ----- generation ------------------------------------------------------------------------
 
 
+def prompt_text(runtime: GgufRuntime, request: GenerationRequest, rendered: RenderedPrompt) -> str:
+    """The text to tokenize: the format's own rendering, or the GGUF's embedded template
+    for ``chat_template``. ``gemma4_template`` prefers the embedded template, which carries
+    Gemma 4's thinking switch (``enable_thinking``), as the seed does, and falls back to
+    the rendered text for a GGUF without one."""
+    if rendered.text is None:
+        return _chat_template_prompt(runtime, request, rendered.messages)
+    if request.prompt_format == "gemma4_template" and runtime.llm.metadata.get("tokenizer.chat_template"):
+        return _chat_template_prompt(runtime, request, rendered.messages)
+    return rendered.text
+
+
 def _chat_template_prompt(runtime: GgufRuntime, request: GenerationRequest, messages: Any) -> str:
     """Render the GGUF's embedded chat template (``tokenizer.chat_template``)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -405,8 +417,7 @@ def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[Text
         if llm is None:
             raise LoadError(f"replica {runtime.replica_id} is unloaded")
         started = time.perf_counter()
-        text = rendered.text if rendered.text is not None else _chat_template_prompt(runtime, request,
-                                                                                     rendered.messages)
+        text = prompt_text(runtime, request, rendered)
         prompt = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         bos = llm.token_bos()
         if llm._model.add_bos_token() and bos != -1 and prompt[:1] != [bos]:

@@ -3,6 +3,7 @@ through the HTTP app."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -270,8 +271,31 @@ def test_chat_template_renders_the_embedded_template(registry: Any, templated_gg
             "<bos><start_of_turn>user\nBe brief.<end_of_turn>\n<start_of_turn>user\nHi<end_of_turn>\n"
             "<start_of_turn>model\n")
         assert text("chat_template") == text("gemma3_template")
+        # gemma4_template goes through the embedded template too (Gemma 4's thinking
+        # switch lives there), passing the request's thinking as enable_thinking.
+        from llmpool_gguf import prompt_text
+
+        gemma4 = dataclasses.replace(make_request(model="t", prompt_format="gemma4_template", text="Hi",
+                                                  instructions="Be brief."), thinking=True, thinking_mode="enabled")
+        seen: list[dict[str, Any]] = []
+        formatter = runtime.chat_formatter
+        runtime.chat_formatter = lambda **kw: (seen.append(kw), formatter(**kw))[1]
+        assert prompt_text(runtime, gemma4, render(gemma4)) == _chat_template_prompt(runtime, request,
+                                                                                      render(request).messages)
+        assert seen[0]["enable_thinking"] is True
     finally:
         registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
+
+
+def test_gemma4_template_without_an_embedded_template_uses_its_own_rendering(runtime: Any) -> None:
+    from llmpool_gguf import prompt_text
+
+    from llmpoold.prompts import render
+
+    request = make_request(model="g", prompt_format="gemma4_template", text="Hi", instructions="Be brief.")
+    assert prompt_text(runtime, request, render(request)) == (
+        "<bos><start_of_turn>system\nBe brief.<end_of_turn>\n<start_of_turn>user\nHi<end_of_turn>\n"
+        "<start_of_turn>model\n")
 
 
 def test_chat_template_without_one_is_a_400(registry: Any, runtime: Any) -> None:
