@@ -326,7 +326,8 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     app[REGISTRY] = registry
     app[SETTINGS] = settings
     app[SETTINGS_PATHS] = settings_paths
-    app[RELOAD_STATE] = {"service": settings.service, "restart_required": False}
+    app[RELOAD_STATE] = {"service": settings.service, "workers": settings.engine.workers,
+                         "restart_required": False}
     app.router.add_post("/v1/responses", responses)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/admin/models", admin_models)

@@ -16,7 +16,8 @@ from llmpoold.errors import ApiError
 from llmpoold.pool import ModelEntry, Pool
 
 SETTINGS_PATHS = web.AppKey("settings_paths", tuple)
-# {"service": ServiceSettings the process started with, "restart_required": bool}
+# {"service": ServiceSettings and "workers": WorkerSettings the process started with,
+#  "restart_required": bool}
 RELOAD_STATE = web.AppKey("reload_state", dict)
 
 
@@ -73,9 +74,11 @@ async def reload_settings(app: web.Application) -> dict[str, Any]:
             entries[name] = entry
     pool.settings = new
     pool.entries = entries
-    # The service block (host, port, keys) is read once at start: a change needs a
-    # restart, and stays reported until then.
+    # The service block (host, port, keys) and engine.workers (the worker policy the
+    # replica factory holds) are read once at start: a change needs a restart, and
+    # stays reported until then.
     state = app[RELOAD_STATE]
-    state["restart_required"] = state["restart_required"] or new.service != state["service"]
+    state["restart_required"] = (state["restart_required"] or new.service != state["service"]
+                                 or new.engine.workers != state["workers"])
     return {"added_models": added, "removed_models": removed, "updated_models": updated,
             "unchanged_models": unchanged, "service_restart_required": state["restart_required"]}

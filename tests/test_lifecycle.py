@@ -50,6 +50,11 @@ async def test_settings_reload_adds_models_and_reports_conflicts(tmp_path: Path)
         assert body["added_models"] == ["b"] and body["unchanged_models"] == ["a"]
         assert body["service_restart_required"] is False
         assert (await client.post("/v1/admin/models/b/load")).status == 200
+        # The worker policy is fixed at start: changing it is reported as needing a restart.
+        data["engine"]["workers"] = {"restart_max": 9}
+        settings_path.write_text(json.dumps(data))
+        body = await (await client.post("/v1/admin/settings/reload")).json()
+        assert body["service_restart_required"] is True
         # Changing an active model's settings is a conflict and changes nothing.
         data["engine"]["models"]["a"] = {"echo_delay_s": 1.0}
         settings_path.write_text(json.dumps(data))
