@@ -84,7 +84,9 @@ class _Part(_Body):
 
 
 class _Message(_Body):
-    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    # role is checked in _conversation, so that a Responses item of another type
+    # (function_call_output...) gets the 400 that names it, not a validation error.
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] | None = None
     content: str | list[_Part] | None = None
     type: str = "message"
 
@@ -174,6 +176,8 @@ def _conversation(messages: list[_Message], param: str, instructions: str | None
         where = f"{param}[{i}]"
         if message.type != "message":
             raise _unsupported(where, f"input item type '{message.type}' is not supported")
+        if message.role is None:
+            raise _unsupported(f"{where}.role", "a message needs a 'role'")
         if message.role in ("tool", "function"):
             raise _unsupported(f"{where}.role", f"'{message.role}' messages are not supported (no tool calling)")
         content = _content(message.content, f"{where}.content")

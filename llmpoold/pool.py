@@ -262,7 +262,9 @@ class Pool:
         entry.load_override = override
         entry.estimate, entry.estimate_error = None, None  # re-estimate with the override applied
         entry.state = "loaded"
-        log.info("model_loaded", model=entry.name, backend=entry.backend, replicas=count, isolation=isolation)
+        # What the replicas really are: a plugin not installed as a distribution runs inline.
+        log.info("model_loaded", model=entry.name, backend=entry.backend, replicas=count,
+                 isolation=replicas[0].info().get("isolation", isolation))
 
     def _replica_event(self, entry: ModelEntry, replica: Any, event: str) -> None:
         """A worker crashed, came back, or gave up (see llmpoold.process_replica)."""
