@@ -53,6 +53,7 @@ class Ct2Options(BaseModel):
     ct2_intra_threads: int = Field(0, ge=0, description="0: CTranslate2's default (the machine's cores)")
     ct2_max_batch_size: int = Field(8, ge=1, le=256)
     ct2_batch_wait_ms: float = Field(5.0, ge=0, le=1000)
+    ct2_cache_static_prompt: bool = True
 
 
 @dataclass
@@ -63,6 +64,11 @@ class _Job:
     request: GenerationRequest
     tokens: list[str]
     end_tokens: tuple[str, ...]
+    # ``generic``'s system turn, decoded once per batch and cached by CTranslate2
+    # (``static_prompt``); ``tokens`` is then the rest of the prompt.
+    static: tuple[str, ...] = ()
+    # token sequences the model must not produce (qwen3's think tags, thinking off)
+    suppress: tuple[tuple[str, ...], ...] = ()
     submitted: float = field(default_factory=time.perf_counter)
     events: queue.Queue[Any] = field(default_factory=queue.Queue)
     produced: int = 0
@@ -71,7 +77,8 @@ class _Job:
 
     def group_key(self) -> tuple[Any, ...]:
         d = self.request.decoding
-        return (d.beam_size, d.top_k, d.top_p, d.temperature, d.repetition_penalty, self.end_tokens)
+        return (d.beam_size, d.top_k, d.top_p, d.temperature, d.repetition_penalty, self.end_tokens, self.static,
+                self.suppress)
 
 
 class Ct2Runtime:
@@ -159,6 +166,11 @@ class Ct2Runtime:
         }
         if d.temperature == 0:
             kwargs["sampling_topk"] = 1  # greedy
+        if jobs[0].static:
+            kwargs["static_prompt"] = list(jobs[0].static)
+            kwargs["cache_static_prompt"] = self.options.ct2_cache_static_prompt
+        if jobs[0].suppress:
+            kwargs["suppress_sequences"] = [list(seq) for seq in jobs[0].suppress]
         if streaming:
             kwargs["callback"] = on_step
         try:
@@ -307,6 +319,36 @@ def _prompt_ids(runtime: Ct2Runtime, request: GenerationRequest) -> tuple[list[i
     return ids, rendered
 
 
+def _static_prefix(runtime: Ct2Runtime, request: GenerationRequest, rendered: Any,
+                   tokens: list[str]) -> tuple[str, ...]:
+    """The seed's cached static prompt for ``generic``: the tokens of the system turn
+    (with BOS), when the prompt's tokens start with exactly those, so the model sees
+    the same sequence either way. Empty otherwise (other formats, no instructions)."""
+    if request.prompt_format != "generic" or not request.instructions or rendered.text is None:
+        return ()
+    system = f"<|im_start|>system\n{request.instructions}<|im_end|>\n"
+    if not rendered.text.startswith(system):
+        return ()
+    tokenizer = runtime.tokenizer
+    ids = list(tokenizer(system, add_special_tokens=False).input_ids)
+    bos = tokenizer.bos_token_id
+    if runtime.adds_bos and bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    prefix = tokenizer.convert_ids_to_tokens(ids)
+    # at least one prompt token must follow: CTranslate2 starts decoding from them
+    return tuple(prefix) if tokens[: len(prefix)] == prefix and len(tokens) > len(prefix) else ()
+
+
+def _suppressed(runtime: Ct2Runtime, rendered: Any) -> tuple[tuple[str, ...], ...]:
+    """With thinking off, a format that prefilled an empty think block (qwen3) must not
+    open another: its reasoning markers become ``suppress_sequences`` (the seed's rule)."""
+    if not rendered.thinking_prefilled or not rendered.reasoning_markers:
+        return ()
+    tokenizer = runtime.tokenizer
+    return tuple(tuple(tokenizer.convert_ids_to_tokens(tokenizer(marker, add_special_tokens=False).input_ids))
+                 for marker in rendered.reasoning_markers)
+
+
 @hookimpl
 def llmpool_stream(backend: str, runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[Any] | None:
     if backend != BACKEND:
@@ -322,7 +364,10 @@ def _generate(runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[TextD
     # matched in the text. The tokenizer's EOS always ends it.
     end_tokens = tuple(dict.fromkeys(
         [t for t in (tokenizer.eos_token, *rendered.stops) if t and t in runtime.vocab]))
-    job = _Job(request=request, tokens=tokenizer.convert_ids_to_tokens(ids), end_tokens=end_tokens)
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    static = _static_prefix(runtime, request, rendered, tokens)
+    job = _Job(request=request, tokens=tokens[len(static):], end_tokens=end_tokens, static=static,
+               suppress=_suppressed(runtime, rendered))
     tokenized = time.perf_counter()
     runtime.submit(job)
     detok = IncrementalDetokenizer(lambda seq: tokenizer.decode(seq, skip_special_tokens=True))

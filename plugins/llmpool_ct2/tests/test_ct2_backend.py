@@ -85,6 +85,59 @@ def test_stream_matches_ctranslate2_non_streaming(registry: Any, runtime: Any) -
     assert text == tok.decode(result[0].sequences_ids[0], skip_special_tokens=True)
 
 
+class GeneratorSpy:
+    """Wraps the real generator to record what the batcher passes to generate_batch."""
+
+    def __init__(self, generator: Any) -> None:
+        self.generator, self.calls = generator, []
+
+    def generate_batch(self, prompts: Any, **kwargs: Any) -> Any:
+        self.calls.append((prompts, kwargs))
+        return self.generator.generate_batch(prompts, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.generator, name)
+
+
+@pytest.fixture
+def spy(runtime: Any) -> Any:
+    real = runtime.generator
+    runtime.generator = GeneratorSpy(real)
+    yield runtime.generator
+    runtime.generator = real
+
+
+def test_generic_system_turn_is_a_cached_static_prompt(registry: Any, runtime: Any, spy: Any) -> None:
+    """The seed's generic format: the system turn goes as CTranslate2's static_prompt
+    (decoded once, cached); the text equals decoding the whole prompt in one piece."""
+    request = make_request(model="c", prompt_format="generic", text="Name a colour.", instructions="Be brief.",
+                           max_tokens=10)
+    items = collect(registry.hook.llmpool_stream(backend="ct2", runtime=runtime, request=request))
+    text = "".join(i.text for i in items if isinstance(i, TextDelta))
+    prompts, kwargs = spy.calls[-1]
+    tok = runtime.tokenizer
+    system = tok.convert_ids_to_tokens([tok.bos_token_id, *tok("<|im_start|>system\nBe brief.<|im_end|>\n",
+                                                                add_special_tokens=False).input_ids])
+    assert kwargs["static_prompt"] == system and kwargs["cache_static_prompt"] is True
+    whole = system + prompts[0]
+    assert items[-1].metrics.prompt_tokens == len(whole)
+    result = spy.generator.generate_batch([whole], max_length=10, sampling_topk=1, include_prompt_in_result=False,
+                                          end_token=kwargs["end_token"])
+    decoded = tok.decode(result[0].sequences_ids[0], skip_special_tokens=True)
+    assert text and text == decoded.split("<|im_end|>")[0].strip()  # generic's native stop ends ours
+
+
+def test_qwen3_without_thinking_suppresses_the_think_tags(registry: Any, runtime: Any, spy: Any) -> None:
+    request = make_request(model="c", prompt_format="qwen3_template", text="Hi", max_tokens=4)
+    collect(registry.hook.llmpool_stream(backend="ct2", runtime=runtime, request=request))
+    tok = runtime.tokenizer
+    expected = [tok.convert_ids_to_tokens(tok(m, add_special_tokens=False).input_ids) for m in ("<think>", "</think>")]
+    assert spy.calls[-1][1]["suppress_sequences"] == expected
+    request = make_request(model="c", prompt_format="raw", text="Hi", max_tokens=4)
+    collect(registry.hook.llmpool_stream(backend="ct2", runtime=runtime, request=request))
+    assert "suppress_sequences" not in spy.calls[-1][1] and "static_prompt" not in spy.calls[-1][1]
+
+
 def test_stop_string_never_leaks(registry: Any, runtime: Any) -> None:
     full, _, _ = run(registry, runtime, "The capital of France is", max_tokens=16)
     text, pieces, done = run(registry, runtime, "The capital of France is", max_tokens=16, stop=("France.",))
