@@ -39,7 +39,9 @@ _CACHE_TYPE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0
 _CACHE_TYPE_SHAPE = {"kind": "string_or_null", "format": "ggml_type_name", "default": "f16",
                      "allowed_values": list(CACHE_TYPES), "examples": ["f16", "q8_0", "q4_0"]}
 LOAD_CONSTRAINTS = {
-    "gguf_n_ctx": {"kind": "integer", "minimum": 1, "step": 1},
+    # The seed says minimum 1; llmpool refuses contexts under 16 tokens (no prompt fits),
+    # and the constraint a UI reads says what the server accepts.
+    "gguf_n_ctx": {"kind": "integer", "minimum": 16, "step": 1},
     "gguf_flash_attn": {"kind": "enum", "default": "auto", "allowed_values": ["on", "off", "auto"],
                         "examples": ["auto", "on", "off"]},
     "gguf_type_k": _CACHE_TYPE_SHAPE,

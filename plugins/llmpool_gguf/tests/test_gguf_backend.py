@@ -130,9 +130,13 @@ def test_load_override_rules(registry: Any) -> None:
         "gguf_type_k": "q8_0", "gguf_flash_attn": "on"}
     for bad, message in (({"gguf_type_k": "q9_9"}, "unsupported GGUF cache type: 'q9_9'"),
                          ({"gguf_type_v": "q8-0"}, "only letters, digits, and underscores"),
-                         ({"gguf_flash_attn": None}, "must be one of: on, off, auto")):
+                         ({"gguf_flash_attn": None}, "must be one of: on, off, auto"),
+                         ({"gguf_n_ctx": 8}, "at least 16")):
         with pytest.raises(ValueError, match=message):
             check(backend="gguf", override=bad)
+    # what admin advertises is what the check accepts
+    assert registry.spec("gguf").load_constraints["gguf_n_ctx"]["minimum"] == 16
+    assert check(backend="gguf", override={"gguf_n_ctx": 16}) == {"gguf_n_ctx": 16}
 
 
 async def admin_models(client: TestClient) -> dict[str, Any]:
