@@ -19,8 +19,10 @@ Beam search (``beam_size`` > 1) has no per-step callback: its text arrives at th
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -210,17 +212,68 @@ def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
 
 @hookimpl
 def llmpool_estimate_memory(backend: str, model: Any) -> MemoryEstimate | None:
-    """Weights from ``model.bin``; CTranslate2 allocates the KV cache per batch as it
-    decodes, so the estimate has no fixed cache part."""
+    """Weights as CTranslate2 will hold them: ``model.bin``'s variables converted to the
+    model's ``compute_type`` (an int8 file loaded as float32 takes about four times its
+    size). CTranslate2 allocates the KV cache per batch as it decodes, so the estimate
+    has no fixed cache part. Falls back to the file size if the header cannot be read."""
     if backend != BACKEND:
         return None
     weights = os.path.join(os.path.expanduser(model.model_path or ""), "model.bin")
     if not os.path.isfile(weights):
         return None
-    size_mib = os.path.getsize(weights) / 2**20
+    file_mib = os.path.getsize(weights) / 2**20
+    compute_type = model.options.compute_type
+    try:
+        size_mib, source = weights_bytes(weights, compute_type) / 2**20, "model_bin_variables"
+    except (OSError, ValueError, struct.error):
+        size_mib, source = file_mib, "model_artifact_size"
     device = _resolve_device(model.options.device) if _ct2_available() else model.options.device
     return MemoryEstimate(total_mib=round(size_mib, 1), device=device, weights_mib=round(size_mib, 1), cache_mib=None,
-                          source="model_artifact_size", details={"compute_type": model.options.compute_type})
+                          source=source, details={"compute_type": compute_type, "file_mib": round(file_mib, 1)})
+
+
+# CTranslate2's DataType enum order (include/ctranslate2/types.h) and item sizes.
+_CT2_DTYPE_SIZES = (4, 1, 2, 4, 2, 2)  # float32, int8, int16, int32, float16, bfloat16
+_INT8, _FLOAT_TYPES = 1, (0, 4, 5)
+
+
+def weights_bytes(path: str, compute_type: str) -> int:
+    """Bytes of ``model.bin``'s variables once converted to ``compute_type``. Reads the
+    header of each variable (the layout ``ctranslate2.specs.ModelSpec._serialize``
+    writes) and skips its data. Matrices (rank 2: linear and embedding weights) take the
+    compute type's weight size; other float variables (norms, biases, scales) its float
+    size; integer variables stay as stored. ``default``/``auto`` keep stored types."""
+    kind = compute_type.lower()
+    weight_size = 1 if kind.startswith("int8") else 2 if kind in ("float16", "bfloat16") else \
+        4 if kind == "float32" else None
+    float_size = 2 if kind in ("float16", "bfloat16", "int8_float16", "int8_bfloat16") else \
+        4 if kind in ("float32", "int8", "int8_float32") else None
+    total = 0
+    with open(path, "rb") as fh:
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+        def skip_string() -> None:
+            fh.seek(read("H"), os.SEEK_CUR)
+
+        read("I")  # binary version
+        skip_string()  # spec name
+        read("I")  # revision
+        for _ in range(read("I")):
+            skip_string()
+            dims = [read("I") for _ in range(read("B"))]
+            dtype, num_bytes = read("B"), read("I")
+            fh.seek(num_bytes, os.SEEK_CUR)
+            if dtype >= len(_CT2_DTYPE_SIZES):
+                raise ValueError(f"unknown CTranslate2 dtype id {dtype}")
+            elements = math.prod(dims)
+            if len(dims) == 2 and (dtype == _INT8 or dtype in _FLOAT_TYPES) and weight_size is not None:
+                total += elements * weight_size
+            elif dtype in _FLOAT_TYPES and float_size is not None:
+                total += elements * float_size
+            else:
+                total += num_bytes
+    return total
 
 
 def _ct2_available() -> bool:

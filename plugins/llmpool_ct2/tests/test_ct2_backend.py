@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -251,6 +253,29 @@ async def test_http_batches_concurrent_requests(ct2_model_path: str) -> None:
         models = (await (await client.get("/v1/admin/models")).json())["models"]
         assert models[0]["effective_target_inflight"] == 8
         assert models[0]["memory_estimate"]["weights_mib"] > 100
+
+
+@pytest.mark.parametrize("compute_type", ["int8", "float32"])
+def test_estimate_follows_compute_type_and_measured_rss(registry: Any, ct2_model_path: str,
+                                                         compute_type: str) -> None:
+    """The estimate converts model.bin's variables to the compute type (the test model
+    is stored int8: float32 holds about 4x) and is within 25% of the RSS a fresh process
+    grows by when CTranslate2 loads it."""
+    settings = settings_from({"engine": {"models": {"c": entry_for(ct2_model_path, compute_type=compute_type)}}})
+    model = resolve_model_options(settings.engine.models["c"], registry.spec("ct2").options_model, backend="ct2",
+                                  requires_model_path=True)
+    estimate = registry.hook.llmpool_estimate_memory(backend="ct2", model=model)
+    assert estimate.source == "model_bin_variables"
+    file_mib = (Path(ct2_model_path) / "model.bin").stat().st_size / 2**20
+    assert estimate.weights_mib == pytest.approx(file_mib * (4 if compute_type == "float32" else 1), rel=0.05)
+    probe = ("import ctranslate2, sys\n"
+             "def rss(): return int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+             "before = rss()\n"
+             "g = ctranslate2.Generator(sys.argv[1], device='cpu', compute_type=sys.argv[2])\n"
+             "print(rss() - before)\n")
+    grown = float(subprocess.run([sys.executable, "-c", probe, ct2_model_path, compute_type], check=True,
+                                 capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1])
+    assert estimate.total_mib == pytest.approx(grown, rel=0.25), (estimate.total_mib, grown)
 
 
 async def test_http_through_a_worker_process(ct2_model_path: str) -> None:
