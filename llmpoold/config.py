@@ -354,7 +354,7 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
             del loc[3]
         path = ".".join(([prefix] if prefix else []) + loc)
         message = str(err["msg"]).removeprefix("Value error, ")
-        if message.startswith(path + ".") or message.startswith(path + " ") or message.startswith(path + "["):
+        if message.startswith((f"{path}.", f"{path} ", f"{path}[")):
             path = ""  # the message names the field itself (the seed's fairness messages)
         if err["type"] == "extra_forbidden":
             message = "unknown key"

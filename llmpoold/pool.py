@@ -264,7 +264,7 @@ class Pool:
         entry.state = "loaded"
         # What the replicas really are: a plugin not installed as a distribution runs inline.
         log.info("model_loaded", model=entry.name, backend=entry.backend, replicas=count,
-                 isolation=replicas[0].info().get("isolation", isolation))
+                 isolation=replicas[0].isolation)
 
     def _replica_event(self, entry: ModelEntry, replica: Any, event: str) -> None:
         """A worker crashed, came back, or gave up (see llmpoold.process_replica)."""

@@ -285,7 +285,7 @@ class ProcessReplica:
 
     def info(self) -> dict[str, Any]:
         pid = self.pid if self._proc is not None and self._proc.returncode is None else None
-        return {"replica_id": self.replica_id, "isolation": "process", "pid": pid, "state": self.state,
+        return {"replica_id": self.replica_id, "isolation": self.isolation, "pid": pid, "state": self.state,
                 "rss_mib": process_rss_mib(pid) if pid else None, "vram_mib": self._vram_mib(pid),
                 "concurrency": self.concurrency, "restarts": self.restarts, "last_error": self.last_error,
                 "exit_status": self.exit_status}

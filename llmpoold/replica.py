@@ -38,6 +38,7 @@ class Replica(Protocol):
 
     replica_id: str
     concurrency: int
+    isolation: str  # "inline" or "process"
 
     async def load(self) -> None: ...
 
@@ -76,6 +77,8 @@ async def _aiter_items(result: Any, request: GenerationRequest) -> AsyncGenerato
 
 class InlineReplica:
     """A replica whose runtime lives in the daemon process."""
+
+    isolation = "inline"
 
     def __init__(self, registry: PluginRegistry, backend: str, replica_id: str, model: ModelConfig,
                  concurrency: int) -> None:
@@ -146,6 +149,6 @@ class InlineReplica:
             log.warning("replica_unload_failed", replica=self.replica_id, error=str(exc))
 
     def info(self) -> dict[str, Any]:
-        return {"replica_id": self.replica_id, "isolation": "inline", "pid": os.getpid(),
+        return {"replica_id": self.replica_id, "isolation": self.isolation, "pid": os.getpid(),
                 "rss_mib": process_rss_mib(), "load_rss_delta_mib": self.load_rss_delta_mib,
                 "concurrency": self.concurrency}

@@ -18,6 +18,7 @@ Beam search (``beam_size`` > 1) has no per-step callback: its text arrives at th
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -86,6 +87,19 @@ class _Job:
 class Ct2Runtime:
     """A loaded generator, its tokenizer and the batcher thread that feeds it."""
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """``text`` tokenized without special tokens, with the model's BOS first when the
+        model wants one and the text did not write it (formats without markup: raw)."""
+        ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        bos = self.tokenizer.bos_token_id
+        if self.adds_bos and bos is not None and ids[:1] != [bos]:
+            ids.insert(0, bos)
+        return ids
+
+    def _token_strings(self, text: str, *, with_bos: bool) -> tuple[str, ...]:
+        ids = self.prompt_ids(text) if with_bos else self.tokenizer(text, add_special_tokens=False).input_ids
+        return tuple(self.tokenizer.convert_ids_to_tokens(ids))
+
     def __init__(self, replica_id: str, path: str, options: Ct2Options, generator: Any, tokenizer: Any) -> None:
         self.replica_id = replica_id
         self.path = path
@@ -95,6 +109,9 @@ class Ct2Runtime:
         self.vocab = set(tokenizer.get_vocab())
         probe = "x"
         self.adds_bos = tokenizer(probe).input_ids[:1] != tokenizer(probe, add_special_tokens=False).input_ids[:1]
+        # The pieces every request of a format shares (a system turn, think tags) are
+        # tokenized once, not per request.
+        self.token_strings = functools.lru_cache(maxsize=256)(self._token_strings)
         self.batch_sizes: list[int] = []  # size of every generate_batch call, for tests and benchmarks
         self._pending: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=f"llmpool-ct2-{replica_id}", daemon=True)
@@ -232,9 +249,15 @@ def llmpool_estimate_memory(backend: str, model: Any) -> MemoryEstimate | None:
                           source=source, details={"compute_type": compute_type, "file_mib": round(file_mib, 1)})
 
 
-# CTranslate2's DataType enum order (include/ctranslate2/types.h) and item sizes.
-_CT2_DTYPE_SIZES = (4, 1, 2, 4, 2, 2)  # float32, int8, int16, int32, float16, bfloat16
-_INT8, _FLOAT_TYPES = 1, (0, 4, 5)
+# CTranslate2's DataType enum, in order (include/ctranslate2/types.h).
+_CT2_DTYPES = ("float32", "int8", "int16", "int32", "float16", "bfloat16")
+_CT2_FLOATS = frozenset({"float32", "float16", "bfloat16"})
+# Bytes per element once loaded, by compute type: matrices (quantizable weights), and
+# the other float variables. Types not listed (default, auto) keep what the file stores.
+_WEIGHT_BYTES = {"int8": 1, "int8_float32": 1, "int8_float16": 1, "int8_bfloat16": 1, "float16": 2,
+                 "bfloat16": 2, "float32": 4}
+_FLOAT_BYTES = {"int8": 4, "int8_float32": 4, "int8_float16": 2, "int8_bfloat16": 2, "float16": 2,
+                "bfloat16": 2, "float32": 4}
 
 
 def weights_bytes(path: str, compute_type: str) -> int:
@@ -244,10 +267,7 @@ def weights_bytes(path: str, compute_type: str) -> int:
     compute type's weight size; other float variables (norms, biases, scales) its float
     size; integer variables stay as stored. ``default``/``auto`` keep stored types."""
     kind = compute_type.lower()
-    weight_size = 1 if kind.startswith("int8") else 2 if kind in ("float16", "bfloat16") else \
-        4 if kind == "float32" else None
-    float_size = 2 if kind in ("float16", "bfloat16", "int8_float16", "int8_bfloat16") else \
-        4 if kind in ("float32", "int8", "int8_float32") else None
+    weight_size, float_size = _WEIGHT_BYTES.get(kind), _FLOAT_BYTES.get(kind)
     total = 0
     with open(path, "rb") as fh:
         def read(fmt: str) -> Any:
@@ -264,12 +284,12 @@ def weights_bytes(path: str, compute_type: str) -> int:
             dims = [read("I") for _ in range(read("B"))]
             dtype, num_bytes = read("B"), read("I")
             fh.seek(num_bytes, os.SEEK_CUR)
-            if dtype >= len(_CT2_DTYPE_SIZES):
+            if dtype >= len(_CT2_DTYPES):
                 raise ValueError(f"unknown CTranslate2 dtype id {dtype}")
-            elements = math.prod(dims)
-            if len(dims) == 2 and (dtype == _INT8 or dtype in _FLOAT_TYPES) and weight_size is not None:
+            stored, elements = _CT2_DTYPES[dtype], math.prod(dims)
+            if len(dims) == 2 and (stored == "int8" or stored in _CT2_FLOATS) and weight_size is not None:
                 total += elements * weight_size
-            elif dtype in _FLOAT_TYPES and float_size is not None:
+            elif stored in _CT2_FLOATS and float_size is not None:
                 total += elements * float_size
             else:
                 total += num_bytes
@@ -365,11 +385,7 @@ def _prompt_ids(runtime: Ct2Runtime, request: GenerationRequest) -> tuple[list[i
                                              **extra)
     else:
         text = rendered.text
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    bos = tokenizer.bos_token_id
-    if runtime.adds_bos and bos is not None and ids[:1] != [bos]:
-        ids.insert(0, bos)  # formats without markup (raw) still need the model's BOS
-    return ids, rendered
+    return runtime.prompt_ids(text), rendered
 
 
 def _static_prefix(runtime: Ct2Runtime, request: GenerationRequest, rendered: Any,
@@ -382,12 +398,7 @@ def _static_prefix(runtime: Ct2Runtime, request: GenerationRequest, rendered: An
     system = f"<|im_start|>system\n{request.instructions}<|im_end|>\n"
     if not rendered.text.startswith(system):
         return ()
-    tokenizer = runtime.tokenizer
-    ids = list(tokenizer(system, add_special_tokens=False).input_ids)
-    bos = tokenizer.bos_token_id
-    if runtime.adds_bos and bos is not None and ids[:1] != [bos]:
-        ids.insert(0, bos)
-    prefix = tokenizer.convert_ids_to_tokens(ids)
+    prefix = list(runtime.token_strings(system, with_bos=True))
     # at least one prompt token must follow: CTranslate2 starts decoding from them
     return tuple(prefix) if tokens[: len(prefix)] == prefix and len(tokens) > len(prefix) else ()
 
@@ -397,9 +408,7 @@ def _suppressed(runtime: Ct2Runtime, rendered: Any) -> tuple[tuple[str, ...], ..
     open another: its reasoning markers become ``suppress_sequences`` (the seed's rule)."""
     if not rendered.thinking_prefilled or not rendered.reasoning_markers:
         return ()
-    tokenizer = runtime.tokenizer
-    return tuple(tuple(tokenizer.convert_ids_to_tokens(tokenizer(marker, add_special_tokens=False).input_ids))
-                 for marker in rendered.reasoning_markers)
+    return tuple(runtime.token_strings(marker, with_bos=False) for marker in rendered.reasoning_markers)
 
 
 @hookimpl

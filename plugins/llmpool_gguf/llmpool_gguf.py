@@ -374,9 +374,9 @@ def prompt_text(runtime: GgufRuntime, request: GenerationRequest, rendered: Rend
     for ``chat_template``. ``gemma4_template`` prefers the embedded template, which carries
     Gemma 4's thinking switch (``enable_thinking``), as the seed does, and falls back to
     the rendered text for a GGUF without one."""
-    if rendered.text is None:
-        return _chat_template_prompt(runtime, request, rendered.messages)
-    if request.prompt_format == "gemma4_template" and runtime.llm.metadata.get("tokenizer.chat_template"):
+    gemma4_templated = (request.prompt_format == "gemma4_template"
+                        and bool(runtime.llm.metadata.get("tokenizer.chat_template")))
+    if rendered.text is None or gemma4_templated:
         return _chat_template_prompt(runtime, request, rendered.messages)
     return rendered.text
 

@@ -264,13 +264,16 @@ def _decode_file(file: Mapping[str, Any]) -> tuple[str, bytes]:
 async def extract_files(runtime: RemoteRuntime, request: GenerationRequest) -> tuple[str, ...]:
     """``files_extract``: upload each file item (``POST <base>/files``), read the text
     the upstream extracted (``GET <base>/files/<id>/content``), then delete it (best
-    effort: a failed cleanup is only logged). Returns the texts in request order."""
+    effort: a failed cleanup is only logged). Returns the texts in request order;
+    nothing in the other file modes."""
     import aiohttp
 
+    if runtime.options.remote_file_mode != "files_extract":
+        return ()
     files = [_decode_file(f) for f in _file_items(request)]  # all checked before any upload
+    purpose = str(runtime.options.remote_file_purpose)
     texts: list[str] = []
     for name, data in files:
-        purpose = str(runtime.options.remote_file_purpose)
 
         def form(name: str = name, data: bytes = data, purpose: str = purpose) -> aiohttp.FormData:
             fields = aiohttp.FormData()
@@ -279,42 +282,23 @@ async def extract_files(runtime: RemoteRuntime, request: GenerationRequest) -> t
             return fields
 
         response, _ = await _open(runtime, None, request, path="/files", form=form, what="file upload")
-        uploaded = await _read_body(response, what="file upload", parse=True)
+        uploaded = await _read_whole(response, what="file upload")
         file_id = uploaded.get("id") if isinstance(uploaded, dict) else None
         if not isinstance(file_id, str) or not file_id:
             raise parse_error("returned no file id", what="file upload")
         try:
             response, _ = await _open(runtime, None, request, path=f"/files/{file_id}/content", method="GET",
                                       what="file content extraction")
-            texts.append(await _read_body(response, what="file content extraction", parse=False))
+            texts.append(await _read_whole(response, what="file content extraction", as_text=True))
         finally:
             try:
-                response, _ = await _open(runtime, None, None, path=f"/files/{file_id}", method="DELETE",
-                                          what="file cleanup")
-                response.release()
+                deleted, _ = await _open(runtime, None, None, path=f"/files/{file_id}", method="DELETE",
+                                         what="file cleanup")
+                deleted.release()
             except BackendError as exc:
                 log.warning("remote_file_cleanup_failed", model=runtime.model_name, file_id=file_id,
                             code=exc.code, error=exc.message)
     return tuple(texts)
-
-
-async def _read_body(response: aiohttp.ClientResponse, *, what: str, parse: bool) -> Any:
-    """The whole body of a 2xx response: parsed JSON, or text (UTF-8)."""
-    import aiohttp
-
-    try:
-        raw = await response.read()
-    except TimeoutError:
-        raise timeout_error(what) from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise connection_error(exc, what) from None
-    finally:
-        response.release()
-    try:
-        return json.loads(raw) if parse else raw.decode("utf-8")
-    except ValueError:
-        raise parse_error("returned a body that is not valid " + ("JSON" if parse else "UTF-8 text"),
-                          what=what) from None
 
 
 def resolved_thinking(options: RemoteOptions, request: GenerationRequest) -> str | None:
@@ -591,18 +575,29 @@ async def _sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[str]:
         yield "\n".join(lines)
 
 
-async def _read_json(response: aiohttp.ClientResponse) -> Any:
+async def _read_json(response: aiohttp.ClientResponse, *, what: str = CHAT, as_text: bool = False) -> Any:
+    """The whole body of a 2xx response, parsed as JSON (or UTF-8 text). Transport
+    errors propagate: the caller maps them (see :func:`_read_whole`)."""
     raw = await response.read()
     try:
-        return json.loads(raw)
+        return raw.decode("utf-8") if as_text else json.loads(raw)
     except ValueError:
-        raise parse_error("returned a body that is not valid JSON") from None
+        raise parse_error("returned a body that is not valid " + ("UTF-8 text" if as_text else "JSON"),
+                          what=what) from None
 
 
-async def _file_texts(runtime: RemoteRuntime, request: GenerationRequest) -> tuple[str, ...]:
-    if runtime.options.remote_file_mode != "files_extract":
-        return ()
-    return await extract_files(runtime, request)
+async def _read_whole(response: aiohttp.ClientResponse, *, what: str = CHAT, as_text: bool = False) -> Any:
+    """:func:`_read_json` with transport errors mapped to ``what``'s; releases the response."""
+    import aiohttp
+
+    try:
+        return await _read_json(response, what=what, as_text=as_text)
+    except TimeoutError:
+        raise timeout_error(what) from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise connection_error(exc, what) from None
+    finally:
+        response.release()
 
 
 async def remote_stream(runtime: RemoteRuntime, request: GenerationRequest) -> AsyncIterator[StreamItem]:
@@ -615,7 +610,7 @@ async def remote_stream(runtime: RemoteRuntime, request: GenerationRequest) -> A
     response: aiohttp.ClientResponse | None = None
     relay = _Relay()
     try:
-        body = build_body(runtime, request, stream=True, file_texts=await _file_texts(runtime, request))
+        body = build_body(runtime, request, stream=True, file_texts=await extract_files(runtime, request))
         key = runtime.api_key()
         response, retries = await _open(runtime, body, request)
         try:
@@ -666,21 +661,13 @@ async def remote_stream(runtime: RemoteRuntime, request: GenerationRequest) -> A
 
 async def remote_generate(runtime: RemoteRuntime, request: GenerationRequest) -> tuple[str, str | None, Completion]:
     """One non-streaming upstream call (the awaitable ``llmpool_generate`` returns)."""
-    import aiohttp
 
     started = time.perf_counter()
     relay = _Relay()
-    body = build_body(runtime, request, stream=False, file_texts=await _file_texts(runtime, request))
+    body = build_body(runtime, request, stream=False, file_texts=await extract_files(runtime, request))
     key = runtime.api_key()
     response, retries = await _open(runtime, body, request)
-    try:
-        data = await _read_json(response)
-    except TimeoutError:
-        raise timeout_error() from None
-    except (aiohttp.ClientError, OSError) as exc:
-        raise connection_error(exc) from None
-    finally:
-        response.close()
+    data = await _read_whole(response)
     if not isinstance(data, dict):
         raise parse_error("returned a body that is not a JSON object")
     choices = data.get("choices")
