@@ -55,8 +55,13 @@ LOAD_RECOMMENDATIONS = {"gguf_cache_type_pairs": {
               "upstream llama.cpp."]}}
 
 
-def normalize_cache_type(value: Any) -> str | None:
-    """The seed's GGUF cache type rules: strip, lower, ``[a-z0-9_]``, a GGML type."""
+def normalize_cache_type(value: Any, *, check_build: bool = True) -> str | None:
+    """The seed's GGUF cache type rules: strip, lower, ``[a-z0-9_]``, and (with
+    ``check_build``, when llama-cpp-python is installed) a type this build has.
+
+    settings.json is checked for the spelling only: whether the installed llama.cpp has
+    the type is a property of the host, so a type it lacks fails that model's load
+    (the model becomes ``failed``), not the whole daemon's start."""
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
@@ -64,13 +69,22 @@ def normalize_cache_type(value: Any) -> str | None:
     name = value.strip().lower()
     if not re.fullmatch(r"[a-z0-9_]+", name):
         raise ValueError("GGUF cache type must contain only letters, digits, and underscores")
-    try:
-        import llama_cpp
-    except ImportError:
-        return name
-    if not hasattr(llama_cpp, f"GGML_TYPE_{name.upper()}"):
-        raise ValueError(f"unsupported GGUF cache type: '{value}'")
+    if check_build:
+        try:
+            missing = ggml_type(name) is None
+        except ImportError:
+            return name
+        if missing:
+            raise ValueError(f"unsupported GGUF cache type: '{value}'")
     return name
+
+
+def ggml_type(name: str) -> int | None:
+    """llama.cpp's ``GGML_TYPE_<NAME>`` constant; None when this build has none."""
+    from llama_cpp import llama_cpp as low
+
+    value = getattr(low, f"GGML_TYPE_{name.upper()}", None)
+    return None if value is None else int(value)
 
 
 def normalize_flash_attn(value: Any) -> str:
@@ -103,7 +117,7 @@ class GgufOptions(BaseModel):
     @field_validator("gguf_type_k", "gguf_type_v", mode="before")
     @classmethod
     def _cache_type(cls, value: Any) -> str | None:
-        return normalize_cache_type(value)
+        return normalize_cache_type(value, check_build=False)
 
 
 @dataclass
@@ -309,6 +323,16 @@ def _check_file(path: str) -> None:
         raise LoadError(f"not a GGUF file (bad magic {magic!r}): {path}")
 
 
+def _cache_type_id(key: str, name: str | None) -> int | None:
+    if name is None:
+        return None
+    value = ggml_type(name)
+    if value is None:
+        raise LoadError(f"{key}: unsupported GGUF cache type: '{name}' (this llama.cpp build has no "
+                        f"GGML_TYPE_{name.upper()}; try one of {', '.join(CACHE_TYPES)})")
+    return value
+
+
 def _construct(path: str, options: GgufOptions) -> Any:
     import llama_cpp
     from llama_cpp import llama_cpp as low
@@ -317,8 +341,8 @@ def _construct(path: str, options: GgufOptions) -> Any:
         "model_path": path, "n_gpu_layers": options.gguf_n_gpu_layers, "n_ctx": options.gguf_n_ctx,
         "n_batch": min(options.gguf_n_batch, options.gguf_n_ctx), "n_threads": options.gguf_n_threads or os.cpu_count(),
         "seed": options.gguf_seed, "verbose": False,
-        "type_k": getattr(low, f"GGML_TYPE_{options.gguf_type_k.upper()}") if options.gguf_type_k else None,
-        "type_v": getattr(low, f"GGML_TYPE_{options.gguf_type_v.upper()}") if options.gguf_type_v else None,
+        "type_k": _cache_type_id("gguf_type_k", options.gguf_type_k),
+        "type_v": _cache_type_id("gguf_type_v", options.gguf_type_v),
     }
     if options.gguf_flash_attn != "auto":
         return llama_cpp.Llama(flash_attn=options.gguf_flash_attn == "on", **kwargs)

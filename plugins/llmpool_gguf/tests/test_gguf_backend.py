@@ -153,6 +153,7 @@ async def test_http_load_errors_mark_models_failed_and_others_serve(gguf_path: s
         "missing": model_entry_for(str(tmp_path / "nowhere.gguf")),
         "corrupt": model_entry_for(str(corrupt)),
         "not-gguf": model_entry_for(str(not_gguf)),
+        "bad-type": model_entry_for(gguf_path, gguf_type_k="Q9_9"),  # well spelt, not in this build
     }}})
     app = create_app(settings, make_registry("gguf"))
     async with TestClient(TestServer(app)) as client:
@@ -162,7 +163,9 @@ async def test_http_load_errors_mark_models_failed_and_others_serve(gguf_path: s
         assert "GGUF model file not found" in models["missing"]["last_error"]
         assert "llama.cpp could not load" in models["corrupt"]["last_error"]
         assert "not a GGUF file" in models["not-gguf"]["last_error"]
-        assert all(models[n]["runtime_state"] == "failed" for n in ("missing", "corrupt", "not-gguf"))
+        assert models["bad-type"]["last_error"].startswith("bad-type#1: gguf_type_k: unsupported GGUF cache type: "
+                                                           "'q9_9' (this llama.cpp build has no GGML_TYPE_Q9_9")
+        assert all(models[n]["runtime_state"] == "failed" for n in ("missing", "corrupt", "not-gguf", "bad-type"))
         resp = await client.post("/v1/responses", json={"model": "good", "input": "The capital of France is",
                                                         "decoding": {"max_tokens": 6, "temperature": 0}})
         body = await resp.json()
