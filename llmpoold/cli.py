@@ -1,7 +1,9 @@
 """``llmpoold``: read the settings, load the plugins, serve.
 
 Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), 2 for an invalid settings
-file or command line (the message names the file, field and value; no traceback).
+file or command line (the message names the file, field and value, never the value of a
+secret or unknown key; no traceback): among them a ``*_env`` key variable that is unset
+or empty, and a non-loopback bind with no key (unless ``service.allow_unauthenticated``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 from aiohttp import web
 
 from llmpoold import __version__
-from llmpoold.config import SettingsError, load_settings, settings_paths
+from llmpoold.config import SettingsError, load_settings, settings_paths, with_service_overrides
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     service_updates = {k: v for k, v in {"host": args.host, "port": args.port, "log_level": args.log_level}.items()
                        if v is not None}
-    if service_updates:
-        settings = settings.model_copy(update={"service": settings.service.model_copy(update=service_updates)})
+    try:
+        settings = with_service_overrides(settings, **service_updates)
+    except SettingsError as exc:
+        print(f"llmpoold: invalid settings: command line: {exc}", file=sys.stderr)
+        return 2
 
     from llmpoold.app import create_app
     from llmpoold.logs import configure_logging

@@ -13,20 +13,26 @@ installed plugins are known.
 
 from __future__ import annotations
 
+import difflib
+import hmac
+import ipaddress
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from llmpoold.prompts import FORMATS
 
 DEFAULT_SETTINGS_PATH = Path("/etc/llmpool/settings.json")
 SETTINGS_ENV = "LLM_POOL_SETTINGS_PATH"
 LOCAL_SETTINGS_ENV = "LLM_POOL_LOCAL_SETTINGS_PATH"
 MAX_OUTPUT_TOKENS = 4096
 MAX_FAIRNESS_KEY_LENGTH = 128
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
 
 class SettingsError(ValueError):
@@ -37,7 +43,93 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for a loopback address (``127.0.0.0/8``, ``::1``, also in brackets) or a
+    loopback name (``localhost``...); False for anything else, wildcard binds
+    (``0.0.0.0``, ``::``, ``""``) and other host names included."""
+    name = host.strip().lower().removeprefix("[").removesuffix("]").rstrip(".")
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    return _is_ip(name) and ipaddress.ip_address(name).is_loopback
+
+
+def key_matches(presented: str | None, keys: Iterable[str]) -> bool:
+    """Whether ``presented`` equals one of ``keys``, in time independent of where they
+    differ: every key is compared with :func:`hmac.compare_digest` (no early exit), so
+    neither a key's prefix nor which key matched leaks through timing. ``None`` or
+    ``""`` matches nothing."""
+    if not presented:
+        return False
+    given = presented.encode("utf-8", "surrogatepass")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key.encode("utf-8", "surrogatepass"))
+    return matched
+
+
+def _env_value(name: str, field: str) -> str:
+    """The value of the key variable ``name`` (named by ``service.<field>``);
+    :class:`SettingsError` naming the variable, never a value, when unset or empty."""
+    value = os.environ.get(name, "")
+    if not value:
+        raise SettingsError(f"service.{field}: {_unset(name)}")
+    return value
+
+
+def _unset(name: str) -> str:
+    return f"environment variable '{name}' is unset or empty" if name else "an empty environment variable name"
+
+
+def _check_env(name: str) -> str:
+    """``name`` stripped; ValueError unless it names a set, non-empty variable."""
+    name = name.strip()
+    if not name or not os.environ.get(name):
+        raise ValueError(_unset(name))
+    return name
+
+
+def _bad_chars(text: str) -> bool:
+    return any(c in "/?#@\\" or c.isspace() for c in text)
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin(value: str) -> str:
+    origin = value.strip().lower().rstrip("/")
+    scheme, sep, rest = origin.partition("://")
+    if scheme not in ("http", "https") or not sep or not rest or _bad_chars(rest):
+        raise ValueError("allowed_origins entries must be origins: scheme://host[:port] with scheme http or "
+                         "https, no path")
+    return origin
+
+
+def _host_name(value: str) -> str:
+    host = value.strip().lower().rstrip(".")
+    bare = host.removeprefix("[").removesuffix("]")
+    if not host or _bad_chars(host) or (":" in host and not _is_ip(bare)):
+        raise ValueError("allowed_hosts entries must be host names or addresses, without scheme, port or path")
+    return host
+
+
 class ServiceSettings(_Strict):
+    """``service``: bind address, keys and the HTTP limits.
+
+    Keys: ``api_keys`` / ``api_key_envs`` (inference) and ``admin_api_key`` /
+    ``admin_api_key_env`` (admin). A ``*_env`` entry names an environment variable that
+    must be set and non-empty (else a settings error naming it): a missing key file never
+    runs the daemon open. A ``host`` that is not loopback needs some key unless
+    ``allow_unauthenticated``. ``admin_open`` (admin without the admin key when only
+    inference keys exist), ``allowed_origins``, ``allowed_hosts`` and
+    ``stream_write_timeout_s`` are enforced by the HTTP layer (see the README's security
+    model).
+    """
+
     host: str = "127.0.0.1"
     port: int = Field(8010, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -45,6 +137,11 @@ class ServiceSettings(_Strict):
     api_key_envs: tuple[str, ...] = ()
     admin_api_key: str | None = None
     admin_api_key_env: str | None = None
+    admin_open: bool = False
+    allow_unauthenticated: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    stream_write_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
     shutdown_timeout_s: float = Field(30.0, gt=0)
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
 
@@ -53,15 +150,52 @@ class ServiceSettings(_Strict):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("api_key_envs", mode="after")
+    @classmethod
+    def _api_key_envs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_env(name) for name in value)
+
+    @field_validator("admin_api_key_env", mode="after")
+    @classmethod
+    def _admin_api_key_env(cls, value: str | None) -> str | None:
+        return _check_env(value) if value is not None else None
+
+    @field_validator("allowed_origins", mode="after")
+    @classmethod
+    def _allowed_origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_origin(v) for v in value))
+
+    @field_validator("allowed_hosts", mode="after")
+    @classmethod
+    def _allowed_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(_host_name(v) for v in value))
+
+    @model_validator(mode="after")
+    def _exposed(self) -> ServiceSettings:
+        if not self.has_keys and not self.allow_unauthenticated and not is_loopback_host(self.host):
+            raise ValueError(
+                f"service.host: binding '{self.host}' (not loopback) with no API or admin key would serve "
+                "everyone; set service.api_keys / api_key_envs / admin_api_key(_env), or "
+                "service.allow_unauthenticated: true")
+        return self
+
+    @property
+    def has_keys(self) -> bool:
+        """Whether any inference or admin key is configured."""
+        return bool(self.api_keys or self.api_key_envs or self.admin_api_key or self.admin_api_key_env)
+
     def resolved_api_keys(self) -> frozenset[str]:
-        """Inference keys: literal ones plus those read from the named env vars."""
+        """Inference keys: literal ones plus the values of the named env vars.
+        Raises :class:`SettingsError` naming a variable that is (now) unset or empty."""
         keys = set(self.api_keys)
-        keys.update(os.environ[name] for name in self.api_key_envs if os.environ.get(name))
+        keys.update(_env_value(name, "api_key_envs") for name in self.api_key_envs)
         return frozenset(k for k in keys if k)
 
     def resolved_admin_key(self) -> str | None:
-        if self.admin_api_key_env and os.environ.get(self.admin_api_key_env):
-            return os.environ[self.admin_api_key_env]
+        """The admin key: the named env var's value (SettingsError when unset or empty),
+        else the literal ``admin_api_key``, else None."""
+        if self.admin_api_key_env:
+            return _env_value(self.admin_api_key_env, "admin_api_key_env")
         return self.admin_api_key or None
 
 
@@ -107,6 +241,7 @@ class FairnessSettings(_Strict):
     max_pending_per_key: int = 32
     max_pending_per_executor: int = 128
     idle_state_ttl_s: float = 300.0
+    max_keys: int = 10000
 
     @model_validator(mode="before")
     @classmethod
@@ -117,7 +252,7 @@ class FairnessSettings(_Strict):
         if "default_weight" in data:
             data["default_weight"] = _positive_finite(
                 "engine.fairness.default_weight must be a finite number greater than 0", data["default_weight"])
-        for name in ("soft_max_inflight_per_key", "max_pending_per_key", "max_pending_per_executor"):
+        for name in ("soft_max_inflight_per_key", "max_pending_per_key", "max_pending_per_executor", "max_keys"):
             if name in data:
                 data[name] = _positive_int(name, data[name])
         if "idle_state_ttl_s" in data:
@@ -208,6 +343,16 @@ class ModelConfig(BaseModel):
         if isinstance(value, str):
             value = value.strip().lower()
             return value or None
+        return value
+
+    @field_validator("prompt_format", mode="after")
+    @classmethod
+    def _prompt_format(cls, value: str) -> str:
+        """One of :data:`llmpoold.prompts.FORMATS` (a typo would only fail at load)."""
+        if value not in FORMATS:
+            close = difflib.get_close_matches(value, FORMATS, n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(f"unknown prompt format; {hint}known: {', '.join(sorted(FORMATS))}")
         return value
 
     @field_validator("model_path", mode="before")
@@ -343,10 +488,26 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
 
 
 SECRET_FIELDS = frozenset({"api_keys", "admin_api_key"})
+# Words that make a field's value secret wherever it sits (``api_key``, ``client_secret``,
+# ``token``...); fields ending in ``_env`` / ``_envs`` hold variable names, not secrets.
+SECRET_WORDS = frozenset({"key", "keys", "apikey", "secret", "secrets", "password", "passwd", "token", "credential",
+                          "credentials", "auth", "authorization", "bearer"})
+
+
+def _secret_field(part: str) -> bool:
+    name = part.lower()
+    if name in SECRET_FIELDS:
+        return True
+    if name.endswith(("_env", "_envs")):
+        return False
+    return any(word in SECRET_WORDS for word in name.replace("-", "_").split("_"))
 
 
 def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
-    """One line per error: ``<field path>: <message> (got <value>)``."""
+    """One line per error: ``<field path>: <message> (got <value>)``. The value is left
+    out for unknown keys (a literal key under a wrong name must not be echoed, e.g. by
+    ``/v1/admin/settings/reload``), secret-looking fields (:func:`_secret_field`),
+    objects and missing fields."""
     lines = []
     for err in exc.errors():
         loc = [str(part) for part in err["loc"]]
@@ -360,11 +521,25 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
             message = "unknown key"
         value = err.get("input")
         # A literal API key must not reach stderr or an admin reload response.
-        secret = any(part in SECRET_FIELDS for part in loc)
-        hidden = err["type"] == "missing" or isinstance(value, dict) or secret
+        named = [part for i, part in enumerate(loc) if not (i == 2 and loc[:2] == ["engine", "models"])]
+        secret = any(_secret_field(part) for part in named)  # a model's own name is not a field
+        hidden = err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) or secret
         shown = "" if hidden else f" (got {json.dumps(value, default=str)})"
         lines.append(f"{path}: {message}{shown}" if path else f"{message}{shown}")
     return "; ".join(lines)
+
+
+def with_service_overrides(settings: AppSettings, **updates: Any) -> AppSettings:
+    """``settings`` with ``service`` fields replaced (the command line's ``--host``...),
+    validated again (a non-loopback ``--host`` needs keys as ``service.host`` does).
+    Raises :class:`SettingsError`."""
+    if not updates:
+        return settings
+    try:
+        service = ServiceSettings.model_validate({**settings.service.model_dump(), **updates})
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc, prefix="service")) from None
+    return settings.model_copy(update={"service": service})
 
 
 def parse_settings(data: Mapping[str, Any], *, source: str = "settings") -> AppSettings:

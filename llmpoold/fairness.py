@@ -21,7 +21,10 @@ alternate (a, b, a, b) and weights 2:1 get 2:1 of the replica time.
   forgotten.
 - **Bounds**: ``max_pending_per_key`` waiting in one bucket → 429
   ``fairness_key_queue_full``; ``max_pending_per_executor`` waiting in all → 429
-  ``executor_queue_full`` (the scheduler adds ``Retry-After``).
+  ``executor_queue_full`` (the scheduler adds ``Retry-After``). A bucket is created only
+  for a request that passed both checks (a refused request leaves no state), and at most
+  ``max_keys`` are kept: at the cap the oldest idle one is forgotten to make room; when
+  all have work, 429 ``fairness_keys_exhausted``.
 - **Charging**: :meth:`FairQueue.complete` adds the replica time the job actually used,
   cancelled and failed jobs included; a job that never ran is charged 0.
 
@@ -83,6 +86,7 @@ class FairQueue:
         self._pending = 0
         self.rejected_per_key_limit = 0
         self.rejected_executor_limit = 0
+        self.rejected_key_limit = 0
 
     # ----- helpers -------------------------------------------------------------------
 
@@ -105,13 +109,22 @@ class FairQueue:
             del self._idle[key]
             del self._buckets[key]
 
-    def _bucket(self, key: str | None, now: float) -> Bucket:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            bucket = Bucket(key=key, weight=self.weight(key), virtual_service_ms=self._floor(now),
-                            activation_order=next(self._orders), idle_since=now)
-            self._buckets[key] = bucket
-            self._idle[key] = bucket
+    def _new_bucket(self, key: str | None, now: float) -> Bucket:
+        """A bucket for a key that has none, once the limit checks have passed. At
+        ``max_keys`` the oldest idle bucket is forgotten first; when every bucket has
+        work, 429 ``fairness_keys_exhausted`` (nothing is created)."""
+        if len(self._buckets) >= self.settings.max_keys:
+            if not self._idle:
+                self.rejected_key_limit += 1
+                raise ApiError(429, "fairness_keys_exhausted",
+                               f"too many fairness keys have requests pending or running for model '{self.model}' "
+                               f"(limit {self.settings.max_keys}); retry later", model=self.model)
+            oldest, _ = self._idle.popitem(last=False)
+            del self._buckets[oldest]
+        bucket = Bucket(key=key, weight=self.weight(key), virtual_service_ms=self._floor(now),
+                        activation_order=next(self._orders), idle_since=now)
+        self._buckets[key] = bucket
+        self._idle[key] = bucket
         return bucket
 
     def _mark_idle(self, bucket: Bucket) -> None:
@@ -130,8 +143,8 @@ class FairQueue:
 
     def push(self, job: Job, now: float) -> None:
         self._expire(now)
-        bucket = self._bucket(job.fairness_key, now)
-        if len(bucket.pending) >= self.settings.max_pending_per_key:
+        bucket = self._buckets.get(job.fairness_key)
+        if bucket is not None and len(bucket.pending) >= self.settings.max_pending_per_key:
             bucket.rejected_per_key_limit += 1
             self.rejected_per_key_limit += 1
             label = bucket.key if bucket.key is not None else "anonymous"
@@ -139,10 +152,13 @@ class FairQueue:
                            f"pending queue for fairness key '{label}' is full for model '{self.model}'",
                            model=self.model)
         if self._pending >= self.settings.max_pending_per_executor:
-            bucket.rejected_executor_limit += 1
+            if bucket is not None:
+                bucket.rejected_executor_limit += 1
             self.rejected_executor_limit += 1
             raise ApiError(429, "executor_queue_full", f"pending queue is full for model '{self.model}'",
                            model=self.model)
+        if bucket is None:  # only a request that is queued creates a bucket
+            bucket = self._new_bucket(job.fairness_key, now)
         if not bucket.busy:  # (re)activation: never below the floor of those with work
             bucket.virtual_service_ms = max(bucket.virtual_service_ms, self._floor(now, exclude=bucket))
         bucket.pending.append(job)

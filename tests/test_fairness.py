@@ -254,3 +254,53 @@ def test_many_one_off_keys_are_forgotten_after_the_ttl() -> None:
     clock.now = 10 + 2.505  # key i went idle at 0.01 * (i + 1): the first 250 are past the TTL
     push(queue, clock, "new", 1)
     assert len(queue._buckets) == 251 and list(queue._busy) == ["new"]
+
+
+def test_a_refused_request_creates_no_bucket() -> None:
+    """Limit checks come first: a flood of 429'd one-off keys leaves no state behind."""
+    queue, clock = make_queue(max_pending_per_executor=2)
+    push(queue, clock, "a", 2)
+    for i in range(50):
+        with pytest.raises(ApiError) as exc:
+            push(queue, clock, f"flood-{i}", 1)
+        assert exc.value.code == "executor_queue_full"
+    assert list(queue._buckets) == ["a"]
+    assert queue.snapshot(clock.now)["rejected_executor_limit"] == 50
+
+
+def test_max_keys_forgets_the_oldest_idle_bucket_first() -> None:
+    queue, clock = make_queue(max_keys=3)
+    for key in ("a", "b", "c"):
+        push(queue, clock, key, 1)
+        clock.now += 1
+        serve_one_slot(queue, clock, 1)
+    push(queue, clock, "b", 1)  # b has work again: a and c are idle, a the oldest
+    push(queue, clock, "d", 1)
+    assert sorted(queue._buckets) == ["b", "c", "d"]
+    push(queue, clock, "e", 1)
+    assert sorted(queue._buckets) == ["b", "d", "e"]
+
+
+def test_max_keys_with_every_bucket_busy_is_429() -> None:
+    queue, clock = make_queue(max_keys=2)
+    push(queue, clock, "a", 1)
+    push(queue, clock, "b", 1)
+    with pytest.raises(ApiError) as exc:
+        push(queue, clock, "c", 1)
+    assert exc.value.status == 429 and exc.value.code == "fairness_keys_exhausted"
+    assert exc.value.message == ("too many fairness keys have requests pending or running for model 'm' "
+                                 "(limit 2); retry later")
+    assert sorted(queue._buckets) == ["a", "b"] and len(queue) == 2
+    push(queue, clock, "a", 1)  # known keys still queue
+    assert serve_one_slot(queue, clock, 2) == ["a", "b"]  # b is idle now, a still has a job
+    push(queue, clock, "c", 1)  # b's bucket makes room
+    assert sorted(queue._buckets) == ["a", "c"]
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "many", True])
+def test_max_keys_must_be_a_positive_integer(value: object) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="engine.fairness.max_keys must be an integer greater than 0"):
+        FairnessSettings.model_validate({"max_keys": value})
+    assert FairnessSettings().max_keys == 10000
