@@ -7,6 +7,9 @@ takes the next behaviour from ``script`` (``"ok"`` once the script is empty) and
 recorded in ``calls``. The Files API (``POST /files``, ``GET /files/{id}/content``,
 ``DELETE /files/{id}``) keeps uploads in ``files``; its "extraction" is the file's text
 prefixed with ``extracted:``; ``upload_status`` / ``delete_status`` make it fail.
+Limits are probed with oversized answers (``big_json``, ``big_event``, ``endless_line``),
+redirects (``redirect``: the target, ``POST /v1/elsewhere/chat/completions``, records
+what reaches it in ``redirected``) and an upstream that ignores ``max_tokens`` (``flood``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ class FakeUpstream:
     body, headers)``, ``("sleep", seconds)`` before answering, ``"garbage"`` (200 with a
     body that is not JSON), ``"garbage_stream"``, ``"cut"`` (two deltas then the
     connection drops), ``("stall", seconds)`` after one delta, ``"slow"`` (one delta
-    every 50 ms for 10 s), ``"error_chunk"`` (an error object mid-stream)."""
+    every 50 ms for 10 s), ``"error_chunk"`` (an error object mid-stream), ``("big_json",
+    n, chunked)`` (a JSON completion whose content is ``n`` bytes, with or without
+    Content-Length, even when a stream was asked for), ``("big_event", n)`` (one stream
+    event with ``n`` bytes of content), ``("endless_line", n)`` (``n`` bytes of one
+    event line that never ends, then the connection stays open), ``("redirect", status,
+    location)`` (``location`` relative to the fake's base), ``("flood", n)`` (``n``
+    content chunks, one a millisecond, whatever ``max_tokens`` says)."""
 
     models: list[str] = field(default_factory=lambda: ["fake-model"])
     models_status: int = 200
@@ -48,6 +57,7 @@ class FakeUpstream:
     deleted: list[str] = field(default_factory=list)
     upload_status: int = 200
     delete_status: int = 200
+    redirected: list[Call] = field(default_factory=list)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -56,7 +66,13 @@ class FakeUpstream:
         app.router.add_post("/v1/files", self.upload)
         app.router.add_get("/v1/files/{id}/content", self.file_content)
         app.router.add_delete("/v1/files/{id}", self.delete_file)
+        app.router.add_post("/v1/elsewhere/chat/completions", self.elsewhere)
         return app
+
+    async def elsewhere(self, request: web.Request) -> web.Response:
+        """A redirect's target: records the call (it must never be reached)."""
+        self.redirected.append(Call(headers=dict(request.headers), body=await request.json()))
+        return web.json_response(self.completion({"model": "elsewhere"}))
 
     async def upload(self, request: web.Request) -> web.Response:
         if self.upload_status != 200:
@@ -107,6 +123,22 @@ class FakeUpstream:
             await asyncio.sleep(behaviour[1])
         if kind == "garbage":
             return web.Response(status=200, text="this is not json {", content_type="application/json")
+        if kind == "redirect":
+            _, status, location = behaviour
+            target = location if "://" in location else str(request.url.with_path(location))
+            return web.Response(status=status, headers={"Location": target})
+        if kind == "big_json":
+            _, size, chunked = behaviour
+            payload = json.dumps(self.completion(body, content="x" * size)).encode()
+            if not chunked:
+                return web.Response(status=200, body=payload, content_type="application/json")
+            response = web.StreamResponse(headers={"Content-Type": "application/json"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for start in range(0, len(payload), 65536):
+                await response.write(payload[start:start + 65536])
+            await response.write_eof()
+            return response
         if not body.get("stream"):
             return web.json_response(self.completion(body))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -118,11 +150,11 @@ class FakeUpstream:
             raise
         return response
 
-    def completion(self, body: dict[str, Any]) -> dict[str, Any]:
+    def completion(self, body: dict[str, Any], content: str = "".join(WORDS)) -> dict[str, Any]:
         return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body["model"],
                 "system_fingerprint": "fp_fake", "x_unknown": "dropped",
                 "choices": [{"index": 0, "finish_reason": "stop", "logprobs": {"content": "secret"},
-                             "message": {"role": "assistant", "content": "".join(WORDS),
+                             "message": {"role": "assistant", "content": content,
                                          "reasoning_content": "thinking hard"}}],
                 "usage": USAGE}
 
@@ -144,6 +176,23 @@ class FakeUpstream:
         if kind == "error_chunk":
             await response.write(self.chunk(model, {"content": "Hello"}))
             await response.write(b'data: {"error": {"message": "overloaded mid-way"}}\n\n')
+            return
+        if kind == "big_event":
+            await response.write(self.chunk(model, {"content": "x" * behaviour[1]}))
+            await response.write(b"data: [DONE]\n\n")
+            return
+        if kind == "endless_line":
+            await response.write(b"data: ")
+            for _ in range(0, behaviour[1], 65536):
+                await response.write(b"x" * 65536)
+            await asyncio.sleep(30)
+            return
+        if kind == "flood":
+            for i in range(behaviour[1]):
+                await response.write(self.chunk(model, {"content": f" t{i}"}))
+                await asyncio.sleep(0.001)  # lets a client that stopped reading be noticed
+            await response.write(self.chunk(model, {}, finish="stop"))
+            await response.write(b"data: [DONE]\n\n")
             return
         if kind == "slow":
             for i in range(200):

@@ -1,0 +1,87 @@
+"""The upstream Chat Completions request body for a
+:class:`~llmpoold.types.GenerationRequest` (:func:`build_body`), and the decoding of
+file content items."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from llmpool_remote.options import RemoteOptions
+from llmpool_remote.runtime import RemoteRuntime
+from llmpoold.errors import BackendError
+from llmpoold.types import GenerationRequest
+
+DATA_URL = re.compile(r"data:[^;,]*;base64,(.*)", re.DOTALL)
+
+
+def message_content(content: Any, *, drop_files: bool = False) -> Any:
+    if isinstance(content, str):
+        return content
+    return [{k: v for k, v in dict(item).items() if v is not None} for item in content
+            if not (drop_files and item.get("type") == "file")]
+
+
+def file_items(request: GenerationRequest) -> list[Mapping[str, Any]]:
+    return [item["file"] for m in request.messages if not isinstance(m.content, str)
+            for item in m.content if item.get("type") == "file"]
+
+
+def decode_file(file: Mapping[str, Any]) -> tuple[str, bytes]:
+    """(sanitized filename, bytes) of a file item; 400 ``invalid_file_input`` unless its
+    ``file_data`` is a base64 data URL."""
+    name = str(file.get("filename") or "file")
+    match = DATA_URL.fullmatch(str(file.get("file_data") or "").strip())
+    if match is None:
+        raise BackendError(400, "invalid_file_input", f"file '{name}' must use a base64 data URL")
+    try:
+        data = base64.b64decode(re.sub(r"\s+", "", match.group(1)), validate=True)
+    except (binascii.Error, ValueError):
+        raise BackendError(400, "invalid_file_input", f"file '{name}' contains invalid base64 data") from None
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.basename(name)).strip("._") or "file"
+    return safe, data
+
+
+def resolved_thinking(options: RemoteOptions, request: GenerationRequest) -> str | None:
+    if request.reasoning_effort is not None:
+        return "disabled" if request.reasoning_effort == "none" else "enabled"
+    if request.thinking_mode in ("enabled", "disabled"):
+        return request.thinking_mode
+    return options.remote_thinking
+
+
+def build_body(runtime: RemoteRuntime, request: GenerationRequest, *, stream: bool,
+               file_texts: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The upstream Chat Completions request body for ``request``. With
+    ``files_extract``, ``file_texts`` (see :func:`extract_files`) become one system
+    message each, after the instructions, and the file items are dropped."""
+    options, d = runtime.options, request.decoding
+    drop_files = options.remote_file_mode == "files_extract"
+    messages: list[dict[str, Any]] = [{"role": "system", "content": request.instructions}]
+    messages += [{"role": "system", "content": text} for text in file_texts]
+    messages += [{"role": m.role, "content": message_content(m.content, drop_files=drop_files)}
+                 for m in request.messages]
+    body: dict[str, Any] = {"model": options.remote_model, "messages": messages, "max_tokens": d.max_tokens,
+                            "temperature": d.temperature, "top_p": d.top_p}
+    if d.stop:
+        body["stop"] = list(d.stop)
+    thinking = resolved_thinking(options, request)
+    if thinking is not None:
+        body["thinking"] = {"type": thinking}
+    if request.reasoning_effort is not None:
+        body["reasoning_effort"] = request.reasoning_effort
+    if options.remote_prompt_cache_key_enabled and request.prompt_cache_key:
+        body["prompt_cache_key"] = request.prompt_cache_key
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    ignored = {name: value for name, value, neutral in (
+        ("beam_size", d.beam_size, 1), ("top_k", d.top_k, 1), ("repetition_penalty", d.repetition_penalty, 1.0))
+        if value != neutral}
+    if ignored:
+        runtime.warn_ignored(ignored)
+    return body
