@@ -77,3 +77,8 @@ def model_state_error(model: str, state: str) -> ApiError:
 
 def unknown_model(model: str) -> ApiError:
     return ApiError(404, "unknown_model", model=model)
+
+
+class SettingsError(ValueError):
+    """An invalid settings file; the message names the file, field path and value (never
+    the value of a secret or unknown key)."""
