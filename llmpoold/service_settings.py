@@ -138,6 +138,20 @@ class ServiceSettings(BaseModel):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _api_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if any(not key.strip() for key in value):
+            raise ValueError("API keys must not be blank")
+        return value
+
+    @field_validator("admin_api_key", mode="after")
+    @classmethod
+    def _admin_api_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("the admin key must not be blank (omit it or use null)")
+        return value
+
     @field_validator("api_key_envs", mode="after")
     @classmethod
     def _api_key_envs(cls, value: tuple[str, ...]) -> tuple[str, ...]:

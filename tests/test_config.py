@@ -186,6 +186,17 @@ def test_cli_check_exits_2_naming_an_unset_key_variable(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("service", "expected"), [
+    ({"api_keys": ["k", " "]}, "service.api_keys: API keys must not be blank"),
+    ({"admin_api_key": ""}, "service.admin_api_key: the admin key must not be blank (omit it or use null)"),
+    ({"host": "0.0.0.0", "api_keys": [""]}, "service.api_keys: API keys must not be blank"),
+])
+def test_blank_keys_are_errors_not_silently_dropped(service: dict[str, Any], expected: str) -> None:
+    with pytest.raises(SettingsError) as exc:
+        parse_settings({"service": service})
+    assert expected in str(exc.value) and "got" not in str(exc.value)
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.10", "example.com"])
 def test_non_loopback_bind_without_keys_is_refused(host: str) -> None:
     with pytest.raises(SettingsError) as exc:
