@@ -42,7 +42,7 @@ class FakeUpstream:
     n, chunked)`` (a JSON completion whose content is ``n`` bytes, with or without
     Content-Length, even when a stream was asked for), ``("big_event", n)`` (one stream
     event with ``n`` bytes of content), ``("endless_line", n)`` (``n`` bytes of one
-    event line that never ends, then the connection stays open), ``("redirect", status,
+    event line that never ends, written in pieces, then the connection stays open), ``("redirect", status,
     location)`` (``location`` relative to the fake's base), ``("flood", n)`` (``n``
     content chunks, one a millisecond, whatever ``max_tokens`` says)."""
 
@@ -185,6 +185,7 @@ class FakeUpstream:
             await response.write(b"data: ")
             for _ in range(0, behaviour[1], 65536):
                 await response.write(b"x" * 65536)
+                await asyncio.sleep(0.005)  # keeps writing: a client that left is noticed
             await asyncio.sleep(30)
             return
         if kind == "flood":

@@ -70,7 +70,7 @@ async def test_a_line_that_never_ends_is_cut_at_the_event_limit(fake_upstream: A
                                                                 make_remote_client: Any) -> None:
     """Checked as bytes arrive: no waiting for a newline, no buffer growing past the limit."""
     client = await limited_client(fake_upstream, make_remote_client, remote_max_event_bytes=64 * 1024)
-    fake_upstream.script = [("endless_line", 1024 * 1024)]
+    fake_upstream.script = [("endless_line", 16 * 1024 * 1024)]
     text = await asyncio.wait_for((await client.post("/v1/responses", json=ask(stream=True))).text(), 10)
     assert last_error(text)["error"]["code"] == "upstream_response_too_large"
     await asyncio.wait_for(fake_upstream.disconnected.wait(), 5)  # the upstream connection was dropped
