@@ -43,7 +43,7 @@ class FakeUpstream:
     Content-Length, even when a stream was asked for), ``("big_event", n)`` (one stream
     event with ``n`` bytes of content), ``("endless_line", n)`` (``n`` bytes of one
     event line that never ends, written in pieces, then the connection stays open), ``("redirect", status,
-    location)`` (``location`` relative to the fake's base), ``("flood", n)`` (``n``
+    location)`` (``location``: a path on the fake, or a full URL), ``("flood", n)`` (``n``
     content chunks, one a millisecond, whatever ``max_tokens`` says)."""
 
     models: list[str] = field(default_factory=lambda: ["fake-model"])
