@@ -181,12 +181,11 @@ def build(models: list[str]) -> dict[str, Any]:
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    doc = request.app.get(DOC)
-    if doc is None:
+    doc = request.app[DOC]  # built once per app, on first use
+    if not doc:
         from llmpoold.app import SETTINGS
 
-        doc = build(sorted(request.app[SETTINGS].engine.models))
-        request.app[DOC] = doc
+        doc.update(build(sorted(request.app[SETTINGS].engine.models)))
     return web.json_response(doc)
 
 
@@ -217,6 +216,7 @@ async def docs_asset(request: web.Request) -> web.StreamResponse:
 
 def setup(app: web.Application) -> None:
     """Add ``/openapi.json``, ``/docs`` and ``/docs/assets/{name}`` (public, read-only)."""
+    app[DOC] = {}
     app.router.add_get("/openapi.json", openapi_json)
     app.router.add_get("/docs", docs_page)
     app.router.add_get("/docs/assets/{name}", docs_asset)
