@@ -102,8 +102,7 @@ def test_console_models_admin_buttons_and_playground(gguf_daemon: Daemon, page: 
         new MutationObserver(() => window.__updates++).observe(
             document.getElementById('play-output'), {childList: true, subtree: true, characterData: true}); }""")
     page.click("#play-send")
-    page.wait_for_function("document.getElementById('play-metrics').textContent.includes('tokens')",
-                           timeout=120_000)
+    page.wait_for_selector("#play-metrics:has-text('tok/s')", timeout=120_000)
     streamed = page.inner_text("#play-output")
     assert streamed.strip() and "error" not in page.get_attribute("#play-output", "class")
     assert page.evaluate("window.__updates") >= 3  # several deltas, not one final write

@@ -270,8 +270,10 @@ $("play").addEventListener("submit", async (ev) => {
           text.textContent += obj.delta;
         } else if (event === "response.metrics") {
           const m = obj.metrics;
-          metrics.textContent = `first token ${Math.round(first - started)} ms · ${m.engine_output_tokens} tokens · `
-            + `${(m.engine_tokens_per_second || 0).toFixed(1)} tok/s · total ${Math.round(m.pool_total_wall_ms)} ms`
+          const decodeS = (performance.now() - (first ?? started)) / 1000;
+          const tps = m.engine_tokens_per_second || (decodeS > 0 ? (m.engine_output_tokens || 0) / decodeS : 0);
+          metrics.textContent = `first token ${Math.round((first ?? performance.now()) - started)} ms · `
+            + `${m.engine_output_tokens} tokens · ${tps.toFixed(1)} tok/s · total ${Math.round(m.pool_total_wall_ms)} ms`
             + ` · finish ${m.engine_finish_reason}`;
         } else if (event === "error") {
           throw new Error(`${obj.status} ${obj.error.code}: ${obj.error.message || ""}`);
