@@ -106,6 +106,13 @@ def test_daemon_errors_print_code_and_message(echo_daemon: Daemon) -> None:
     assert out.returncode == 1 and "422" in out.stderr and "max_tokens" in out.stderr
 
 
+def test_chat_answers_each_turn_until_exit(echo_daemon: Daemon) -> None:
+    out = llmpool(echo_daemon.url, "chat", "echo", stdin="hello there\n/reset\nsecond turn\n/exit\n")
+    assert out.returncode == 0, out.stderr
+    answers = [line.split("model> ", 1)[1] for line in out.stdout.splitlines() if "model> " in line]
+    assert answers == ["hello there", "second turn"]
+
+
 def test_top_renders_one_frame(echo_daemon: Daemon) -> None:
     llmpool(echo_daemon.url, "run", "echo", "a few tokens so tokens per second moves")
     out = llmpool(echo_daemon.url, "top", "--once", "--interval", "0.2")
@@ -124,6 +131,18 @@ def test_reload_and_check(echo_daemon: Daemon) -> None:
     bad.write_text(json.dumps({"service": {"port": "eighty"}}))
     check = llmpool(echo_daemon.url, "check", str(bad))
     assert check.returncode == 2 and "service.port" in check.stderr and "Traceback" not in check.stderr
+
+
+def test_keys_come_from_the_environment(tmp_path: Path) -> None:
+    settings = {"service": {"api_keys": ["k1"], "admin_api_key": "adm"},
+                "engine": {"backend": "echo", "models": {"echo": {}}}}
+    with running_daemon(tmp_path, settings) as daemon:
+        out = llmpool(daemon.url, "ps", env={"LLMPOOL_ADMIN_KEY": ""})
+        assert out.returncode == 1 and "401 unauthorized" in out.stderr and "LLMPOOL_ADMIN_KEY" in out.stderr
+        assert llmpool(daemon.url, "ps", env={"LLMPOOL_ADMIN_KEY": "adm"}).returncode == 0
+        out = llmpool(daemon.url, "run", "echo", "hi", env={"LLMPOOL_API_KEY": "k1"})
+        assert out.returncode == 0 and out.stdout == "hi\n"
+        assert llmpool(daemon.url, "run", "echo", "hi", env={"LLMPOOL_API_KEY": "wrong"}).returncode == 1
 
 
 def test_stopped_daemon_gives_one_line() -> None:

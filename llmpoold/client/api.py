@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -136,7 +137,7 @@ class Client:
 
 
 def _quote(name: str) -> str:
-    return urllib.request.quote(name, safe="")
+    return urllib.parse.quote(name, safe="")
 
 
 def _events(resp: Any) -> Iterator[SseEvent]:

@@ -308,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmpool: {exc}", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except DaemonError as exc:
-        print(f"llmpool: {exc}", file=sys.stderr)
+        hint = " (set LLMPOOL_ADMIN_KEY / LLMPOOL_API_KEY)" if exc.status == 401 else ""
+        print(f"llmpool: {exc}{hint}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -101,9 +101,12 @@ def _ref(model: type[BaseModel]) -> dict[str, str]:
 
 def _schemas() -> dict[str, Any]:
     """Every request and answer model, with shared definitions, as components."""
-    requests = {r.body for r in ROUTES if r.body is not None}
-    answers = {r.answer for r in ROUTES if r.answer is not None} | {a.ErrorEnvelope, a.OpenAIError}
-    pairs = [(m, "validation") for m in requests] + [(m, "serialization") for m in answers]
+    requests: set[type[BaseModel]] = {r.body for r in ROUTES if r.body is not None}
+    answers: set[type[BaseModel]] = {r.answer for r in ROUTES if r.answer is not None}
+    answers |= {a.ErrorEnvelope, a.OpenAIError}
+    pairs: list[tuple[type[BaseModel], Literal["validation", "serialization"]]] = [
+        *((m, "validation") for m in sorted(requests, key=lambda m: m.__name__)),
+        *((m, "serialization") for m in sorted(answers, key=lambda m: m.__name__))]
     mapping, defs = models_json_schema(pairs, ref_template="#/components/schemas/{model}")
     schemas: dict[str, Any] = dict(defs.get("$defs", {}))
     for (model, _mode), schema in mapping.items():  # top-level models by their class name
