@@ -19,6 +19,7 @@ from llmpoold.bridge import run_blocking
 from llmpoold.config import AppSettings
 from llmpoold.errors import ApiError
 from llmpoold.gpu import gpu_memory
+from llmpoold.http import console, openapi, public
 from llmpoold.inference import Inference, InferenceResult
 from llmpoold.plugins import PluginRegistry
 from llmpoold.pool import Pool, ReplicaFactory
@@ -106,7 +107,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     """Admin paths need the admin key, inference paths an API key (when configured)."""
     service = request.app[SETTINGS].service
     path = request.path
-    if path in ("/healthz", "/readyz", "/metrics"):
+    if path in ("/healthz", "/readyz", "/metrics") or public.is_public(request.method, path):
         return await handler(request)
     admin_key = service.resolved_admin_key()
     api_keys = service.resolved_api_keys()
@@ -340,6 +341,8 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     openai_api.setup(app)
+    console.setup(app)
+    openapi.setup(app)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         import asyncio

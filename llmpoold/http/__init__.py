@@ -1,0 +1,1 @@
+"""The HTTP layer of llmpoold: routes, pages and the API contract."""
