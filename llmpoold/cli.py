@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     if service_updates:
         settings = settings.model_copy(update={"service": settings.service.model_copy(update=service_updates)})
 
-    from llmpoold.app import create_app
+    from llmpoold.http.app import create_app
     from llmpoold.logs import configure_logging
     from llmpoold.plugins import PluginRegistry
 

@@ -149,7 +149,7 @@ class FairnessSettings(_Strict):
 
 
 class WorkerSettings(_Strict):
-    """``engine.workers``: process-isolated replicas (see ``llmpoold.process_replica``).
+    """``engine.workers``: process-isolated replicas (see ``llmpoold.replicas.process``).
 
     A crashed worker is restarted after ``restart_backoff_s`` (doubling per restart in
     the window, capped at ``restart_backoff_max_s``), at most ``restart_max`` times per

@@ -9,7 +9,7 @@ import echo_backend
 import pytest
 import structlog
 
-from llmpoold.app import POOL
+from llmpoold.http.keys import POOL
 from llmpoold.testing import sse_events
 
 pytestmark = pytest.mark.timeout(60)

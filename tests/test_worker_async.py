@@ -16,7 +16,7 @@ import pytest
 from llmpoold import hookimpl
 from llmpoold.config import WorkerSettings
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.process_replica import ProcessReplicaFactory
+from llmpoold.replicas.factory import ProcessReplicaFactory
 from llmpoold.types import BackendMetrics, Completion, TextDelta
 
 pytestmark = pytest.mark.timeout(60)
@@ -64,7 +64,7 @@ def llmpool_unload(backend: str, runtime: Any) -> bool | None:
 
 
 async def test_async_stream_and_generate_only_plugins_in_a_worker() -> None:
-    from llmpoold.app import create_app
+    from llmpoold.http.app import create_app
     from llmpoold.testing import make_registry, settings_from
 
     me = sys.modules[__name__]
@@ -74,7 +74,7 @@ async def test_async_stream_and_generate_only_plugins_in_a_worker() -> None:
         make_registry(me), replica_factory=factory)
     from aiohttp.test_utils import TestClient, TestServer
 
-    from llmpoold.app import POOL
+    from llmpoold.http.keys import POOL
 
     async with TestClient(TestServer(app)) as client:
         await app[POOL].startup_done.wait()
