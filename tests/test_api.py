@@ -256,3 +256,41 @@ async def test_batching_runtime_is_fed_its_concurrency_by_default(make_client: A
     assert runtime.max_active == 3
     entry = next(m for m in (await (await client.get("/v1/admin/models")).json())["models"] if m["name"] == "batched")
     assert entry["configured_target_inflight"] == 1 and entry["effective_target_inflight"] == 3
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/responses", {"input": "a b c"}),
+    ("/openai/v1/chat/completions", {"messages": [{"role": "user", "content": "a b c"}]}),
+    ("/openai/v1/responses", {"input": "a b c"}),
+])
+async def test_client_leaving_right_after_the_sse_headers_releases_its_slot(
+        client: Any, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any]) -> None:
+    """Fault injection: the first write after the headers fails as if the client had left.
+    The slot (lease and in-flight count) must come back, or a concurrency-1 model blocks
+    for good."""
+    from llmpoold.http import respond
+
+    real_send = respond.send_event
+    calls = 0
+
+    async def first_write_fails(response: Any, data: Any, *, event: str | None = None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError("client left")
+        await real_send(response, data, event=event)
+
+    monkeypatch.setattr(respond, "send_event", first_write_fails)
+    entry = client.app[POOL].entry("slow")
+    try:
+        await client.post(path, json={"model": "slow", "stream": True, **body})
+    except Exception:  # noqa: BLE001 - the connection may end either way; the slot is what matters
+        pass
+    for _ in range(100):
+        if entry.inflight_requests == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert calls >= 1
+    assert entry.inflight_requests == 0 and entry.scheduler is not None and entry.scheduler.runtime_inflight == 0
+    resp = await asyncio.wait_for(client.post("/v1/responses", json={"model": "slow", "input": "again"}), 5)
+    assert (await resp.json())["output_text"] == "again"
