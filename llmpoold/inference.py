@@ -75,16 +75,10 @@ class _Trim:
 
 
 def resolve_decoding(defaults: DecodingDefaults, body: ResponseRequest) -> Decoding:
-    d = body.decoding
-    return Decoding(
-        beam_size=d.beam_size if d.beam_size is not None else defaults.beam_size,
-        top_k=d.top_k if d.top_k is not None else defaults.top_k,
-        top_p=d.top_p if d.top_p is not None else defaults.top_p,
-        temperature=d.temperature if d.temperature is not None else defaults.temperature,
-        repetition_penalty=d.repetition_penalty if d.repetition_penalty is not None else defaults.repetition_penalty,
-        max_tokens=d.max_tokens if d.max_tokens is not None else defaults.max_tokens,
-        stop=tuple(s for s in (d.stop or defaults.stop) if s),
-    )
+    """The request's decoding fields where set, else the engine defaults."""
+    values = {**defaults.model_dump(), **body.decoding.model_dump(exclude_none=True)}
+    values["stop"] = tuple(s for s in (body.decoding.stop or defaults.stop) if s)
+    return Decoding(**values)
 
 
 def _content(value: Any) -> str | tuple[dict[str, Any], ...]:

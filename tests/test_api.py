@@ -138,8 +138,11 @@ async def test_admin_unload_and_load_cycle(client: Any) -> None:
 
 async def test_load_override_is_validated_by_the_plugin(client: Any) -> None:
     await client.post("/v1/admin/models/echo/unload")
-    resp = await client.post("/v1/admin/models/echo/load", json={"echo_ctx": 0})
-    assert resp.status in (400, 422)
+    resp = await client.post("/v1/admin/models/echo/load", json={"echo_ctx": "many"})  # the override model: 422
+    assert resp.status == 422 and (await resp.json())["detail"][0]["loc"] == ["body", "echo_ctx"]
+    resp = await client.post("/v1/admin/models/echo/load", json={"echo_ctx": 0})  # the plugin's range rule: 400
+    assert resp.status == 400
+    assert (await resp.json())["detail"]["message"] == "echo_ctx load override must be a positive integer"
     resp = await client.post("/v1/admin/models/echo/load", json={"gguf_n_ctx": 1024})
     assert resp.status == 400
     assert (await resp.json())["detail"]["code"] == "invalid_load_request"
