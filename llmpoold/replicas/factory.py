@@ -24,7 +24,8 @@ from llmpoold.hookspecs import PROJECT
 from llmpoold.plugins import PluginRegistry
 from llmpoold.replicas import Replica
 from llmpoold.replicas.inline import InlineReplica
-from llmpoold.replicas.process import ProcessReplica, WorkerPlugins
+from llmpoold.replicas.process import ProcessReplica
+from llmpoold.replicas.supervise import WorkerPlugins
 
 PLUGINS_ENV = "LLMPOOL_WORKER_PLUGINS"
 ReplicaFactory = Callable[..., Replica]

@@ -23,13 +23,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
-import logging
-import os
-import socket
 import sys
 import time
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -38,7 +34,15 @@ from llmpoold.config import ModelConfig, WorkerSettings
 from llmpoold.errors import ApiError, LoadError
 from llmpoold.gpu import process_rss_mib, process_vram_mib
 from llmpoold.replicas import Listener
-from llmpoold.replicas.supervise import LIVE, describe_exit, relay_logs, wait_or_force
+from llmpoold.replicas.supervise import (
+    LIVE,
+    RestartBudget,
+    WorkerPlugins,
+    describe_exit,
+    relay_logs,
+    spawn_worker,
+    wait_or_force,
+)
 from llmpoold.replicas.wire import (
     HEADER,
     decode_payload,
@@ -52,19 +56,6 @@ from llmpoold.replicas.wire import (
 from llmpoold.types import GenerationRequest, StreamItem
 
 log = structlog.get_logger("llmpoold.process_replica")
-
-
-@dataclass(frozen=True)
-class WorkerPlugins:
-    """What a worker must load to host one backend."""
-
-    entry_points: tuple[str, ...] = ()
-    modules: tuple[str, ...] = ()
-    paths: tuple[str, ...] = ()
-
-    def argv(self) -> list[str]:
-        return [*(a for ep in self.entry_points for a in ("--entry-point", ep)),
-                *(a for mod in self.modules for a in ("--plugin", mod))]
 
 
 class ProcessReplica:
@@ -89,7 +80,7 @@ class ProcessReplica:
         self.exit_status: int | None = None
         self.restarts = 0
         self.gave_up = False
-        self._restart_times: collections.deque[float] = collections.deque()
+        self._restarts = RestartBudget(self.policy)
         self._listeners: list[Listener] = []
         self._ids = itertools.count(1)
         self._streams: dict[int, asyncio.Queue[dict[str, Any]]] = {}
@@ -200,28 +191,8 @@ class ProcessReplica:
 
     async def _spawn_and_load(self) -> None:
         assert self.plugins is not None
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        # The daemon's own logger filters the relayed lines again; the worker sends at
-        # least info so an unconfigured root logger (tests, embedding) still sees them.
-        level = logging.getLevelName(min(logging.getLogger().getEffectiveLevel(), logging.INFO)).lower()
-        cmd = [self.python, "-m", "llmpoold.replicas.worker", "--fd", str(child.fileno()),
-               "--parent-pid", str(os.getpid()),
-               "--log-level", level if level in ("debug", "info", "warning", "error") else "info",
-               *self.plugins.argv()]
-        env = dict(os.environ)
-        if self.plugins.paths:
-            env["PYTHONPATH"] = os.pathsep.join([*self.plugins.paths, *filter(None, [env.get("PYTHONPATH")])])
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
+        proc, parent = await spawn_worker(self.python, self.plugins)
         self._proc, self.pid = proc, proc.pid
-        LIVE[proc.pid] = proc
         self._tail.clear()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         self._writer = writer
@@ -348,19 +319,14 @@ class ProcessReplica:
     # ----- restarts ------------------------------------------------------------------
 
     def _schedule_restart(self) -> None:
-        now = time.monotonic()
-        window = self.policy.restart_window_s
-        while self._restart_times and now - self._restart_times[0] > window:
-            self._restart_times.popleft()
-        if len(self._restart_times) >= self.policy.restart_max:
+        delay = self._restarts.next_delay()
+        if delay is None:
             self.gave_up = True
             self._set_state("failed")
-            log.error("worker_restart_gave_up", replica=self.replica_id, restarts=len(self._restart_times),
-                      window_s=window, error=self.last_error)
+            log.error("worker_restart_gave_up", replica=self.replica_id, restarts=len(self._restarts.times),
+                      window_s=self.policy.restart_window_s, error=self.last_error)
             self._notify("gave_up")
             return
-        delay = min(self.policy.restart_backoff_s * 2 ** len(self._restart_times), self.policy.restart_backoff_max_s)
-        self._restart_times.append(now)
         self._set_state("restarting")
         log.info("worker_restart_scheduled", replica=self.replica_id, delay_s=delay)
         self._restart_task = asyncio.create_task(self._restart(delay), name=f"worker-restart-{self.replica_id}")

@@ -8,14 +8,79 @@ import asyncio
 import atexit
 import collections
 import json
+import logging
 import os
 import signal
+import socket
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
 
+from llmpoold.config import WorkerSettings
+
 log = structlog.get_logger("llmpoold.process_replica")
 worker_log = structlog.get_logger("llmpoold.worker")
+
+@dataclass(frozen=True)
+class WorkerPlugins:
+    """What a worker must load to host one backend."""
+
+    entry_points: tuple[str, ...] = ()
+    modules: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+
+    def argv(self) -> list[str]:
+        return [*(a for ep in self.entry_points for a in ("--entry-point", ep)),
+                *(a for mod in self.modules for a in ("--plugin", mod))]
+
+
+async def spawn_worker(python: str, plugins: WorkerPlugins) -> tuple[asyncio.subprocess.Process, socket.socket]:
+    """Start ``python -m llmpoold.replicas.worker`` for ``plugins``; return the process
+    and the daemon's end of its socket (stdout and stderr merged on a pipe, for
+    :func:`relay_logs`). The process is in :data:`LIVE` until it has exited."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    # The daemon's own logger filters the relayed lines again; the worker sends at
+    # least info so an unconfigured root logger (tests, embedding) still sees them.
+    level = logging.getLevelName(min(logging.getLogger().getEffectiveLevel(), logging.INFO)).lower()
+    cmd = [python, "-m", "llmpoold.replicas.worker", "--fd", str(child.fileno()), "--parent-pid", str(os.getpid()),
+           "--log-level", level if level in ("debug", "info", "warning", "error") else "info", *plugins.argv()]
+    env = dict(os.environ)
+    if plugins.paths:
+        env["PYTHONPATH"] = os.pathsep.join([*plugins.paths, *filter(None, [env.get("PYTHONPATH")])])
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, pass_fds=(child.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    except BaseException:
+        parent.close()
+        raise
+    finally:
+        child.close()
+    LIVE[proc.pid] = proc
+    return proc, parent
+
+
+class RestartBudget:
+    """``engine.workers``' restart policy: at most ``restart_max`` restarts per sliding
+    ``restart_window_s``, each after an exponential backoff."""
+
+    def __init__(self, policy: WorkerSettings) -> None:
+        self.policy = policy
+        self.times: collections.deque[float] = collections.deque()
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next restart (counted now), or None: give up."""
+        now = time.monotonic()
+        while self.times and now - self.times[0] > self.policy.restart_window_s:
+            self.times.popleft()
+        if len(self.times) >= self.policy.restart_max:
+            return None
+        delay = min(self.policy.restart_backoff_s * 2 ** len(self.times), self.policy.restart_backoff_max_s)
+        self.times.append(now)
+        return delay
+
 
 # Worker processes alive in this daemon, killed at interpreter exit as a last resort
 # (the workers also die with their parent through PR_SET_PDEATHSIG and socket EOF).
