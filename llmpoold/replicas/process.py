@@ -26,6 +26,7 @@ import itertools
 import sys
 import time
 from collections.abc import AsyncGenerator
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -58,6 +59,16 @@ from llmpoold.types import GenerationRequest, StreamItem
 log = structlog.get_logger("llmpoold.process_replica")
 
 
+class WorkerState(StrEnum):
+    """A process replica's worker; only ``READY`` takes work (shown in ``replica_info``)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
 class ProcessReplica:
     """One replica whose runtime lives in a worker process."""
 
@@ -74,7 +85,7 @@ class ProcessReplica:
         self.policy = policy or WorkerSettings()
         self.python = python
         self.unhosted_reason = unhosted_reason
-        self.state = "stopped"  # starting, ready, restarting, failed, stopped
+        self.state = WorkerState.STOPPED
         self.pid: int | None = None
         self.last_error: str | None = None
         self.exit_status: int | None = None
@@ -102,7 +113,7 @@ class ProcessReplica:
     @property
     def accepting(self) -> bool:
         """Whether the scheduler may route new work here."""
-        return self.state == "ready"
+        return self.state == WorkerState.READY
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -111,19 +122,19 @@ class ProcessReplica:
         if self.plugins is None:
             raise LoadError(self.unhosted_reason or f"backend '{self.backend}' cannot run in a worker process")
         self._stopping = False
-        self._set_state("starting")
+        self._set_state(WorkerState.STARTING)
         try:
             await self._spawn_and_load()
         except BaseException:
             self._stopping = True  # the worker is ended on purpose, not crashed
             await self._kill()
-            self._set_state("failed")
+            self._set_state(WorkerState.FAILED)
             raise
-        self._set_state("ready")
+        self._set_state(WorkerState.READY)
         self._start_watchdog()
 
     async def stream(self, request: GenerationRequest, *, whole: bool = False) -> AsyncGenerator[StreamItem, None]:
-        if self.state != "ready":
+        if self.state != WorkerState.READY:
             await self._wait_ready()
         mid = next(self._ids)
         queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -173,7 +184,7 @@ class ProcessReplica:
             await asyncio.gather(self._reader_task, return_exceptions=True)
         if self._log_task is not None:
             await asyncio.gather(self._log_task, return_exceptions=True)
-        self._set_state("stopped")
+        self._set_state(WorkerState.STOPPED)
 
     async def health(self, timeout_s: float = 5.0) -> dict[str, Any]:
         """The worker's own view: pid, RSS, whether it is loaded, active streams."""
@@ -266,11 +277,11 @@ class ProcessReplica:
             description = (f"process {proc.pid} did not answer a health check within "
                            f"{self.policy.health_timeout_s:g} s and was killed")
         self.last_error = description
-        was_ready = self.state == "ready"
+        was_ready = self.state == WorkerState.READY
         log.error("worker_crashed", replica=self.replica_id, pid=proc.pid, status=code, error=description)
         self._fail_pending(self._crash_error())
         if was_ready:
-            self._set_state("failed")
+            self._set_state(WorkerState.FAILED)
             self._notify("crashed")
             self._schedule_restart()
 
@@ -322,12 +333,12 @@ class ProcessReplica:
         delay = self._restarts.next_delay()
         if delay is None:
             self.gave_up = True
-            self._set_state("failed")
+            self._set_state(WorkerState.FAILED)
             log.error("worker_restart_gave_up", replica=self.replica_id, restarts=len(self._restarts.times),
                       window_s=self.policy.restart_window_s, error=self.last_error)
             self._notify("gave_up")
             return
-        self._set_state("restarting")
+        self._set_state(WorkerState.RESTARTING)
         log.info("worker_restart_scheduled", replica=self.replica_id, delay_s=delay)
         self._restart_task = asyncio.create_task(self._restart(delay), name=f"worker-restart-{self.replica_id}")
 
@@ -335,7 +346,7 @@ class ProcessReplica:
         await asyncio.sleep(delay)
         if self._stopping:
             return
-        self._set_state("starting")
+        self._set_state(WorkerState.STARTING)
         try:
             await self._spawn_and_load()
         except Exception as exc:  # noqa: BLE001 - counts as another crash
@@ -348,14 +359,14 @@ class ProcessReplica:
         if self._stopping:
             return
         self.restarts += 1
-        self._set_state("ready")
+        self._set_state(WorkerState.READY)
         self._start_watchdog()
         log.info("worker_restarted", replica=self.replica_id, pid=self.pid, restarts=self.restarts)
         self._notify("restarted")
 
     # ----- helpers -------------------------------------------------------------------
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: WorkerState) -> None:
         self.state = state
         event = self._state_changed
         if event is not None:
@@ -364,9 +375,9 @@ class ProcessReplica:
 
     async def _wait_ready(self) -> None:
         """A request routed here while restarting waits for the restart (or the end)."""
-        while self.state != "ready":
-            if self.gave_up or self._stopping or self.state == "stopped" or (
-                    self.state == "failed" and self._restart_task is None):
+        while self.state != WorkerState.READY:
+            if self.gave_up or self._stopping or self.state == WorkerState.STOPPED or (
+                    self.state == WorkerState.FAILED and self._restart_task is None):
                 raise self._crash_error() if self.last_error else ApiError(
                     503, "replica_unavailable", f"replica '{self.replica_id}' is not running")
             if self._state_changed is None:
