@@ -41,6 +41,12 @@ METRIC_FIELDS = (
 )
 
 
+def record_refused_body(data: Any, code: str) -> None:
+    """The ``inference`` line of a request whose body was refused (422) before an
+    :class:`Inference` existed (no metric: the model name is not trusted yet)."""
+    log.info("inference", model=data.get("model") if isinstance(data, dict) else None, status=422, error=code)
+
+
 def _ms(start: float, end: float) -> float:
     return round((end - start) * 1000, 3)
 

@@ -8,6 +8,7 @@ back to the settings files.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -225,7 +226,7 @@ class Pool:
         entry.scheduler = ModelScheduler(entry.name, replicas, target_inflight=target,
                                          queue=self.queue_factory(entry.name, self.settings))
         for replica in replicas:  # process replicas report crashes and restarts
-            replica.add_listener(lambda r, event, entry=entry: self._replica_event(entry, r, event))
+            replica.add_listener(functools.partial(self._replica_event, entry))
         entry.load_override = override
         entry.estimate, entry.estimate_error = None, None  # re-estimate with the override applied
         entry.state = ModelState.LOADED

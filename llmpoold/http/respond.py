@@ -16,18 +16,15 @@ from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, Protocol
 
-import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from llmpoold.errors import ApiError
 from llmpoold.http.keys import POOL, REQUEST_ID
 from llmpoold.http.sse import open_sse, send_event
-from llmpoold.inference import Inference, InferenceResult
+from llmpoold.inference import Inference, InferenceResult, record_refused_body
 from llmpoold.schemas import ResponseRequest
 from llmpoold.types import TextDelta
-
-log = structlog.get_logger("llmpoold.http")
 
 Event = tuple[str | None, Any]  # (SSE event name or None, data)
 
@@ -76,8 +73,7 @@ async def respond(request: web.Request, parse: Callable[[Any], Parsed]) -> web.S
     try:
         body, make_shape = parse(data)
     except (ApiError, ValidationError) as exc:  # every request gets its log line
-        code = exc.code if isinstance(exc, ApiError) else "invalid_request_body"
-        log.info("inference", model=data.get("model") if isinstance(data, dict) else None, status=422, error=code)
+        record_refused_body(data, exc.code if isinstance(exc, ApiError) else "invalid_request_body")
         raise
     inf = Inference(request.app[POOL], body, request_id=request[REQUEST_ID], started_at=started)
     await inf.start()  # records its own refusal

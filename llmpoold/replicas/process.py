@@ -239,7 +239,7 @@ class ProcessReplica:
             while True:
                 size = frame_size(await reader.readexactly(HEADER.size))
                 msg = decode_payload(await reader.readexactly(size))
-                mid = msg.get("id")
+                mid = int(msg.get("id") or 0)
                 queue = self._streams.get(mid)
                 if queue is not None:
                     queue.put_nowait(msg)
