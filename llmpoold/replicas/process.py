@@ -26,7 +26,6 @@ import itertools
 import sys
 import time
 from collections.abc import AsyncGenerator
-from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -39,6 +38,7 @@ from llmpoold.replicas.supervise import (
     LIVE,
     RestartBudget,
     WorkerPlugins,
+    WorkerState,
     describe_exit,
     relay_logs,
     spawn_worker,
@@ -57,16 +57,6 @@ from llmpoold.replicas.wire import (
 from llmpoold.types import GenerationRequest, StreamItem
 
 log = structlog.get_logger("llmpoold.process_replica")
-
-
-class WorkerState(StrEnum):
-    """A process replica's worker; only ``READY`` takes work (shown in ``replica_info``)."""
-
-    STARTING = "starting"
-    READY = "ready"
-    RESTARTING = "restarting"
-    FAILED = "failed"
-    STOPPED = "stopped"
 
 
 class ProcessReplica:

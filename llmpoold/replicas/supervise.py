@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 import structlog
@@ -60,6 +61,16 @@ async def spawn_worker(python: str, plugins: WorkerPlugins) -> tuple[asyncio.sub
         child.close()
     LIVE[proc.pid] = proc
     return proc, parent
+
+
+class WorkerState(StrEnum):
+    """A process replica's worker; only ``READY`` takes work (shown in ``replica_info``)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPED = "stopped"
 
 
 class RestartBudget:
