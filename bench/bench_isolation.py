@@ -24,9 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmpoold.backend import Backend
 from llmpoold.config import WorkerSettings, resolve_model_options
-from llmpoold.process_replica import ProcessReplica, worker_plugins
-from llmpoold.replica import InlineReplica
+from llmpoold.replicas.factory import worker_plugins
+from llmpoold.replicas.inline import InlineReplica
+from llmpoold.replicas.process import ProcessReplica
 from llmpoold.testing import make_registry, settings_from
 from llmpoold.types import Completion, Decoding, GenerationRequest, Message, TextDelta
 
@@ -63,7 +65,7 @@ async def compare(registry: Any, backend: str, entry: dict[str, Any], text: str,
     spec = registry.spec(backend)
     model = resolve_model_options(settings.engine.models["m"], spec.options_model, backend=backend,
                                   requires_model_path=spec.requires_model_path)
-    inline = InlineReplica(registry, backend, "m#1", model, 1)
+    inline = InlineReplica(Backend(registry, backend), "m#1", model, 1)
     process = ProcessReplica(backend=backend, replica_id="m#2", model=model, concurrency=1,
                              plugins=worker_plugins(registry, backend, plugin_modules), policy=WorkerSettings())
     await inline.load()

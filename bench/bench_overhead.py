@@ -55,9 +55,10 @@ def serve(settings_path: str, port: int) -> None:
     import echo_backend
     from aiohttp import web
 
-    from llmpoold.app import POOL, create_app
     from llmpoold.config import load_settings
     from llmpoold.fairness import fair_queue_factory
+    from llmpoold.http.app import create_app
+    from llmpoold.http.keys import POOL
     from llmpoold.logs import configure_logging
     from llmpoold.pool import fifo_queue_factory
     from llmpoold.testing import make_registry

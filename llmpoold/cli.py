@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmpoold: invalid settings: command line: {exc}", file=sys.stderr)
         return 2
 
-    from llmpoold.app import create_app
+    from llmpoold.http.app import create_app
     from llmpoold.logs import configure_logging
     from llmpoold.plugins import PluginRegistry
 

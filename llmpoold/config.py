@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -31,6 +31,7 @@ from llmpoold.prompts import FORMATS
 from llmpoold.service_settings import ServiceSettings as ServiceSettings
 from llmpoold.service_settings import is_loopback_host as is_loopback_host
 from llmpoold.service_settings import key_matches as key_matches
+from llmpoold.types import Decoding
 
 DEFAULT_SETTINGS_PATH = Path("/etc/llmpool/settings.json")
 SETTINGS_ENV = "LLM_POOL_SETTINGS_PATH"
@@ -43,14 +44,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The decoding fields' bounds, once: settings' ``engine.decoding`` and a request's
+# ``decoding`` (llmpoold.schemas) are typed with these; the defaults are
+# llmpoold.types.Decoding's, and inference.resolve_decoding merges the two.
+BeamSize = Annotated[int, Field(ge=1, le=16)]
+TopK = Annotated[int, Field(ge=1, le=200)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+RepetitionPenalty = Annotated[float, Field(ge=0, le=4)]
+MaxTokens = Annotated[int, Field(ge=1, le=MAX_OUTPUT_TOKENS)]
+_DECODING = Decoding()
+
+
 class DecodingDefaults(_Strict):
-    beam_size: int = Field(1, ge=1, le=16)
-    top_k: int = Field(1, ge=1, le=200)
-    top_p: float = Field(1.0, gt=0, le=1)
-    temperature: float = Field(0.1, ge=0, le=2)
-    repetition_penalty: float = Field(1.0, ge=0, le=4)
-    max_tokens: int = Field(256, ge=1, le=MAX_OUTPUT_TOKENS)
-    stop: tuple[str, ...] = ()
+    beam_size: BeamSize = _DECODING.beam_size
+    top_k: TopK = _DECODING.top_k
+    top_p: TopP = _DECODING.top_p
+    temperature: Temperature = _DECODING.temperature
+    repetition_penalty: RepetitionPenalty = _DECODING.repetition_penalty
+    max_tokens: MaxTokens = _DECODING.max_tokens
+    stop: tuple[str, ...] = _DECODING.stop
 
     @field_validator("stop", mode="after")
     @classmethod
@@ -128,7 +141,7 @@ class FairnessSettings(_Strict):
 
 
 class WorkerSettings(_Strict):
-    """``engine.workers``: process-isolated replicas (see ``llmpoold.process_replica``).
+    """``engine.workers``: process-isolated replicas (see ``llmpoold.replicas.process``).
 
     A crashed worker is restarted after ``restart_backoff_s`` (doubling per restart in
     the window, capped at ``restart_backoff_max_s``), at most ``restart_max`` times per

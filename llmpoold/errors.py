@@ -60,8 +60,19 @@ class LoadError(Exception):
     (it becomes the model's ``last_error``)."""
 
 
-class ModalityUnsupportedError(ValueError):
-    """Content the backend cannot take (image, audio, file, or multi-turn)."""
+class WorkerError(Exception):
+    """An exception a plugin raised in a worker process, as the daemon sees it:
+    ``type_name`` is the original class name, ``str()`` its message."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(message)
+        self.type_name = type_name
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` (or ``Type``) for a plugin failure, wherever it ran."""
+    name = exc.type_name if isinstance(exc, WorkerError) else type(exc).__name__
+    return f"{name}: {exc}" if str(exc) else name
 
 
 def model_state_error(model: str, state: str) -> ApiError:

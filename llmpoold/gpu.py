@@ -1,8 +1,10 @@
-"""GPU memory through NVML (pynvml from nvidia-ml-py). Never raises: a host without
-an NVIDIA driver answers with no GPUs and an error string."""
+"""Memory readings: GPU memory through NVML (pynvml from nvidia-ml-py), process RSS
+through /proc. Never raises: a host without an NVIDIA driver answers with no GPUs
+and an error string."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -65,3 +67,13 @@ def process_vram_mib(pid: int) -> float | None:
             pynvml.nvmlShutdown()
         except Exception:  # noqa: BLE001
             pass
+
+
+def process_rss_mib(pid: int | None = None) -> float | None:
+    """Resident memory of a process in MiB (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid or os.getpid()}/statm", encoding="ascii") as fh:
+            pages = int(fh.read().split()[1])
+        return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return None

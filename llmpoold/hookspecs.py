@@ -82,6 +82,10 @@ class BackendSpec:
         (``extra="forbid"``) so a typo in config is an error, not a silent default.
     :param load_override_keys: keys ``POST /v1/admin/models/{name}/load`` may set
         for this backend (besides ``replicas``); each is also an options key.
+    :param load_override_model: pydantic model typing those keys with the API's schema
+        bounds (all fields optional); the daemon validates an admin override with it
+        once, a violation is a 422. Range rules with their own message belong in
+        ``llmpool_check_load_override`` (a 400).
     :param load_constraints: the seed's ``load_constraints`` shapes, shown by admin.
     :param load_recommendations: the seed's ``load_recommendations`` shapes.
     :param remote: True for a backend that sends requests off the host; requests need
@@ -94,6 +98,7 @@ class BackendSpec:
     description: str = ""
     options_model: type[BaseModel] = NoOptions
     load_override_keys: frozenset[str] = frozenset()
+    load_override_model: type[BaseModel] | None = None
     load_constraints: Mapping[str, Any] = field(default_factory=dict)
     load_recommendations: Mapping[str, Any] = field(default_factory=dict)
     remote: bool = False

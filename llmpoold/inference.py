@@ -6,6 +6,10 @@
 runtime produces them; afterwards ``result`` holds the final text and metrics.
 Leaving ``events()`` early (client gone) cancels the generation and frees the slot;
 wrap it in ``contextlib.aclosing`` so that happens at once, not at garbage collection.
+:meth:`Inference.close` releases whatever is still held on any exit path.
+
+Each request's outcome is recorded once, as the ``llmpool_requests_total`` metric and
+the ``inference`` log line together (:meth:`Inference.record`).
 """
 
 from __future__ import annotations
@@ -17,12 +21,17 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
 from llmpoold.config import DecodingDefaults
-from llmpoold.errors import ApiError, model_state_error
-from llmpoold.pool import ModelEntry, Pool
+from llmpoold.entries import ModelEntry, ModelState
+from llmpoold.errors import ApiError, describe, model_state_error
+from llmpoold.pool import Pool
 from llmpoold.scheduler import Job, Lease
 from llmpoold.schemas import ResponseRequest
 from llmpoold.types import DEFAULT_INSTRUCTIONS, Completion, Decoding, GenerationRequest, Message, TextDelta
+
+log = structlog.get_logger("llmpoold.http")
 
 METRIC_FIELDS = (
     "engine_queue_wait_ms", "backend_inference_wall_ms", "engine_total_wall_ms", "engine_outside_backend_wall_ms",
@@ -30,6 +39,12 @@ METRIC_FIELDS = (
     "gpu_decode_after_first_token_ms", "engine_prompt_tokens", "engine_cached_prompt_tokens",
     "engine_output_tokens", "engine_finish_reason", "engine_tokens_per_second",
 )
+
+
+def record_refused_body(data: Any, code: str) -> None:
+    """The ``inference`` line of a request whose body was refused (422) before an
+    :class:`Inference` existed (no metric: the model name is not trusted yet)."""
+    log.info("inference", model=data.get("model") if isinstance(data, dict) else None, status=422, error=code)
 
 
 def _ms(start: float, end: float) -> float:
@@ -66,16 +81,10 @@ class _Trim:
 
 
 def resolve_decoding(defaults: DecodingDefaults, body: ResponseRequest) -> Decoding:
-    d = body.decoding
-    return Decoding(
-        beam_size=d.beam_size if d.beam_size is not None else defaults.beam_size,
-        top_k=d.top_k if d.top_k is not None else defaults.top_k,
-        top_p=d.top_p if d.top_p is not None else defaults.top_p,
-        temperature=d.temperature if d.temperature is not None else defaults.temperature,
-        repetition_penalty=d.repetition_penalty if d.repetition_penalty is not None else defaults.repetition_penalty,
-        max_tokens=d.max_tokens if d.max_tokens is not None else defaults.max_tokens,
-        stop=tuple(s for s in (d.stop or defaults.stop) if s),
-    )
+    """The request's decoding fields where set, else the engine defaults."""
+    values = {**defaults.model_dump(), **body.decoding.model_dump(exclude_none=True)}
+    values["stop"] = tuple(s for s in (body.decoding.stop or defaults.stop) if s)
+    return Decoding(**values)
 
 
 def _content(value: Any) -> str | tuple[dict[str, Any], ...]:
@@ -112,7 +121,7 @@ class Inference:
     def _admit(self) -> ModelEntry:
         body = self.body
         entry = self.pool.entry(body.model)
-        if entry.state != "loaded" or entry.scheduler is None:
+        if entry.state != ModelState.LOADED or entry.scheduler is None:
             raise model_state_error(body.model, entry.state)
         name = body.model
         if entry.spec is not None and entry.spec.remote and not body.allow_remote:
@@ -172,7 +181,7 @@ class Inference:
         try:
             entry = self._admit()
         except ApiError as exc:
-            self._record("rejected", reason=exc.code)
+            self.record("rejected", exc)
             raise
         self.entry = entry
         assert entry.scheduler is not None
@@ -184,20 +193,31 @@ class Inference:
                                                        timeout_s=timeout)
         except ApiError as exc:
             self._finish()
-            self._record("rejected", reason=exc.code)
+            self.record("rejected", exc)
             raise
         except BaseException:  # client gone while queued: the scheduler dropped the job
             self._finish()
-            self._record("cancelled")
+            self.record("cancelled")
             raise
         self.pool.metrics.queue_wait.labels(entry.name).observe(self.lease.queue_wait_ms / 1000)
         self.request = self._generation_request(entry, self.lease.replica.replica_id)
 
-    def _record(self, outcome: str, *, reason: str | None = None) -> None:
-        """Count the request once, under a configured model name only (bounded labels)."""
-        if self._outcome is None and self.body.model in self.pool.entries:
-            self._outcome = outcome
-            self.pool.metrics.outcome(self.body.model, outcome, reason=reason)
+    def record(self, outcome: str, error: ApiError | None = None) -> None:
+        """Record the request's outcome once: the metric (under a configured model name
+        only, so labels stay bounded) and the ``inference`` log line. ``outcome`` is
+        ``ok``, ``error`` (failed while running), ``rejected`` (never ran) or
+        ``cancelled`` (the client left: status 499)."""
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        if self.body.model in self.pool.entries:
+            self.pool.metrics.outcome(self.body.model, outcome,
+                                      reason=error.code if outcome == "rejected" and error else None)
+        status, code = ((error.status, error.code) if error is not None
+                        else (499, "client_disconnected") if outcome == "cancelled" else (200, None))
+        log.info("inference", model=self.body.model, fairness_key=self.body.fairness_key or "anonymous",
+                 stream=self.body.stream, status=status, error=code,
+                 metrics=self.result.metrics if self.result else None)
 
     def _finish(self) -> None:
         if self._counted and self.entry is not None:
@@ -216,10 +236,10 @@ class Inference:
         completion: Completion | None = None
         texts: dict[str, list[str]] = {"output": [], "reasoning": []}
         trims = {"output": _Trim(), "reasoning": _Trim()}
-        stream = lease.replica.stream(request)
+        stream = lease.replica.stream(request, whole=not self.body.stream)
         metrics = self.pool.metrics
         first_text = True
-        failed = False
+        failure: ApiError | None = None
         try:
             async for item in stream:
                 if isinstance(item, Completion):
@@ -237,12 +257,11 @@ class Inference:
                                f"backend '{self.entry.backend}' ended the stream without a completion",
                                model=self.entry.name)
         except ApiError as exc:
-            failed = True
-            raise exc.with_model(self.entry.name) from None
+            failure = exc.with_model(self.entry.name)
+            raise failure from None
         except Exception as exc:  # noqa: BLE001 - plugin failure: report without a traceback
-            failed = True
-            raise ApiError(500, "backend_error", f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                           model=self.entry.name) from None
+            failure = ApiError(500, "backend_error", describe(exc), model=self.entry.name)
+            raise failure from None
         finally:
             if completion is None:
                 request.cancel.set()
@@ -251,13 +270,17 @@ class Inference:
             # Charged for the replica time used, cancelled or failed work included.
             scheduler.release(lease, service_ms=(backend_end - backend_start) * 1000)
             self._finish()
-            self._record("error" if failed else "ok" if completion is not None else "cancelled")
+            if failure is not None:
+                self.record("error", failure)
+            elif completion is None:
+                self.record("cancelled")
         assert completion is not None
         metrics.latency.labels(self.entry.name).observe(backend_end - self.started_at)
         if completion.metrics.output_tokens:
             metrics.output_tokens.labels(self.entry.name).inc(completion.metrics.output_tokens)
         self.result = self._result(completion, "".join(texts["output"]), "".join(texts["reasoning"]) or None,
                                    backend_start, backend_end)
+        self.record("ok")
 
     def _result(self, completion: Completion, output: str, reasoning: str | None, backend_start: float,
                 backend_end: float) -> InferenceResult:
@@ -285,18 +308,18 @@ class Inference:
         return InferenceResult(output_text=output, reasoning_text=reasoning, finish_reason=completion.finish_reason,
                                metrics=metrics, metadata=dict(completion.metadata))
 
-    async def run(self) -> InferenceResult:
-        """Non-streaming: start, collect, return the result."""
-        await self.start()
+    async def collect(self) -> InferenceResult:
+        """Run a started request to the end (non-streaming)."""
         async with aclosing(self.events()) as events:
             async for _ in events:
                 pass
         assert self.result is not None
         return self.result
 
-    def close_unstarted(self) -> None:
-        """Release a lease that was acquired but never streamed (handler aborted)."""
+    def close(self) -> None:
+        """Release whatever the request still holds; safe on every exit path and a no-op
+        once ``events()`` has finished (the handler left before or while streaming)."""
         if self.lease is not None and not self.lease.released and self.entry and self.entry.scheduler:
             self.entry.scheduler.release(self.lease, service_ms=0.0, charge=False)
         self._finish()
-        self._record("cancelled")
+        self.record("cancelled")

@@ -3,7 +3,7 @@
 Each :class:`PoolMetrics` has its own ``CollectorRegistry`` (no global state: several
 apps in one process, as in the tests, do not clash). Counters and histograms are
 observed by :class:`llmpoold.inference.Inference`; gauges (queue depth, in-flight,
-model state) are read from the pool at scrape time.
+model state) are read from the pool's entries at scrape time.
 
 Labels are configured model names, replica ids, outcomes and error codes only: never
 fairness keys or anything from a request body, so the label sets stay small.
@@ -30,25 +30,23 @@ fairness keys or anything from a request body, so the label sets stay small.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-if TYPE_CHECKING:
-    from llmpoold.pool import Pool
+from llmpoold.entries import ModelEntry, ModelState
 
-STATES = ("unloaded", "loading", "loaded", "unloading", "failed")
+Entries = Callable[[], Mapping[str, ModelEntry]]
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 
 class _PoolCollector(Collector):
     """Gauges read from the pool's live state at scrape time."""
 
-    def __init__(self, pool: Pool) -> None:
-        self.pool = pool
+    def __init__(self, entries: Entries) -> None:
+        self.entries = entries
 
     def collect(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily("llmpool_queue_depth", "Requests waiting in the model's queue", labels=["model"])
@@ -60,11 +58,11 @@ class _PoolCollector(Collector):
                                           labels=["model", "replica"])
         state = GaugeMetricFamily("llmpool_model_state", "1 for the model's current lifecycle state",
                                   labels=["model", "state"])
-        for name, entry in list(self.pool.entries.items()):
+        for name, entry in list(self.entries().items()):
             scheduler = entry.scheduler
             depth.add_metric([name], scheduler.queue_depth if scheduler else 0)
             inflight.add_metric([name], entry.inflight_requests)
-            for s in STATES:
+            for s in ModelState:
                 state.add_metric([name, s], 1.0 if entry.state == s else 0.0)
             if scheduler is not None:
                 for i, replica in enumerate(scheduler.replicas):
@@ -76,7 +74,8 @@ class _PoolCollector(Collector):
 class PoolMetrics:
     """The pool's metrics and their registry."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, entries: Entries) -> None:
+        """``entries``: the pool's live model entries (read at scrape time)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("llmpool_requests", "Inference requests by outcome", ["model", "outcome"],
@@ -92,7 +91,7 @@ class PoolMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.output_tokens = Counter("llmpool_output_tokens", "Output tokens reported by the runtimes", ["model"],
                                      registry=r)
-        r.register(_PoolCollector(pool))
+        r.register(_PoolCollector(entries))
 
     def outcome(self, model: str, outcome: str, *, reason: str | None = None) -> None:
         self.requests.labels(model, outcome).inc()

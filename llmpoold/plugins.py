@@ -8,7 +8,9 @@ wants.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as md
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -79,9 +81,12 @@ class PluginRegistry:
         self.plugins.append(info)
         return info
 
-    def load_entry_points(self, *, group: str = PROJECT) -> None:
-        """Load every installed plugin of ``group``, one at a time."""
+    def load_entry_points(self, *, group: str = PROJECT, names: Iterable[str] | None = None) -> None:
+        """Load every installed plugin of ``group`` (or only those ``names``), one at a time."""
+        wanted = None if names is None else set(names)
         for ep in sorted(md.entry_points(group=group), key=lambda e: e.name):
+            if wanted is not None and ep.name not in wanted:
+                continue
             dist = getattr(ep, "dist", None)
             dist_name = dist.metadata["Name"] if dist is not None else None
             version = dist.version if dist is not None else None
@@ -93,6 +98,19 @@ class PluginRegistry:
                 self.plugins.append(PluginInfo(name=ep.name, distribution=dist_name, version=version, error=error))
                 continue
             self.register(plugin, name=ep.name, distribution=dist_name, version=version)
+
+    def load_modules(self, paths: Iterable[str]) -> None:
+        """Import and register plugin modules by import path (plugins that are not
+        installed entry points: the test backends in a worker)."""
+        for path in paths:
+            try:
+                module = importlib.import_module(path)
+            except Exception as exc:  # noqa: BLE001 - listed with its error, as an entry point would be
+                error = f"{type(exc).__name__}: {exc}"
+                log.error("plugin_import_failed", plugin=path, error=error)
+                self.plugins.append(PluginInfo(name=path, error=error))
+                continue
+            self.register(module, name=path)
 
     def canonical(self, backend: str | None) -> str | None:
         """The canonical backend name for a name or alias, or None when not installed."""

@@ -8,25 +8,24 @@ back to the settings files.
 from __future__ import annotations
 
 import asyncio
-import os
+import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from llmpoold.bridge import run_blocking
+from llmpoold.backend import Backend
 from llmpoold.config import AppSettings, ModelConfig, SettingsError, resolve_model_options
+from llmpoold.entries import ACTIVE_STATES, ModelEntry, ModelState
 from llmpoold.errors import ApiError, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
-from llmpoold.hookspecs import BackendSpec
 from llmpoold.metrics import PoolMetrics
 from llmpoold.plugins import PluginRegistry
-from llmpoold.process_replica import ProcessReplicaFactory
-from llmpoold.replica import InlineReplica, Replica
+from llmpoold.replicas import Replica
+from llmpoold.replicas.bridge import run_blocking
 from llmpoold.scheduler import FifoQueue, ModelScheduler, QueuePolicy
-from llmpoold.types import Capabilities, MemoryEstimate, ModelTraits
+from llmpoold.types import MemoryEstimate, ModelTraits
 
 log = structlog.get_logger("llmpoold.pool")
 
@@ -34,43 +33,8 @@ ReplicaFactory = Callable[..., Replica]
 QueueFactory = Callable[[str, AppSettings], QueuePolicy]
 
 
-def inline_replica_factory(*, registry: PluginRegistry, backend: str, replica_id: str, model: ModelConfig,
-                           concurrency: int, isolation: str) -> Replica:
-    return InlineReplica(registry, backend, replica_id, model, concurrency)
-
-
 def fifo_queue_factory(model: str, settings: AppSettings) -> QueuePolicy:
     return FifoQueue(model, max_pending=settings.engine.fairness.max_pending_per_executor)
-
-
-@dataclass(eq=False)
-class ModelEntry:
-    """Live state of one configured model."""
-
-    config: ModelConfig
-    backend: str | None
-    spec: BackendSpec | None
-    state: str = "unloaded"
-    last_error: str | None = None
-    scheduler: ModelScheduler | None = None
-    replicas: list[Replica] = field(default_factory=list)
-    inflight_requests: int = 0
-    load_override: dict[str, Any] = field(default_factory=dict)
-    active_config: ModelConfig | None = None
-    observed_vram_mib: int | None = None
-    observed_vram_replicas: int | None = None
-    estimate: MemoryEstimate | None = None
-    estimate_error: str | None = None
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    @property
-    def current(self) -> ModelConfig:
-        """The config in force: the loaded one (with override) or the configured one."""
-        return self.active_config or self.config
 
 
 def validate_settings(settings: AppSettings, registry: PluginRegistry) -> dict[str, ModelConfig]:
@@ -88,19 +52,21 @@ def validate_settings(settings: AppSettings, registry: PluginRegistry) -> dict[s
 
 
 class Pool:
-    """Every configured model and what is loaded of it."""
+    """Every configured model and what is loaded of it.
 
-    def __init__(self, settings: AppSettings, registry: PluginRegistry, *,
-                 replica_factory: ReplicaFactory | None = None,
+    ``replica_factory(registry=, backend=, replica_id=, model=, concurrency=, isolation=)``
+    builds each replica; the app factory chooses it (inline or worker processes, see
+    :mod:`llmpoold.replicas.factory`)."""
+
+    def __init__(self, settings: AppSettings, registry: PluginRegistry, *, replica_factory: ReplicaFactory,
                  queue_factory: QueueFactory = fair_queue_factory) -> None:
         self.settings = settings
         self.registry = registry
-        # Default: inline or a worker process per model ``isolation`` (llmpoold.process_replica).
-        self.replica_factory = replica_factory or ProcessReplicaFactory(settings.engine.workers)
+        self.replica_factory = replica_factory
         self.queue_factory = queue_factory
         self.entries: dict[str, ModelEntry] = self._build_entries(settings)
         self.startup_done = asyncio.Event()
-        self.metrics = PoolMetrics(self)  # per pool: apps in one process do not share a registry
+        self.metrics = PoolMetrics(lambda: self.entries)  # per pool: apps in one process do not share a registry
 
     def _build_entries(self, settings: AppSettings) -> dict[str, ModelEntry]:
         resolved = validate_settings(settings, self.registry)
@@ -111,7 +77,7 @@ class Pool:
             entry = ModelEntry(config=resolved.get(name, model), backend=backend,
                                spec=self.registry.spec(backend) if backend else None)
             if backend is None:
-                entry.state = "failed"
+                entry.state = ModelState.FAILED
                 entry.last_error = (
                     f"backend '{configured}' is not provided by any installed plugin "
                     f"(installed backends: {self.registry.describe_installed()})"
@@ -130,13 +96,15 @@ class Pool:
         return entry
 
     def traits(self, entry: ModelEntry) -> ModelTraits:
-        if entry.backend is None or entry.current.options is None:
-            return ModelTraits(capabilities=Capabilities(modalities=entry.config.modalities))
-        traits = self.registry.hook.llmpool_model_traits(backend=entry.backend, model=entry.current)
-        return traits or ModelTraits(capabilities=Capabilities(modalities=entry.config.modalities))
+        """The model's traits: cached while loaded, asked of the plugin otherwise."""
+        if entry.traits is not None:
+            return entry.traits
+        if entry.backend is None:
+            return Backend(self.registry, "").traits(entry.config.model_copy(update={"options": None}))
+        return Backend(self.registry, entry.backend).traits(entry.current)
 
     def loaded_names(self) -> list[str]:
-        return sorted(name for name, e in self.entries.items() if e.state == "loaded")
+        return sorted(name for name, e in self.entries.items() if e.state == ModelState.LOADED)
 
     # ----- lifecycle -----------------------------------------------------------------
 
@@ -144,7 +112,7 @@ class Pool:
         """Load every enabled model, one after another; failures leave it ``failed``."""
         try:
             for entry in list(self.entries.values()):
-                if entry.config.enabled and entry.state == "unloaded":
+                if entry.config.enabled and entry.state == ModelState.UNLOADED:
                     try:
                         await self.load(entry.name)
                     except ApiError as exc:
@@ -152,21 +120,22 @@ class Pool:
         finally:
             self.startup_done.set()
 
-    async def load(self, name: str, fields: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    async def load(self, name: str, fields: Mapping[str, Any] | None = None) -> ModelEntry:
         """Load a model (admin or startup). ``fields`` are the admin body's explicitly
-        set keys. Returns the admin entry; raises ApiError."""
-        fields = dict(fields or {})
+        set keys. Returns the entry; raises ApiError (or the load override model's
+        ValidationError, a 422)."""
         entry = self.entry(name)
+        fields = _typed_override(entry, dict(fields or {}))
         async with entry.lock:
             replicas_requested = fields.pop("replicas", None)
-            if entry.state == "unloading":
+            if entry.state == ModelState.UNLOADING:
                 raise ApiError(409, "model_unloading", model=name)
-            if entry.state in ("loaded", "loading"):
+            if entry.state in (ModelState.LOADED, ModelState.LOADING):
                 if fields or replicas_requested is not None:
                     raise ApiError(400, "invalid_load_request",
                                    "replica count and load overrides can only be applied while the model is "
                                    "unloaded or failed; unload first", model=name)
-                return await self.admin_entry(name)
+                return entry
             if entry.backend is None or entry.spec is None:
                 raise ApiError(500, "model_load_failed", entry.last_error, model=name)
             override = self._check_override(entry, fields)
@@ -179,11 +148,11 @@ class Pool:
                 active = self._apply_override(entry, override)
             except (SettingsError, ValueError) as exc:
                 raise ApiError(400, "invalid_load_request", str(exc), model=name) from None
-            entry.state, entry.last_error = "loading", None
+            entry.state, entry.last_error = ModelState.LOADING, None
             await self._load_replicas(entry, active, override, count)
-            if entry.state == "failed":
+            if entry.state == ModelState.FAILED:
                 raise ApiError(500, "model_load_failed", entry.last_error, model=name)
-        return await self.admin_entry(name)
+        return entry
 
     def _check_override(self, entry: ModelEntry, fields: dict[str, Any]) -> dict[str, Any]:
         if not fields:
@@ -228,7 +197,7 @@ class Pool:
                              count: int) -> None:
         assert entry.backend is not None and entry.spec is not None
         entry.active_config = active
-        traits = self.traits(entry)
+        traits = entry.traits = Backend(self.registry, entry.backend).traits(active)
         isolation = active.isolation or ("inline" if entry.spec.remote else "process")
         replicas = [
             self.replica_factory(registry=self.registry, backend=entry.backend, replica_id=f"{entry.name}#{i}",
@@ -242,7 +211,8 @@ class Pool:
         if errors:
             await asyncio.gather(*(r.unload() for r, res in zip(replicas, results, strict=True)
                                    if not isinstance(res, BaseException)), return_exceptions=True)
-            entry.state, entry.last_error, entry.active_config = "failed", "; ".join(errors), None
+            entry.state, entry.last_error = ModelState.FAILED, "; ".join(errors)
+            entry.active_config = entry.traits = None
             log.error("model_load_failed", model=entry.name, error=entry.last_error)
             return
         gpu_after = await run_blocking(primary_gpu_used_mib)
@@ -255,19 +225,17 @@ class Pool:
         target = active.target_inflight if explicit else max(1, traits.concurrency)
         entry.scheduler = ModelScheduler(entry.name, replicas, target_inflight=target,
                                          queue=self.queue_factory(entry.name, self.settings))
-        for replica in replicas:
-            add_listener = getattr(replica, "add_listener", None)
-            if add_listener is not None:  # process replicas report crashes and restarts
-                add_listener(lambda r, event, entry=entry: self._replica_event(entry, r, event))
+        for replica in replicas:  # process replicas report crashes and restarts
+            replica.add_listener(functools.partial(self._replica_event, entry))
         entry.load_override = override
         entry.estimate, entry.estimate_error = None, None  # re-estimate with the override applied
-        entry.state = "loaded"
+        entry.state = ModelState.LOADED
         # What the replicas really are: a plugin not installed as a distribution runs inline.
         log.info("model_loaded", model=entry.name, backend=entry.backend, replicas=count,
                  isolation=replicas[0].isolation)
 
-    def _replica_event(self, entry: ModelEntry, replica: Any, event: str) -> None:
-        """A worker crashed, came back, or gave up (see llmpoold.process_replica)."""
+    def _replica_event(self, entry: ModelEntry, replica: Replica, event: str) -> None:
+        """A worker crashed, came back, or gave up (see llmpoold.replicas.process)."""
         if replica not in entry.replicas:
             return
         if event == "crashed":
@@ -276,7 +244,7 @@ class Pool:
             entry.scheduler.replica_available()
         elif event == "gave_up":
             entry.last_error = f"{replica.replica_id}: {replica.last_error}; not restarted again (restart limit)"
-            if all(getattr(r, "gave_up", False) for r in entry.replicas) and entry.state == "loaded":
+            if all(r.gave_up for r in entry.replicas) and entry.state == ModelState.LOADED:
                 # Nothing left to serve: fail the model and whoever was waiting for it.
                 scheduler, entry.scheduler = entry.scheduler, None
                 if scheduler is not None:
@@ -285,111 +253,103 @@ class Pool:
                         if job.future is not None and not job.future.done():
                             job.future.set_exception(ApiError(502, "replica_crashed", entry.last_error,
                                                               model=entry.name))
-                entry.replicas, entry.active_config, entry.state = [], None, "failed"
+                entry.replicas, entry.active_config, entry.traits, entry.state = [], None, None, ModelState.FAILED
                 log.error("model_failed", model=entry.name, error=entry.last_error)
 
-    async def unload(self, name: str) -> dict[str, Any]:
+    async def unload(self, name: str) -> ModelEntry:
         """Graceful unload: queued requests get 409 ``model_unloading``, running ones
-        finish, then every replica is released."""
+        finish, then every replica is released. Returns the entry."""
         entry = self.entry(name)
-        if entry.state == "loading":
+        if entry.state == ModelState.LOADING:
             raise ApiError(409, "model_loading", model=name)
-        if entry.state != "loaded":
-            return await self.admin_entry(name)
-        entry.state = "unloading"
+        if entry.state != ModelState.LOADED:
+            return entry
+        entry.state = ModelState.UNLOADING
         scheduler = entry.scheduler
         if scheduler is not None:
             scheduler.begin_shutdown()
             await scheduler.wait_idle()
         async with entry.lock:
             await asyncio.gather(*(r.unload() for r in entry.replicas), return_exceptions=True)
-            entry.replicas, entry.scheduler, entry.active_config = [], None, None
-            entry.state, entry.last_error, entry.load_override = "unloaded", None, {}
+            entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
+            entry.state, entry.last_error, entry.load_override = ModelState.UNLOADED, None, {}
             entry.estimate, entry.estimate_error = None, None
         log.info("model_unloaded", model=name)
-        return await self.admin_entry(name)
+        return entry
 
     async def close(self) -> None:
         """Unload everything (daemon shutdown)."""
-        await asyncio.gather(*(self.unload(name) for name, e in self.entries.items() if e.state == "loaded"),
+        await asyncio.gather(*(self.unload(name) for name, e in self.entries.items() if e.state == ModelState.LOADED),
                              return_exceptions=True)
 
-    # ----- admin views ---------------------------------------------------------------
+    # ----- settings reload ---------------------------------------------------------
+
+    def reload(self, new: AppSettings) -> dict[str, list[str]]:
+        """Take ``new`` settings without loading or unloading anything (the seed's rules).
+
+        A change that would alter an active model (or the decoding/fairness defaults
+        while any model is active) is a 409 ``settings_reload_conflict`` and nothing
+        changes; an invalid model is a SettingsError. Returns the added, removed,
+        updated and unchanged model names."""
+        fresh = Pool(new, self.registry, replica_factory=self.replica_factory, queue_factory=self.queue_factory)
+        old_models, new_models = self.settings.engine.models, new.engine.models
+        active = {name for name, e in self.entries.items() if e.state in ACTIVE_STATES}
+        conflicts = [f"engine.{block}" for block in ("decoding", "fairness")
+                     if active and getattr(new.engine, block) != getattr(self.settings.engine, block)]
+        added = sorted(set(new_models) - set(old_models))
+        removed = sorted(set(old_models) - set(new_models))
+        updated: list[str] = []
+        unchanged: list[str] = []
+        for name in sorted(set(old_models) & set(new_models)):
+            same_backend = self.settings.resolved_backend(old_models[name]) == new.resolved_backend(new_models[name])
+            old_cfg, new_cfg = _comparable(old_models[name]), _comparable(new_models[name])
+            (unchanged if same_backend and old_cfg == new_cfg else updated).append(name)
+            if name in active:
+                old_cfg.pop("enabled"), new_cfg.pop("enabled")
+                if not same_backend or old_cfg != new_cfg:
+                    conflicts.append(f"engine.models.{name}")
+        conflicts += [f"engine.models.{name}" for name in removed if name in active]
+        if conflicts:
+            raise ApiError(409, "settings_reload_conflict", extra={"conflicts": sorted(set(conflicts))})
+        entries: dict[str, ModelEntry] = {}
+        for name, entry in fresh.entries.items():
+            old = self.entries.get(name)
+            if old is not None and name not in updated:
+                old.config = old.config.model_copy(update={"enabled": new_models[name].enabled})
+                entries[name] = old
+            elif old is not None and old.state in ACTIVE_STATES:
+                old.config = entry.config  # only `enabled` changed on an active model: keep its runtime
+                entries[name] = old
+            else:
+                entries[name] = entry
+        self.settings, self.entries = new, entries
+        return {"added_models": added, "removed_models": removed, "updated_models": updated,
+                "unchanged_models": unchanged}
+
+    # ----- estimates -----------------------------------------------------------------
 
     async def memory_estimate(self, entry: ModelEntry) -> MemoryEstimate | None:
+        """The plugin's estimate for one replica (cached until the config changes)."""
         if entry.estimate is None and entry.estimate_error is None and entry.backend and entry.current.options:
             try:
-                entry.estimate = await run_blocking(lambda: self.registry.hook.llmpool_estimate_memory(
-                    backend=entry.backend, model=entry.current))
+                entry.estimate = await run_blocking(Backend(self.registry, entry.backend).estimate, entry.current)
             except Exception as exc:  # noqa: BLE001 - an estimate is advisory
                 entry.estimate_error = str(exc)
         return entry.estimate
 
-    async def vram_fields(self, entry: ModelEntry) -> dict[str, Any]:
-        if entry.observed_vram_mib is not None:
-            return {"vram_estimate_mib": entry.observed_vram_mib,
-                    "vram_estimate_replica_count": entry.observed_vram_replicas,
-                    "vram_estimate_source": "observed_load_delta"}
-        estimate = await self.memory_estimate(entry)
-        if estimate is not None:
-            return {"vram_estimate_mib": round(estimate.total_mib), "vram_estimate_replica_count": 1,
-                    "vram_estimate_source": estimate.source}
-        path = entry.config.model_path
-        if path and os.path.exists(path):
-            size = await run_blocking(_artifact_size, path)
-            if size:
-                return {"vram_estimate_mib": max(1, size // 2**20), "vram_estimate_replica_count": 1,
-                        "vram_estimate_source": "model_artifact_size"}
-        return {"vram_estimate_mib": None, "vram_estimate_replica_count": None, "vram_estimate_source": "unavailable"}
 
-    async def admin_entry(self, name: str) -> dict[str, Any]:
-        entry = self.entry(name)
-        scheduler = entry.scheduler
-        loaded = entry.state == "loaded"
-        spec = entry.spec
-        estimate = await self.memory_estimate(entry)
-        return {
-            "name": name,
-            "resolved_backend": entry.backend or self.settings.resolved_backend(entry.config),
-            "configured_enabled": entry.config.enabled,
-            "runtime_state": entry.state,
-            "is_loaded": loaded,
-            "replicas": len(entry.replicas) if loaded else entry.config.replicas,
-            "replica_max": entry.config.replica_max,
-            "loaded_replicas": len(entry.replicas),
-            "inflight_requests": entry.inflight_requests,
-            "queue_depth": scheduler.queue_depth if scheduler else 0,
-            "runtime_inflight": scheduler.runtime_inflight if scheduler else 0,
-            "configured_target_inflight": entry.current.target_inflight,
-            "effective_target_inflight": scheduler.effective_target_inflight if scheduler else 1,
-            "fairness": scheduler.snapshot() if scheduler else
-            {"rejected_per_key_limit": 0, "rejected_executor_limit": 0, "keys": []},
-            "last_error": entry.last_error,
-            **(await self.vram_fields(entry)),
-            "memory_estimate": None if estimate is None else {
-                "total_mib": round(estimate.total_mib, 1), "device": estimate.device,
-                "weights_mib": estimate.weights_mib, "cache_mib": estimate.cache_mib,
-                "source": estimate.source, "details": dict(estimate.details)},
-            "load_constraints": dict(spec.load_constraints) if spec else {},
-            "load_recommendations": dict(spec.load_recommendations) if spec else {},
-            "load_override": dict(entry.load_override),
-            "capabilities": self.traits(entry).capabilities.to_json(),
-            "definition": entry.config.definition(),
-            "replica_info": [r.info() for r in entry.replicas],
-        }
-
-    async def admin_models(self) -> list[dict[str, Any]]:
-        return [await self.admin_entry(name) for name in self.entries]
+def _typed_override(entry: ModelEntry, fields: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` with the backend's override keys checked against the plugin's
+    ``load_override_model`` (types and schema bounds: a ValidationError, the seed's 422,
+    before anything else); range rules are the plugin's ``llmpool_check_load_override``."""
+    model = entry.spec.load_override_model if entry.spec is not None else None
+    typed = {k: v for k, v in fields.items() if entry.spec is not None and k in entry.spec.load_override_keys
+             and k != "target_inflight"}
+    if model is None or not typed:
+        return fields
+    checked = model.model_validate(typed)
+    return {**fields, **{k: getattr(checked, k) for k in typed}}
 
 
-def _artifact_size(path: str) -> int:
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for fname in files:
-            try:
-                total += os.path.getsize(os.path.join(root, fname))
-            except OSError:
-                pass
-    return total
+def _comparable(entry_config: ModelConfig) -> dict[str, Any]:
+    return entry_config.model_dump(exclude={"options", "name"})

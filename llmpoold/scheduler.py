@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from llmpoold.errors import ApiError
-from llmpoold.replica import Replica
+from llmpoold.replicas import Replica
 
 _ids = itertools.count(1)
 
@@ -160,7 +160,7 @@ class ModelScheduler:
     def _pick_replica(self) -> int | None:
         # A replica that is not ``accepting`` (a crashed worker being restarted) gets nothing.
         eligible = [i for i in range(len(self.replicas))
-                    if self.inflight[i] < self.replica_target(i) and getattr(self.replicas[i], "accepting", True)]
+                    if self.inflight[i] < self.replica_target(i) and self.replicas[i].accepting]
         if not eligible:
             return None
         low = min(self.inflight[i] for i in eligible)

@@ -6,7 +6,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from llmpoold.config import MAX_FAIRNESS_KEY_LENGTH, MAX_OUTPUT_TOKENS
+from llmpoold.config import (
+    MAX_FAIRNESS_KEY_LENGTH,
+    BeamSize,
+    MaxTokens,
+    RepetitionPenalty,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 
 class _Body(BaseModel):
@@ -14,12 +22,14 @@ class _Body(BaseModel):
 
 
 class DecodingParams(_Body):
-    beam_size: int | None = Field(None, ge=1, le=16)
-    top_k: int | None = Field(None, ge=1, le=200)
-    top_p: float | None = Field(None, gt=0, le=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    repetition_penalty: float | None = Field(None, ge=0, le=4)
-    max_tokens: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
+    """A request's decoding: each field overrides the engine default when set."""
+
+    beam_size: BeamSize | None = None
+    top_k: TopK | None = None
+    top_p: TopP | None = None
+    temperature: Temperature | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    max_tokens: MaxTokens | None = None
     stop: list[str] | None = None
 
 
@@ -122,19 +132,12 @@ class ResponseRequest(_Body):
 class AdminLoadRequest(BaseModel):
     """``POST /v1/admin/models/{name}/load``: only explicitly set fields count.
 
-    The seed's typed keys are checked here (422); other keys pass through to the
-    backend, which accepts only its declared ``load_override_keys``."""
+    The daemon's own keys are typed here (422); the backend's keys pass through and are
+    typed once by its ``BackendSpec.load_override_model`` (also a 422), then checked by
+    the plugin (a 400 with its message); a backend accepts only its declared
+    ``load_override_keys``."""
 
     model_config = ConfigDict(extra="allow")
 
     replicas: int | None = Field(None, ge=1)
     target_inflight: int | None = Field(None, ge=1)
-    gguf_n_ctx: int | None = Field(None, ge=1)
-    gguf_flash_attn: Any = None
-    gguf_type_k: str | None = None
-    gguf_type_v: str | None = None
-    exllama_cache_size: int | None = Field(None, ge=256)
-    exllama_cache_k_bits: int | None = Field(None, ge=2, le=8)
-    exllama_cache_v_bits: int | None = Field(None, ge=2, le=8)
-    exllama_cache_quant: str | None = None
-    exllama_max_rq_tokens: int | None = Field(None, ge=1)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from llmpoold.bridge import iterate_in_thread
+from llmpoold.backend import Backend
 from llmpoold.config import AppSettings, ModelConfig, parse_settings, resolve_model_options
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.plugins import PluginRegistry
@@ -43,15 +43,10 @@ from llmpoold.types import (
 def make_registry(*plugins: ModuleType | object | str) -> PluginRegistry:
     """A registry with exactly these plugins: module objects, or entry-point names of
     installed plugins (``"gguf"``)."""
-    import importlib.metadata as md
-
     registry = PluginRegistry()
     wanted = {p for p in plugins if isinstance(p, str)}
     if wanted:
-        for ep in md.entry_points(group="llmpool"):
-            if ep.name in wanted:
-                registry.register(ep.load(), name=ep.name, distribution=ep.dist.metadata["Name"] if ep.dist else None,
-                                  version=ep.dist.version if ep.dist else None)
+        registry.load_entry_points(names=wanted)
     for plugin in plugins:
         if not isinstance(plugin, str):
             registry.register(plugin, name=getattr(plugin, "__name__", type(plugin).__name__))
@@ -198,13 +193,10 @@ class BackendContractSuite:
 
     def test_cancel_stops_the_stream(self, registry: PluginRegistry, runtime: Any, model: ModelConfig) -> None:
         request = self.request(model, max_tokens=64)
-        stream = registry.hook.llmpool_stream(backend=self.backend, runtime=runtime, request=request)
 
         async def first_then_cancel() -> int:
-            if hasattr(stream, "__aiter__"):
-                source = stream.__aiter__()
-            else:
-                source = iterate_in_thread(lambda: stream, cancel=request.cancel)
+            # As the daemon drives it: closing the stream sets the token and waits for the runtime.
+            source = Backend(registry, self.backend).open(runtime, request)
             count = 0
             async for item in source:
                 if isinstance(item, TextDelta):
@@ -214,7 +206,7 @@ class BackendContractSuite:
             return count
 
         assert asyncio.run(first_then_cancel()) == 1
-        assert request.cancel.is_set() or not hasattr(stream, "__aiter__")
+        assert request.cancel.is_set()
         # The runtime must serve the next request normally after a cancel.
         items = collect(registry.hook.llmpool_stream(backend=self.backend, runtime=runtime,
                                                      request=self.request(model, max_tokens=4)))

@@ -1,14 +1,14 @@
 """Values that cross the boundary between the daemon and a backend plugin.
 
 Everything here is a frozen dataclass of plain values so that it can also cross a
-process boundary (see ``llmpoold.worker``) as JSON: ``to_wire`` / ``from_wire``.
+process boundary as JSON (see :mod:`llmpoold.replicas.wire`).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 DEFAULT_INSTRUCTIONS = "You are a helpful assistant. Return only the response."
@@ -85,26 +85,6 @@ class GenerationRequest:
     prompt_cache_key: str | None = None
     cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
 
-    def to_wire(self) -> dict[str, Any]:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cancel"}
-        data["decoding"] = asdict(self.decoding)
-        data["messages"] = [
-            {"role": m.role, "content": m.content if isinstance(m.content, str) else list(m.content)}
-            for m in self.messages
-        ]
-        return data
-
-    @classmethod
-    def from_wire(cls, data: Mapping[str, Any]) -> GenerationRequest:
-        values = dict(data)
-        decoding = dict(values.pop("decoding"))
-        decoding["stop"] = tuple(decoding.get("stop") or ())
-        messages = tuple(
-            Message(role=m["role"], content=m["content"] if isinstance(m["content"], str) else tuple(m["content"]))
-            for m in values.pop("messages")
-        )
-        return cls(decoding=Decoding(**decoding), messages=messages, **values)
-
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
@@ -145,20 +125,6 @@ class Completion:
 
 
 StreamItem = TextDelta | Completion
-
-
-def item_to_wire(item: StreamItem) -> dict[str, Any]:
-    if isinstance(item, TextDelta):
-        return {"t": "delta", "text": item.text, "channel": item.channel}
-    return {"t": "completion", "finish_reason": item.finish_reason,
-            "metrics": asdict(item.metrics), "metadata": dict(item.metadata)}
-
-
-def item_from_wire(data: Mapping[str, Any]) -> StreamItem:
-    if data["t"] == "delta":
-        return TextDelta(text=data["text"], channel=data["channel"])
-    return Completion(finish_reason=data["finish_reason"], metrics=BackendMetrics(**data["metrics"]),
-                      metadata=data["metadata"])
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import echo_backend  # noqa: E402
 
-from llmpoold.app import create_app  # noqa: E402
+from llmpoold.http.app import create_app  # noqa: E402
 from llmpoold.testing import make_registry, settings_from  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def make_client(aiohttp_client: Any):
     async def factory(settings: dict[str, Any], **kwargs: Any) -> Any:
         app = create_app(settings_from(settings), make_registry(echo_backend), **kwargs)
         client = await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
-        from llmpoold.app import POOL
+        from llmpoold.http.keys import POOL
 
         await app[POOL].startup_done.wait()
         return client

@@ -46,10 +46,17 @@ class EchoRuntime:
 RUNTIMES: list[EchoRuntime] = []
 
 
+class EchoLoadOverride(BaseModel):
+    """The override's types (a 422); the range rule is llmpool_check_load_override's (a 400)."""
+
+    echo_ctx: int | None = None
+
+
 @hookimpl
 def llmpool_backends() -> list[BackendSpec]:
     return [BackendSpec(name="echo", aliases=("echo_alias",), options_model=EchoOptions,
                         load_override_keys=frozenset({"echo_ctx", "target_inflight"}),
+                        load_override_model=EchoLoadOverride,
                         load_constraints={"echo_ctx": {"kind": "integer", "minimum": 1, "step": 1}},
                         requires_model_path=False)]
 

@@ -9,7 +9,7 @@ import echo_backend
 import pytest
 import structlog
 
-from llmpoold.app import POOL
+from llmpoold.http.keys import POOL
 from llmpoold.testing import sse_events
 
 pytestmark = pytest.mark.timeout(60)
@@ -138,8 +138,11 @@ async def test_admin_unload_and_load_cycle(client: Any) -> None:
 
 async def test_load_override_is_validated_by_the_plugin(client: Any) -> None:
     await client.post("/v1/admin/models/echo/unload")
-    resp = await client.post("/v1/admin/models/echo/load", json={"echo_ctx": 0})
-    assert resp.status in (400, 422)
+    resp = await client.post("/v1/admin/models/echo/load", json={"echo_ctx": "many"})  # the override model: 422
+    assert resp.status == 422 and (await resp.json())["detail"][0]["loc"] == ["body", "echo_ctx"]
+    resp = await client.post("/v1/admin/models/echo/load", json={"echo_ctx": 0})  # the plugin's range rule: 400
+    assert resp.status == 400
+    assert (await resp.json())["detail"]["message"] == "echo_ctx load override must be a positive integer"
     resp = await client.post("/v1/admin/models/echo/load", json={"gguf_n_ctx": 1024})
     assert resp.status == 400
     assert (await resp.json())["detail"]["code"] == "invalid_load_request"
@@ -256,3 +259,41 @@ async def test_batching_runtime_is_fed_its_concurrency_by_default(make_client: A
     assert runtime.max_active == 3
     entry = next(m for m in (await (await client.get("/v1/admin/models")).json())["models"] if m["name"] == "batched")
     assert entry["configured_target_inflight"] == 1 and entry["effective_target_inflight"] == 3
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    ("/v1/responses", {"input": "a b c"}),
+    ("/openai/v1/chat/completions", {"messages": [{"role": "user", "content": "a b c"}]}),
+    ("/openai/v1/responses", {"input": "a b c"}),
+])
+async def test_client_leaving_right_after_the_sse_headers_releases_its_slot(
+        client: Any, monkeypatch: pytest.MonkeyPatch, path: str, body: dict[str, Any]) -> None:
+    """Fault injection: the first write after the headers fails as if the client had left.
+    The slot (lease and in-flight count) must come back, or a concurrency-1 model blocks
+    for good."""
+    from llmpoold.http import respond
+
+    real_send = respond.send_event
+    calls = 0
+
+    async def first_write_fails(response: Any, data: Any, *, event: str | None = None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError("client left")
+        await real_send(response, data, event=event)
+
+    monkeypatch.setattr(respond, "send_event", first_write_fails)
+    entry = client.app[POOL].entry("slow")
+    try:
+        await client.post(path, json={"model": "slow", "stream": True, **body})
+    except Exception:  # noqa: BLE001 - the connection may end either way; the slot is what matters
+        pass
+    for _ in range(100):
+        if entry.inflight_requests == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert calls >= 1
+    assert entry.inflight_requests == 0 and entry.scheduler is not None and entry.scheduler.runtime_inflight == 0
+    resp = await asyncio.wait_for(client.post("/v1/responses", json={"model": "slow", "input": "again"}), 5)
+    assert (await resp.json())["output_text"] == "again"

@@ -20,10 +20,12 @@ from typing import Any
 import pytest
 import structlog
 
-from llmpoold.app import POOL
 from llmpoold.config import WorkerSettings
-from llmpoold.process_replica import ProcessReplica, ProcessReplicaFactory, describe_exit, error_from_wire
-from llmpoold.worker import decode_payload, encode_frame
+from llmpoold.http.keys import POOL
+from llmpoold.replicas.factory import ProcessReplicaFactory
+from llmpoold.replicas.process import ProcessReplica
+from llmpoold.replicas.supervise import describe_exit
+from llmpoold.replicas.wire import decode_payload, encode_frame, error_from_wire, error_to_wire
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,7 +45,7 @@ def worker_pids(parent: int | None = None) -> list[int]:
                 state = fh.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"llmpoold.worker" not in argv or state == b"Z":
+        if b"llmpoold.replicas.worker" not in argv or state == b"Z":
             continue
         flag = argv.index(b"--parent-pid") if b"--parent-pid" in argv else None
         if parent is None or (flag is not None and argv[flag + 1] == str(parent).encode()):
@@ -97,18 +99,17 @@ def test_frames_and_errors_round_trip() -> None:
     frame = encode_frame({"id": 3, "t": "delta", "text": "é", "channel": "output"})
     assert int.from_bytes(frame[:4], "big") == len(frame) - 4
     assert decode_payload(frame[4:]) == {"id": 3, "t": "delta", "text": "é", "channel": "output"}
-    from llmpoold.errors import BackendError
-    from llmpoold.worker import error_to_wire
+    from llmpoold.errors import BackendError, WorkerError
 
     sent = BackendError(429, "upstream_rate_limit", "m", headers={"Retry-After": "3"}, extra={"x": 1})
     api = error_from_wire(error_to_wire(sent))
     assert isinstance(api, BackendError)
     assert (api.status, api.code, api.message, api.headers, api.extra) == (429, "upstream_rate_limit", "m",
                                                                            {"Retry-After": "3"}, {"x": 1})
-    exc = error_from_wire({"t": "error", "kind": "exception", "type": "ValueError", "message": "bad"})
-    assert type(exc) is ValueError and str(exc) == "bad"
+    exc = error_from_wire(error_to_wire(ValueError("bad")))
+    assert isinstance(exc, WorkerError) and (exc.type_name, str(exc)) == ("ValueError", "bad")
     odd = error_from_wire({"t": "error", "kind": "exception", "type": "LlamaError", "message": "boom"})
-    assert type(odd).__name__ == "LlamaError" and str(odd) == "boom"
+    assert isinstance(odd, WorkerError) and (odd.type_name, str(odd)) == ("LlamaError", "boom")
     assert describe_exit(-9) == "killed by signal 9 (SIGKILL)"
     assert describe_exit(3) == "exited with status 3"
 

@@ -12,7 +12,8 @@ import echo_backend
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from llmpoold.app import POOL, create_app
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
 from llmpoold.testing import make_registry, settings_from
 
 pytestmark = pytest.mark.timeout(60)

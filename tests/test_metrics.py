@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmpoold.app import POOL
+from llmpoold.http.keys import POOL
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -9,7 +9,8 @@ from typing import Any
 import openai
 import pytest
 
-from llmpoold.app import POOL, create_app
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
 from llmpoold.testing import make_registry, settings_from
 
 pytest.importorskip("llama_cpp")

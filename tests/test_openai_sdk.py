@@ -19,9 +19,10 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from openai.types.responses import Response
 
 from llmpoold import hookimpl
-from llmpoold.app import POOL, create_app
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.openai_api import chat_request, responses_request
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
+from llmpoold.http.openai_requests import chat_request, responses_request
 from llmpoold.testing import make_registry, settings_from
 from llmpoold.types import BackendMetrics, Capabilities, Completion, ModelTraits, TextDelta
 

@@ -65,7 +65,7 @@ def test_duplicate_backend_name_is_refused() -> None:
 
 
 async def test_admin_plugins_endpoint_shows_errors(fake_distributions: Path) -> None:
-    from llmpoold.app import create_app
+    from llmpoold.http.app import create_app
     from llmpoold.testing import settings_from
 
     registry = PluginRegistry()

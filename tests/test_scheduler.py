@@ -14,10 +14,10 @@ import echo_backend
 import pytest
 import structlog
 
-from llmpoold.app import POOL
 from llmpoold.config import FairnessSettings
 from llmpoold.errors import ApiError
 from llmpoold.fairness import FairQueue
+from llmpoold.http.keys import POOL
 from llmpoold.scheduler import Job, ModelScheduler
 
 pytestmark = pytest.mark.timeout(60)

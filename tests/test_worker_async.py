@@ -1,5 +1,6 @@
 """A worker hosts plugins whose streams are async iterators, or that only implement
-``llmpool_generate`` (returning an awaitable), through the same hooks as inline.
+``llmpool_generate`` (returning an awaitable), through the same hooks as inline; a
+plugin with both answers non-streaming requests with ``llmpool_generate``.
 
 This module is itself the test plugin: the worker imports it by its module name.
 """
@@ -16,7 +17,7 @@ import pytest
 from llmpoold import hookimpl
 from llmpoold.config import WorkerSettings
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.process_replica import ProcessReplicaFactory
+from llmpoold.replicas.factory import ProcessReplicaFactory
 from llmpoold.types import BackendMetrics, Completion, TextDelta
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,16 +25,18 @@ pytestmark = pytest.mark.timeout(60)
 
 @hookimpl
 def llmpool_backends() -> list[BackendSpec]:
-    return [BackendSpec(name="agen", requires_model_path=False), BackendSpec(name="genonly", requires_model_path=False)]
+    return [BackendSpec(name=name, requires_model_path=False) for name in ("agen", "genonly", "both")]
 
 
 @hookimpl
 def llmpool_load(backend: str, replica_id: str, model: Any) -> Any:
-    return {"backend": backend} if backend in ("agen", "genonly") else None
+    return {"backend": backend} if backend in ("agen", "genonly", "both") else None
 
 
 @hookimpl
 def llmpool_stream(backend: str, runtime: Any, request: Any) -> Any:
+    if backend == "both":  # a blocking iterator
+        return iter([TextDelta("streamed"), Completion(finish_reason="stop")])
     if backend != "agen":
         return None
 
@@ -48,6 +51,8 @@ def llmpool_stream(backend: str, runtime: Any, request: Any) -> Any:
 
 @hookimpl
 def llmpool_generate(backend: str, runtime: Any, request: Any) -> Any:
+    if backend == "both":
+        return "generated", None, Completion(finish_reason="stop")  # a plain tuple, not an awaitable
     if backend != "genonly":
         return None
 
@@ -60,11 +65,11 @@ def llmpool_generate(backend: str, runtime: Any, request: Any) -> Any:
 
 @hookimpl
 def llmpool_unload(backend: str, runtime: Any) -> bool | None:
-    return True if backend in ("agen", "genonly") else None
+    return True if backend in ("agen", "genonly", "both") else None
 
 
 async def test_async_stream_and_generate_only_plugins_in_a_worker() -> None:
-    from llmpoold.app import create_app
+    from llmpoold.http.app import create_app
     from llmpoold.testing import make_registry, settings_from
 
     me = sys.modules[__name__]
@@ -74,7 +79,7 @@ async def test_async_stream_and_generate_only_plugins_in_a_worker() -> None:
         make_registry(me), replica_factory=factory)
     from aiohttp.test_utils import TestClient, TestServer
 
-    from llmpoold.app import POOL
+    from llmpoold.http.keys import POOL
 
     async with TestClient(TestServer(app)) as client:
         await app[POOL].startup_done.wait()
@@ -86,3 +91,27 @@ async def test_async_stream_and_generate_only_plugins_in_a_worker() -> None:
         assert body["output_text"] == "two words"
         body = await (await client.post("/v1/responses", json={"model": "g", "input": "hi"})).json()
         assert body["output_text"] == "generated: hi" and body["reasoning_text"] == "thought"
+
+
+@pytest.mark.parametrize("isolation", ["inline", "process"])
+async def test_non_streaming_requests_use_generate_when_the_plugin_has_it(isolation: str) -> None:
+    """``llmpool_generate`` answers a non-streaming request; a streaming one streams."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from llmpoold.http.app import create_app
+    from llmpoold.http.keys import POOL
+    from llmpoold.testing import make_registry, settings_from
+
+    factory = ProcessReplicaFactory(WorkerSettings(), plugin_modules=(__name__,))
+    app = create_app(settings_from({"engine": {"models": {"b": {"backend": "both", "isolation": isolation}}}}),
+                     make_registry(sys.modules[__name__]), replica_factory=factory)
+    async with TestClient(TestServer(app)) as client:
+        await app[POOL].startup_done.wait()
+        assert app[POOL].entry("b").replicas[0].info()["isolation"] == isolation
+        body = await (await client.post("/v1/responses", json={"model": "b", "input": "x"})).json()
+        assert body["output_text"] == "generated"
+        text = await (await client.post("/v1/responses", json={"model": "b", "input": "x", "stream": True})).text()
+        assert '"output_text":"streamed"' in text
+        chat = await (await client.post("/v1/chat/completions", json={
+            "model": "b", "messages": [{"role": "user", "content": "x"}]})).json()
+        assert chat["choices"][0]["message"]["content"] == "generated"

@@ -16,9 +16,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from llmpoold import hookimpl
-from llmpoold.app import POOL, create_app
 from llmpoold.config import WorkerSettings
-from llmpoold.process_replica import ProcessReplicaFactory
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
+from llmpoold.replicas.factory import ProcessReplicaFactory
 from llmpoold.testing import make_registry, settings_from
 from llmpoold.types import MemoryEstimate
 

@@ -1,7 +1,7 @@
 """``GET /openapi.json`` (OpenAPI 3.1) and ``GET /docs`` (Swagger UI, offline).
 
 The document is generated from the pydantic models the handlers validate with
-(:mod:`llmpoold.schemas`, the OpenAI bodies in :mod:`llmpoold.openai_api`) and the
+(:mod:`llmpoold.schemas`, the OpenAI bodies in :mod:`llmpoold.http.openai_requests`) and the
 answer models in :mod:`llmpoold.http.answers`, so the bounds a handler enforces
 (``ge``/``le``, lengths, enums) are the bounds the document declares. :data:`ROUTES`
 lists every API route once; ``tests/test_openapi.py`` checks that the app has no route
@@ -26,7 +26,8 @@ from pydantic.json_schema import models_json_schema
 
 from llmpoold import __version__
 from llmpoold.http import answers as a
-from llmpoold.openai_api import ChatBody, ResponsesBody
+from llmpoold.http.keys import SETTINGS
+from llmpoold.http.openai_requests import ChatBody, ResponsesBody
 from llmpoold.schemas import AdminLoadRequest, ResponseRequest
 
 STATIC = Path(__file__).parent / "static"
@@ -186,8 +187,6 @@ def build(models: list[str]) -> dict[str, Any]:
 async def openapi_json(request: web.Request) -> web.Response:
     doc = request.app[DOC]  # built once per app, on first use
     if not doc:
-        from llmpoold.app import SETTINGS
-
         doc.update(build(sorted(request.app[SETTINGS].engine.models)))
     return web.json_response(doc)
 

@@ -80,9 +80,6 @@ LOAD_RECOMMENDATIONS = {"exllama_cache_bit_pairs": {
     ],
     "notes": ["Service-curated presets for ExLlamaV3 cache bits.",
               "These presets are not an exhaustive list of valid ExLlamaV3 K/V bit pairs."]}}
-LOAD_OVERRIDE_KEYS = frozenset({"exllama_cache_size", "exllama_cache_quant", "exllama_max_rq_tokens",
-                                "exllama_cache_k_bits", "exllama_cache_v_bits"})
-
 CACHE_QUANT_ERROR = "exllama_cache_quant must be '<bits>' or '<k_bits>,<v_bits>'"
 CACHE_SIZE_ERROR = "exllama_cache_size must be a positive multiple of 256"
 
@@ -181,6 +178,17 @@ class Exl3Options(BaseModel):
         return parse_cache_quant(self.exllama_cache_quant)
 
 
+class Exl3LoadOverride(BaseModel):
+    """The admin load override keys with the API's types and schema bounds (a 422);
+    :func:`llmpool_check_load_override` applies the combination and range rules (a 400)."""
+
+    exllama_cache_size: int | None = Field(None, ge=256)
+    exllama_cache_k_bits: int | None = Field(None, ge=2, le=8)
+    exllama_cache_v_bits: int | None = Field(None, ge=2, le=8)
+    exllama_cache_quant: str | None = None
+    exllama_max_rq_tokens: int | None = Field(None, ge=1)
+
+
 # ----- static hooks ----------------------------------------------------------------------
 
 
@@ -188,7 +196,8 @@ class Exl3Options(BaseModel):
 def llmpool_backends() -> list[BackendSpec]:
     return [BackendSpec(
         name=BACKEND, aliases=ALIASES, description="EXL3 models through ExLlamaV3 (NVIDIA GPU, CUDA)",
-        options_model=Exl3Options, load_override_keys=LOAD_OVERRIDE_KEYS,
+        options_model=Exl3Options, load_override_keys=frozenset(Exl3LoadOverride.model_fields),
+        load_override_model=Exl3LoadOverride,
         load_constraints=LOAD_CONSTRAINTS, load_recommendations=LOAD_RECOMMENDATIONS)]
 
 

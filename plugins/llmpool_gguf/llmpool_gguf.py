@@ -120,6 +120,16 @@ class GgufOptions(BaseModel):
         return normalize_cache_type(value, check_build=False)
 
 
+class GgufLoadOverride(BaseModel):
+    """The admin load override keys with the API's types and schema bounds (a 422);
+    :func:`llmpool_check_load_override` applies the range rules (a 400)."""
+
+    gguf_n_ctx: int | None = Field(None, ge=1)
+    gguf_flash_attn: Any = None
+    gguf_type_k: str | None = None
+    gguf_type_v: str | None = None
+
+
 @dataclass
 class GgufRuntime:
     """One loaded model. ``lock`` serialises generation (llama.cpp contexts are not
@@ -139,7 +149,7 @@ def llmpool_backends() -> list[BackendSpec]:
     return [BackendSpec(
         name=BACKEND, aliases=("llama_cpp",), description="GGUF models through llama.cpp (llama-cpp-python)",
         options_model=GgufOptions,
-        load_override_keys=frozenset({"gguf_n_ctx", "gguf_flash_attn", "gguf_type_k", "gguf_type_v"}),
+        load_override_keys=frozenset(GgufLoadOverride.model_fields), load_override_model=GgufLoadOverride,
         load_constraints=LOAD_CONSTRAINTS, load_recommendations=LOAD_RECOMMENDATIONS)]
 
 

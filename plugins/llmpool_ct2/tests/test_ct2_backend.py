@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from llmpoold.app import POOL, create_app
-from llmpoold.bridge import iterate_in_thread
 from llmpoold.config import resolve_model_options
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
+from llmpoold.replicas.bridge import iterate_in_thread
 from llmpoold.testing import BackendContractSuite, collect, make_registry, make_request, settings_from
 from llmpoold.types import Completion, TextDelta
 

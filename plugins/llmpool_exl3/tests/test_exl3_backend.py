@@ -16,9 +16,9 @@ import llmpool_exl3
 import pytest
 from pydantic import ValidationError
 
-from llmpoold.bridge import iterate_in_thread
 from llmpoold.config import ModelConfig, resolve_model_options
 from llmpoold.errors import ApiError, BackendError, LoadError
+from llmpoold.replicas.bridge import iterate_in_thread
 from llmpoold.testing import BackendContractSuite, collect, make_registry, make_request, settings_from
 from llmpoold.types import Completion, Decoding, TextDelta
 

@@ -17,7 +17,7 @@ from typing import Any
 import llmpool_exl3
 import pytest
 
-from llmpoold.bridge import iterate_in_thread
+from llmpoold.replicas.bridge import iterate_in_thread
 from llmpoold.testing import BackendContractSuite, collect, make_registry, make_request
 from llmpoold.types import Completion, TextDelta
 

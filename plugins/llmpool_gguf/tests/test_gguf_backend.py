@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from llmpoold.app import POOL, create_app
 from llmpoold.config import resolve_model_options
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
 from llmpoold.testing import BackendContractSuite, collect, make_registry, make_request, settings_from
 from llmpoold.types import Completion, TextDelta
 
@@ -204,7 +205,7 @@ async def test_http_stream_equals_json_under_greedy(gguf_path: str) -> None:
 
 MEASURE_RSS = """
 import sys, llama_cpp
-from llmpoold.replica import process_rss_mib
+from llmpoold.gpu import process_rss_mib
 before = process_rss_mib()
 llm = llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[2]), verbose=False)
 llm.create_completion("The capital of France is", max_tokens=2)

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from remote_fake_upstream import FakeUpstream  # noqa: E402
 from remote_test_support import KEY, KEY_ENV, LLAMA_MODEL, free_port  # noqa: E402
 
-from llmpoold.app import POOL, create_app  # noqa: E402
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL  # noqa: E402
 from llmpoold.testing import make_registry, settings_from  # noqa: E402
 
 

@@ -60,8 +60,13 @@ async def test_request_mapping_metrics_and_filtered_metadata(client: Any, fake_u
     assert sent["model"] == "fake-model"
     assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello."}]
     assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"]) == (0.3, 0.9, 12, ["END"])
-    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    # A non-streaming request is one JSON call upstream (llmpool_generate), a streaming one streams.
+    assert "stream" not in sent and "stream_options" not in sent
     assert sent["thinking"] == {"type": "enabled"}
+    resp = await client.post("/v1/responses", json=ask(stream=True))
+    assert sse_events(await resp.text())[-1][0] == "response.completed"
+    sent = fake_upstream.calls[-1].body
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
 
 
 async def test_stream_relays_reasoning_and_output(client: Any, fake_upstream: Any) -> None:
@@ -166,7 +171,12 @@ async def test_refused_connection_is_502(remote_key: str, make_remote_client: An
 @pytest.mark.parametrize("behaviour", ["garbage", "garbage_stream"])
 async def test_unparseable_body_is_502(client: Any, fake_upstream: Any, behaviour: str) -> None:
     fake_upstream.script = [behaviour]
-    status, detail = await error_of(await client.post("/v1/responses", json=ask()))
+    if behaviour == "garbage":  # the JSON call of a non-streaming request
+        status, detail = await error_of(await client.post("/v1/responses", json=ask()))
+    else:  # the stream of a streaming request: an error event after the headers
+        events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
+        assert events[-1][0] == "error"
+        status, detail = events[-1][1]["status"], events[-1][1]["error"]
     assert (status, detail["code"]) == (502, "upstream_response_parse_failure")
 
 
@@ -336,7 +346,7 @@ async def test_missing_key_at_call_time_is_500(client: Any, monkeypatch: pytest.
 
 
 async def test_unload_closes_the_session(client: Any) -> None:
-    from llmpoold.app import POOL
+    from llmpoold.http.keys import POOL
 
     assert (await client.post("/v1/responses", json=ask())).status == 200
     runtime = client.app[POOL].entries["r"].replicas[0].runtime

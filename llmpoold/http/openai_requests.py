@@ -1,46 +1,15 @@
-"""The OpenAI-compatible surface, beside the seed's ``/v1/responses``.
-
-``GET /openai/v1/models``, ``POST /openai/v1/chat/completions`` (also at
-``/v1/chat/completions``) and ``POST /openai/v1/responses`` take OpenAI's request
-shapes, map them onto the seed's :class:`ResponseRequest` and run them through the
-same :class:`Inference` (admission, remote gate, fair queue, cancellation, metrics),
-then answer in OpenAI's shapes, JSON or SSE. Errors on these paths are OpenAI's
-``{"error": {"message", "type", "code", "param"}}`` with the seed's statuses and codes.
-The seed's timing metrics travel as an extra ``metrics`` field (ignored by OpenAI
-clients) and, on JSON answers, as the ``X-Llmpool-Metrics`` header.
-"""
+"""OpenAI request bodies (Chat Completions, Responses API) mapped onto the seed's
+:class:`~llmpoold.schemas.ResponseRequest`; refusals are ApiError 400/422 with ``param``."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
-from contextlib import aclosing
 from typing import Any, Literal
 
-from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmpoold import app as core  # the seed surface's helpers; used at call time (app imports us)
 from llmpoold.errors import ApiError
-from llmpoold.inference import Inference, InferenceResult
-from llmpoold.openai_shapes import ChatShape, Event, ResponsesShape, Shape, error_body
+from llmpoold.http.respond import parse_body
 from llmpoold.schemas import ResponseRequest
-from llmpoold.sse import open_sse, send_event
-
-PREFIX = "/openai/v1"
-ROOT_CHAT_PATH = "/v1/chat/completions"
-STARTED_AT = web.AppKey("openai_started_at", int)
-
-# ----- errors ---------------------------------------------------------------------------
-
-
-def is_openai_path(path: str) -> bool:
-    return path == PREFIX or path.startswith(PREFIX + "/") or path == ROOT_CHAT_PATH
-
-
-def error_response(exc: ApiError) -> web.Response:
-    return web.json_response(error_body(exc), status=exc.status, headers=exc.headers)
 
 
 def invalid_body(exc: ValidationError, *, renamed: dict[str, str] | None = None) -> ApiError:
@@ -52,10 +21,6 @@ def invalid_body(exc: ValidationError, *, renamed: dict[str, str] | None = None)
                         for name, e in zip(names, exc.errors(), strict=True))
     param = names[0] or None if names else None
     return ApiError(422, "invalid_body", message or "invalid request body", extra={"param": param})
-
-
-def validation_response(exc: ValidationError) -> web.Response:
-    return error_response(invalid_body(exc))
 
 
 def _unsupported(param: str, message: str) -> ApiError:
@@ -222,15 +187,9 @@ def _seed_request(body: _Extras, conversation: dict[str, Any], *, conversation_p
         raise invalid_body(exc, renamed=renamed) from None
 
 
-def _object(data: Any) -> dict[str, Any]:
-    if not isinstance(data, dict):
-        raise ApiError(422, "invalid_body", "request body must be a JSON object")
-    return data
-
-
 def chat_request(data: Any) -> tuple[ChatBody, ResponseRequest]:
     """A Chat Completions body as (the parsed body, the seed request it runs as)."""
-    body = ChatBody.model_validate(_object(data))
+    body: ChatBody = parse_body(ChatBody, data)
     if body.n is not None and body.n != 1:
         raise _unsupported("n", "n must be 1: llmpool returns one choice per request")
     limit = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
@@ -241,7 +200,7 @@ def chat_request(data: Any) -> tuple[ChatBody, ResponseRequest]:
 
 def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
     """A Responses API body as (the parsed body, the seed request it runs as)."""
-    body = ResponsesBody.model_validate(_object(data))
+    body: ResponsesBody = parse_body(ResponsesBody, data)
     if body.previous_response_id is not None:
         raise _unsupported("previous_response_id", "responses are not stored; send the whole conversation")
     if isinstance(body.input, str):
@@ -251,95 +210,3 @@ def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
     return body, _seed_request(body, conversation, conversation_param="input",
                                max_tokens=(body.max_output_tokens, "max_output_tokens"),
                                reasoning_effort=body.reasoning.effort if body.reasoning else None)
-
-
-# ----- handlers -------------------------------------------------------------------------
-
-
-def _json(data: dict[str, Any], result: InferenceResult) -> web.Response:
-    return web.json_response(data, headers={"X-Llmpool-Metrics": json.dumps(result.metrics, separators=(",", ":"))})
-
-
-async def _stream(request: web.Request, inf: Inference, shape: Shape, started: float) -> web.StreamResponse:
-    try:
-        response = await open_sse(request, headers={"X-Request-Id": request[core.REQUEST_ID]})
-    except BaseException:
-        inf.close_unstarted()
-        raise
-
-    async def send(events: list[Event]) -> None:
-        for name, data in events:
-            await send_event(response, data, event=name)
-
-    try:
-        await send(shape.opening())
-        async with aclosing(inf.events()) as deltas:
-            async for delta in deltas:
-                await send(shape.delta(delta))
-    except ApiError as exc:
-        core.log_inference(inf, stream=True, status=exc.status, error=exc.code)
-        await send(shape.failure(exc))
-        await response.write_eof()
-        return response
-    except (ConnectionResetError, asyncio.CancelledError):
-        core.log_inference(inf, stream=True, status=499, error="client_disconnected")
-        inf.close_unstarted()  # no-op once events() has released the slot
-        raise
-    assert inf.result is not None
-    core._finish_pool_time(inf.result, started)
-    await send(shape.finish(inf.result))
-    await response.write_eof()
-    core.log_inference(inf, stream=True, status=200)
-    return response
-
-
-async def chat_completions(request: web.Request) -> web.StreamResponse:
-    started = time.perf_counter()
-    body, seed = chat_request(await core.read_json(request))
-    inf = await core.start_inference(request, seed, started)
-    usage = bool(body.stream_options and body.stream_options.include_usage)
-    shape = ChatShape(model=seed.model, include_usage=usage)
-    if seed.stream:
-        return await _stream(request, inf, shape, started)
-    result = await core.collect_inference(inf, started)
-    return _json(shape.completion(result), result)
-
-
-async def responses(request: web.Request) -> web.StreamResponse:
-    started = time.perf_counter()
-    body, seed = responses_request(await core.read_json(request))
-    inf = await core.start_inference(request, seed, started)
-    shape = ResponsesShape(response_id=inf.response_id, model=seed.model, echo=body.model_dump(
-        include={"instructions", "temperature", "top_p", "max_output_tokens", "metadata"}))
-    if seed.stream:
-        return await _stream(request, inf, shape, started)
-    result = await core.collect_inference(inf, started)
-    return _json(shape.json(result), result)
-
-
-def _model(request: web.Request, name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": request.app[STARTED_AT], "owned_by": "llmpool"}
-
-
-async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list",
-                              "data": [_model(request, name) for name in request.app[core.POOL].loaded_names()]})
-
-
-async def retrieve_model(request: web.Request) -> web.Response:
-    name = request.match_info["model"]
-    if name not in request.app[core.POOL].loaded_names():
-        raise ApiError(404, "model_not_found", f"model '{name}' is not loaded or not configured",
-                       extra={"param": "model"})
-    return web.json_response(_model(request, name))
-
-
-def setup(app: web.Application) -> None:
-    """Add the OpenAI routes to ``app`` (the app's errors middleware renders failures on
-    :func:`is_openai_path` paths with :func:`error_response`)."""
-    app[STARTED_AT] = int(time.time())
-    app.router.add_get(f"{PREFIX}/models", list_models)
-    app.router.add_get(f"{PREFIX}/models/{{model}}", retrieve_model)
-    app.router.add_post(f"{PREFIX}/chat/completions", chat_completions)
-    app.router.add_post(ROOT_CHAT_PATH, chat_completions)
-    app.router.add_post(f"{PREFIX}/responses", responses)

@@ -1,7 +1,7 @@
 """OpenAI's answer shapes for one llmpool inference: Chat Completions and the Responses API.
 
-Pure functions of the deltas and the :class:`InferenceResult`; :mod:`llmpoold.openai_api`
-drives them. Each ``opening``/``delta``/``finish``/``failure`` returns the SSE events to
+Pure functions of the deltas and the :class:`InferenceResult`; the driver in
+:mod:`llmpoold.http.respond` runs them. Each ``opening``/``delta``/``finish``/``failure`` returns the SSE events to
 send, as (event name or None, data) pairs.
 """
 
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Protocol
+from typing import Any
 
 from llmpoold.errors import ApiError
+from llmpoold.http.respond import Event
 from llmpoold.inference import InferenceResult
 from llmpoold.types import TextDelta
-
-Event = tuple[str | None, Any]  # (SSE event name or None, data)
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
@@ -29,15 +28,6 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     param = exc.extra.get("param", "model" if exc.code == "unknown_model" else None)
     kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "code": exc.code, "param": param}}
-
-
-class Shape(Protocol):
-    """What the stream driver needs from an answer shape."""
-
-    def opening(self) -> list[Event]: ...
-    def delta(self, delta: TextDelta) -> list[Event]: ...
-    def finish(self, result: InferenceResult) -> list[Event]: ...
-    def failure(self, exc: ApiError) -> list[Event]: ...
 
 
 def _tokens(result: InferenceResult) -> tuple[int, int, int]:
@@ -58,13 +48,15 @@ def chat_usage(result: InferenceResult) -> dict[str, Any]:
 class ChatShape:
     """Chat Completions JSON and ``chat.completion.chunk`` events for one request."""
 
+    metrics_header = True
+
     def __init__(self, *, model: str, include_usage: bool = False) -> None:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
 
-    def completion(self, result: InferenceResult) -> dict[str, Any]:
+    def json(self, result: InferenceResult) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": result.output_text, "refusal": None}
         if result.reasoning_text:
             message["reasoning_content"] = result.reasoning_text
@@ -100,6 +92,8 @@ class ResponsesShape:
     """Responses API JSON and its typed stream events (with sequence numbers) for one request.
 
     Output items: a ``reasoning`` item when the model reasons, then one ``message``."""
+
+    metrics_header = True
 
     def __init__(self, *, response_id: str, model: str, echo: dict[str, Any]) -> None:
         """``echo``: the request's ``instructions``, ``temperature``, ``top_p``,

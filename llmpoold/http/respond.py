@@ -1,0 +1,105 @@
+"""Reading a request body, and the one driver that answers an inference in any shape.
+
+A *shape* turns one inference into a surface's answer: the seed's ``/v1/responses``
+(:mod:`llmpoold.http.seed`), OpenAI Chat Completions and the Responses API
+(:mod:`llmpoold.http.openai_shapes`). :func:`respond` runs every surface the same way:
+read and parse the body, admit and queue the request (:class:`Inference`), then answer
+JSON or server-sent events, and release the replica slot on every exit path, including
+a client that leaves the moment the SSE headers are sent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import aclosing
+from typing import Any, Protocol
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from llmpoold.errors import ApiError
+from llmpoold.http.keys import POOL, REQUEST_ID
+from llmpoold.http.sse import open_sse, send_event
+from llmpoold.inference import Inference, InferenceResult, record_refused_body
+from llmpoold.schemas import ResponseRequest
+from llmpoold.types import TextDelta
+
+Event = tuple[str | None, Any]  # (SSE event name or None, data)
+
+
+class Shape(Protocol):
+    """One request's answer in a surface's shape: the JSON body, or the SSE events to
+    send at the start, per delta, at the end, or on a failure after the headers."""
+
+    metrics_header: bool  # JSON answers carry the metrics as ``X-Llmpool-Metrics`` too
+
+    def json(self, result: InferenceResult) -> dict[str, Any]: ...
+    def opening(self) -> list[Event]: ...
+    def delta(self, delta: TextDelta) -> list[Event]: ...
+    def finish(self, result: InferenceResult) -> list[Event]: ...
+    def failure(self, exc: ApiError) -> list[Event]: ...
+
+
+# (the seed request to run, and the shape to answer in given the response id)
+Parsed = tuple[ResponseRequest, Callable[[str], Shape]]
+
+
+async def read_json(request: web.Request) -> Any:
+    """The request body as JSON, or ApiError 415/400 (never a 500)."""
+    if request.content_type != "application/json":
+        raise ApiError(415, "unsupported_media_type",
+                       f"expected Content-Type application/json, got '{request.content_type}'")
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def parse_body(model: type[BaseModel], data: Any) -> Any:
+    """``data`` validated as ``model``; a body that is not an object is a 422."""
+    if not isinstance(data, dict):
+        raise ApiError(422, "invalid_body", "request body must be a JSON object")
+    return model.model_validate(data)
+
+
+async def respond(request: web.Request, parse: Callable[[Any], Parsed]) -> web.StreamResponse:
+    """Answer one inference request; ``parse`` maps the JSON body to the seed request
+    and its shape (raising ApiError or ValidationError, rendered by the middleware)."""
+    started = time.perf_counter()
+    data = await read_json(request)
+    try:
+        body, make_shape = parse(data)
+    except (ApiError, ValidationError) as exc:  # every request gets its log line
+        record_refused_body(data, exc.code if isinstance(exc, ApiError) else "invalid_request_body")
+        raise
+    inf = Inference(request.app[POOL], body, request_id=request[REQUEST_ID], started_at=started)
+    await inf.start()  # records its own refusal
+    shape = make_shape(inf.response_id)
+    try:
+        if not body.stream:
+            result = await inf.collect()
+            headers = {"X-Llmpool-Metrics": json.dumps(result.metrics, separators=(",", ":"))}
+            return web.json_response(shape.json(result), headers=headers if shape.metrics_header else None)
+        response = await open_sse(request, headers={"X-Request-Id": request[REQUEST_ID]})
+
+        async def send(events: list[Event]) -> None:
+            for name, event in events:
+                await send_event(response, event, event=name)
+
+        await send(shape.opening())
+        try:
+            async with aclosing(inf.events()) as deltas:
+                async for delta in deltas:
+                    await send(shape.delta(delta))
+        except ApiError as exc:  # after the headers: an error event ends the stream
+            await send(shape.failure(exc))
+        else:
+            assert inf.result is not None
+            await send(shape.finish(inf.result))
+        await response.write_eof()
+        return response
+    finally:
+        inf.close()  # a no-op once events() released the slot; else the client left early

@@ -1,0 +1,151 @@
+"""The worker protocol: framing and every codec, both sides of the socket.
+
+Every message, both ways, is one frame: a 4-byte big-endian length, then that many
+bytes of UTF-8 JSON (an object). Daemon to worker (``id`` is chosen by the daemon and
+names the operation or stream in every reply)::
+
+    {"op": "load",     "id": n, "backend": b, "replica_id": r, "model": {...}}
+    {"op": "health",   "id": n}
+    {"op": "stream",   "id": n, "request": request_to_wire(...), "whole": bool}
+    {"op": "cancel",   "id": n}                  # n: the stream to cancel
+    {"op": "unload",   "id": n}                  # the worker exits after replying
+
+Worker to daemon::
+
+    {"id": n, "t": "result", "value": ...}       # load / health / unload
+    {"id": n, "t": "delta", ...}                 # stream items: item_to_wire() + id
+    {"id": n, "t": "completion", ...}
+    {"id": n, "t": "end"}                        # stream over; the runtime let go of it
+    {"id": n, "t": "error", "kind": k, "type": name, "message": m, "status": s, "code": c,
+     "headers": {...}, "extra": {...}}
+
+``kind`` is ``api`` (a BackendError/ApiError, with status, code, the response headers
+such as ``Retry-After`` and extra detail fields), ``load`` (a LoadError) or
+``exception`` (anything else; ``type`` is its class name, and the daemon raises a
+:class:`~llmpoold.errors.WorkerError`). Streams are multiplexed by id. A cancelled
+stream still ends with ``end`` (or ``error``), once the runtime has stopped, so the
+daemon knows the slot is free.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Any
+
+from llmpoold.config import ModelConfig, resolve_model_options
+from llmpoold.errors import ApiError, BackendError, LoadError, WorkerError
+from llmpoold.plugins import PluginRegistry
+from llmpoold.types import (
+    BackendMetrics,
+    Completion,
+    Decoding,
+    GenerationRequest,
+    Message,
+    StreamItem,
+    TextDelta,
+)
+
+HEADER = struct.Struct(">I")
+MAX_FRAME = 64 * 2**20
+
+
+def encode_frame(message: Mapping[str, Any]) -> bytes:
+    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return HEADER.pack(len(payload)) + payload
+
+
+def frame_size(header: bytes) -> int:
+    """The payload length a header announces. Raises ValueError over :data:`MAX_FRAME`."""
+    (size,) = HEADER.unpack(header)
+    if size > MAX_FRAME:
+        raise ValueError(f"frame of {size} bytes (limit {MAX_FRAME})")
+    return int(size)
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    message = json.loads(payload)
+    if not isinstance(message, dict):
+        raise ValueError("frame is not a JSON object")
+    return message
+
+
+# ----- values -------------------------------------------------------------------------
+
+
+def model_to_wire(model: ModelConfig) -> dict[str, Any]:
+    """A ModelConfig as JSON: the common keys plus ``options`` dumped by its model."""
+    data = model.model_dump(mode="json", exclude={"options"})
+    options = model.options
+    data["options"] = options.model_dump(mode="json") if hasattr(options, "model_dump") else None
+    return data
+
+
+def model_from_wire(data: Mapping[str, Any], registry: PluginRegistry, backend: str) -> ModelConfig:
+    values = dict(data)
+    options = values.pop("options", None)
+    model = ModelConfig.model_validate(values)
+    spec = registry.spec(backend)
+    if options is not None:
+        try:
+            return model.model_copy(update={"options": spec.options_model.model_validate(options)})
+        except Exception:  # noqa: BLE001 - fall back to the raw keys below
+            pass
+    return resolve_model_options(model, spec.options_model, backend=backend,
+                                 requires_model_path=spec.requires_model_path)
+
+
+def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
+    data = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "cancel"}
+    data["decoding"] = asdict(request.decoding)
+    data["messages"] = [{"role": m.role, "content": m.content if isinstance(m.content, str) else list(m.content)}
+                        for m in request.messages]
+    return data
+
+
+def request_from_wire(data: Mapping[str, Any]) -> GenerationRequest:
+    values = dict(data)
+    decoding = dict(values.pop("decoding"))
+    decoding["stop"] = tuple(decoding.get("stop") or ())
+    messages = tuple(Message(role=m["role"], content=m["content"] if isinstance(m["content"], str)
+                             else tuple(m["content"])) for m in values.pop("messages"))
+    return GenerationRequest(decoding=Decoding(**decoding), messages=messages, **values)
+
+
+def item_to_wire(item: StreamItem) -> dict[str, Any]:
+    if isinstance(item, TextDelta):
+        return {"t": "delta", "text": item.text, "channel": item.channel}
+    return {"t": "completion", "finish_reason": item.finish_reason,
+            "metrics": asdict(item.metrics), "metadata": dict(item.metadata)}
+
+
+def item_from_wire(data: Mapping[str, Any]) -> StreamItem:
+    if data["t"] == "delta":
+        return TextDelta(text=data["text"], channel=data["channel"])
+    return Completion(finish_reason=data["finish_reason"], metrics=BackendMetrics(**data["metrics"]),
+                      metadata=data["metadata"])
+
+
+# ----- errors -------------------------------------------------------------------------
+
+
+def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, ApiError):
+        return {"t": "error", "kind": "api", "type": type(exc).__name__, "status": exc.status, "code": exc.code,
+                "message": exc.message, "headers": dict(exc.headers), "extra": dict(exc.extra)}
+    kind = "load" if isinstance(exc, LoadError) else "exception"
+    return {"t": "error", "kind": kind, "type": type(exc).__name__, "message": str(exc)}
+
+
+def error_from_wire(msg: Mapping[str, Any]) -> Exception:
+    """The worker's error message as the exception the daemon raises for it."""
+    message = str(msg.get("message") or "")
+    if msg.get("kind") == "api":
+        return BackendError(int(msg.get("status") or 500), str(msg.get("code") or "backend_error"),
+                            msg.get("message"), headers=dict(msg.get("headers") or {}),
+                            extra=dict(msg.get("extra") or {}))
+    if msg.get("kind") == "load":
+        return LoadError(message)
+    return WorkerError(str(msg.get("type") or "Exception"), message)
