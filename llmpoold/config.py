@@ -1,10 +1,20 @@
 """Settings: ``settings.json`` deep-merged with ``local.json``, validated by pydantic.
 
-Paths: ``--settings`` / ``--local`` flags, else ``LLM_POOL_SETTINGS_PATH`` /
-``LLM_POOL_LOCAL_SETTINGS_PATH``, else ``/etc/llmpool/settings.json`` and the
-``local.json`` beside the settings file. A missing default file means "no settings";
-a missing file that was named explicitly is an error. Every validation error names
-the field path and the offending value (:class:`SettingsError`).
+Paths: ``--settings`` / ``--local`` flags, else ``LLM_POOL_SETTINGS_PATH`` (or the
+seed's ``LLM_RESPONSES_API_SETTINGS_PATH``) / ``LLM_POOL_LOCAL_SETTINGS_PATH``, else
+``/etc/llmpool/settings.json`` and the ``local.json`` beside the settings file. A
+missing file found through the environment or the defaults reads as empty (the seed's
+rule); a missing file named on the command line is an error. Every validation error
+names the field path and the offending value (:class:`SettingsError`), never the value
+of an unknown or secret-looking key.
+
+Global structure errors (invalid JSON, wrong types in ``service`` / ``engine``) are
+fatal. One model never is: a non-object entry is skipped (``EngineSettings.skipped_models``),
+``replicas`` / ``replica_max`` / ``target_inflight`` below 1 are clamped to 1, the seed's
+string keys ``remote_thinking`` / ``remote_api_kind`` / ``remote_health_check`` are
+lowercased, and a model whose common keys are invalid is kept with ``ModelConfig.error``
+set (the pool lists it as ``failed``). What the installed plugins make of the rest is
+decided in :mod:`llmpoold.model_settings`.
 
 The ``service`` block and the helpers that check callers (:func:`key_matches`,
 :func:`is_loopback_host`) live in :mod:`llmpoold.service_settings`, re-exported here.
@@ -34,6 +44,7 @@ from llmpoold.service_settings import key_matches as key_matches
 
 DEFAULT_SETTINGS_PATH = Path("/etc/llmpool/settings.json")
 SETTINGS_ENV = "LLM_POOL_SETTINGS_PATH"
+LEGACY_SETTINGS_ENV = "LLM_RESPONSES_API_SETTINGS_PATH"  # the seed's older name, read after SETTINGS_ENV
 LOCAL_SETTINGS_ENV = "LLM_POOL_LOCAL_SETTINGS_PATH"
 MAX_OUTPUT_TOKENS = 4096
 MAX_FAIRNESS_KEY_LENGTH = 128
@@ -155,7 +166,23 @@ class WorkerSettings(_Strict):
 COMMON_MODEL_KEYS = frozenset({
     "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas", "replica_max",
     "target_inflight", "modalities", "reasoning_efforts", "isolation", "queue_timeout_s",
+    "thinking_token_budget_max",
 })
+MAX_THINKING_TOKEN_BUDGET = 4096
+# The seed lowercases these remote keys (``"Disabled"`` means ``"disabled"``); a blank
+# ``remote_health_check`` means its default.
+LOWERCASED_KEYS = ("remote_thinking", "remote_api_kind", "remote_health_check")
+
+
+def _seed_backend_keys(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry's backend keys with the seed's lowercasing applied."""
+    keys = {k: v for k, v in entry.items() if k not in COMMON_MODEL_KEYS}
+    for name in LOWERCASED_KEYS:
+        if isinstance(keys.get(name), str):
+            keys[name] = keys[name].strip().lower()
+    if keys.get("remote_health_check") == "":
+        keys["remote_health_check"] = "config_only"
+    return keys
 
 
 class ModelConfig(BaseModel):
@@ -177,6 +204,10 @@ class ModelConfig(BaseModel):
     reasoning_efforts: tuple[str, ...] = ()
     isolation: Literal["process", "inline"] | None = None
     queue_timeout_s: float | None = Field(None, gt=0)
+    # Recorded and shown; the per-request ``thinking_token_budget`` admission uses it.
+    thinking_token_budget_max: int | None = Field(None, ge=1)
+    # Why this entry could not be validated (the pool lists the model as ``failed``).
+    error: str | None = None
     # Raw backend keys as configured; ``options`` holds them validated by the plugin.
     backend_keys: dict[str, Any] = Field(default_factory=dict)
     options: Any = None
@@ -187,6 +218,21 @@ class ModelConfig(BaseModel):
         if isinstance(value, str):
             value = value.strip().lower()
             return value or None
+        return value
+
+    @field_validator("replicas", "replica_max", "target_inflight", mode="before")
+    @classmethod
+    def _at_least_one(cls, value: Any) -> Any:
+        """The seed clamps these to 1 (``replicas: 0`` means one replica)."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            return 1
+        return value
+
+    @field_validator("thinking_token_budget_max", mode="after")
+    @classmethod
+    def _budget_max(cls, value: int | None) -> int | None:
+        if value is not None and value > MAX_THINKING_TOKEN_BUDGET:
+            raise ValueError(f"thinking_token_budget_max must be at most {MAX_THINKING_TOKEN_BUDGET}")
         return value
 
     @field_validator("prompt_format", mode="after")
@@ -252,6 +298,8 @@ class ModelConfig(BaseModel):
             "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas",
             "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s"})
         common["reasoning_efforts"] = list(self.reasoning_efforts)
+        if self.thinking_token_budget_max is not None:
+            common["thinking_token_budget_max"] = self.thinking_token_budget_max
         options = (self.options.model_dump(mode="json") if isinstance(self.options, BaseModel)
                    else dict(self.backend_keys))
         return {**common, **options}
@@ -263,25 +311,47 @@ class EngineSettings(_Strict):
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # Names of ``engine.models`` entries that are not objects (skipped, as the seed does).
+    skipped_models: tuple[str, ...] = ()
 
     @field_validator("backend", mode="before")
     @classmethod
     def _backend(cls, value: Any) -> Any:
         return ModelConfig._backend(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _skip_non_objects(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            models = data["models"]
+            data = {**data, "models": {k: v for k, v in models.items() if isinstance(v, dict)},
+                    "skipped_models": tuple(str(k) for k, v in models.items() if not isinstance(v, dict))}
+        return data
+
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError("engine.models must be an object of {model_name: model}")
-        out: dict[str, Any] = {}
-        for name, entry in value.items():
-            if not isinstance(entry, dict):
-                raise ValueError(f"engine.models.{name} must be an object")
-            common = {k: v for k, v in entry.items() if k in COMMON_MODEL_KEYS}
-            common["backend_keys"] = {k: v for k, v in entry.items() if k not in COMMON_MODEL_KEYS}
-            out[name] = {"name": name, **common}
-        return out
+        return {str(name): model_entry(str(name), entry) for name, entry in value.items()}
+
+
+def model_entry(name: str, entry: Mapping[str, Any]) -> ModelConfig:
+    """One ``engine.models`` entry; when its common keys are invalid, a stand-in with
+    ``error`` set (and every configured key kept in ``backend_keys``, so that a reload
+    sees any change to it)."""
+    common = {k: v for k, v in entry.items() if k in COMMON_MODEL_KEYS}
+    try:
+        return ModelConfig.model_validate({"name": name, **common, "backend_keys": _seed_backend_keys(entry)})
+    except ValidationError as exc:
+        error = format_validation_error(exc, prefix=f"engine.models.{name}")
+    backend = entry.get("backend")
+    path = entry.get("model_path")
+    enabled = entry.get("enabled")
+    return ModelConfig(name=name, backend=backend if isinstance(backend, str) else None,
+                       model_path=path if isinstance(path, str) else None,
+                       enabled=enabled if isinstance(enabled, bool) else True, error=error,
+                       backend_keys={k: v for k, v in entry.items() if k not in ("backend", "model_path", "enabled")})
 
 
 class AppSettings(_Strict):
@@ -305,12 +375,13 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 def settings_paths(settings: str | os.PathLike[str] | None = None,
                    local: str | os.PathLike[str] | None = None) -> tuple[Path, Path, bool]:
-    """Resolve (settings path, local path, whether the settings path was named)."""
-    named = settings or os.environ.get(SETTINGS_ENV)
+    """Resolve (settings path, local path, whether the settings path was named on the
+    command line: only then must it exist)."""
+    named = settings or os.environ.get(SETTINGS_ENV) or os.environ.get(LEGACY_SETTINGS_ENV)
     base = Path(named) if named else DEFAULT_SETTINGS_PATH
     local_named = local or os.environ.get(LOCAL_SETTINGS_ENV)
     local_path = Path(local_named) if local_named else base.with_name("local.json")
-    return base, local_path, bool(named)
+    return base, local_path, bool(settings)
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any]:

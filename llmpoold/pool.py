@@ -22,6 +22,7 @@ from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.metrics import PoolMetrics
+from llmpoold.model_settings import resolve_catalog
 from llmpoold.plugins import PluginRegistry
 from llmpoold.process_replica import ProcessReplicaFactory
 from llmpoold.replica import InlineReplica, Replica
@@ -73,28 +74,18 @@ class ModelEntry:
         return self.active_config or self.config
 
 
-def validate_settings(settings: AppSettings, registry: PluginRegistry) -> dict[str, ModelConfig]:
-    """Validate every model whose backend is installed; raise SettingsError on the first
-    invalid one. Returns the models with ``options`` resolved."""
-    resolved: dict[str, ModelConfig] = {}
-    for name, model in settings.engine.models.items():
-        backend = registry.canonical(settings.resolved_backend(model))
-        if backend is None:
-            continue
-        spec = registry.spec(backend)
-        resolved[name] = resolve_model_options(model, spec.options_model, backend=backend,
-                                               requires_model_path=spec.requires_model_path)
-    return resolved
-
-
 class Pool:
     """Every configured model and what is loaded of it."""
 
     def __init__(self, settings: AppSettings, registry: PluginRegistry, *,
                  replica_factory: ReplicaFactory | None = None,
                  queue_factory: QueueFactory = fair_queue_factory) -> None:
-        self.settings = settings
         self.registry = registry
+        # Skipped models removed, options resolved; one bad model is `failed`, never fatal.
+        self.catalog = resolve_catalog(settings, registry)
+        self.settings = self.catalog.settings
+        for warning in self.catalog.warnings:
+            log.warning("settings_warning", warning=warning)
         # Default: inline or a worker process per model ``isolation`` (llmpoold.process_replica).
         self.replica_factory = replica_factory or ProcessReplicaFactory(settings.engine.workers)
         self.queue_factory = queue_factory
@@ -103,21 +94,12 @@ class Pool:
         self.metrics = PoolMetrics(self)  # per pool: apps in one process do not share a registry
 
     def _build_entries(self, settings: AppSettings) -> dict[str, ModelEntry]:
-        resolved = validate_settings(settings, self.registry)
         entries: dict[str, ModelEntry] = {}
-        for name, model in settings.engine.models.items():
-            configured = settings.resolved_backend(model)
-            backend = self.registry.canonical(configured)
-            entry = ModelEntry(config=resolved.get(name, model), backend=backend,
-                               spec=self.registry.spec(backend) if backend else None)
-            if backend is None:
-                entry.state = "failed"
-                entry.last_error = (
-                    f"backend '{configured}' is not provided by any installed plugin "
-                    f"(installed backends: {self.registry.describe_installed()})"
-                    if configured else
-                    f"model '{name}' names no backend and engine.backend is not set "
-                    f"(installed backends: {self.registry.describe_installed()})")
+        for name, item in self.catalog.models.items():
+            entry = ModelEntry(config=item.config, backend=item.backend,
+                               spec=self.registry.spec(item.backend) if item.backend else None)
+            if item.error is not None:
+                entry.state, entry.last_error = "failed", item.error
             entries[name] = entry
         return entries
 
@@ -167,7 +149,8 @@ class Pool:
                                    "replica count and load overrides can only be applied while the model is "
                                    "unloaded or failed; unload first", model=name)
                 return await self.admin_entry(name)
-            if entry.backend is None or entry.spec is None:
+            if entry.backend is None or entry.spec is None or entry.config.options is None:
+                # no plugin, or settings the plugin refused: loading says why
                 raise ApiError(500, "model_load_failed", entry.last_error, model=name)
             override = self._check_override(entry, fields)
             count = replicas_requested or entry.config.replicas

@@ -31,10 +31,15 @@ async def reload_settings(app: web.Application) -> dict[str, Any]:
     pool: Pool = app[POOL]
     paths = app.get(SETTINGS_PATHS, (None, None))
     try:
-        new = load_settings(*paths)
-        fresh = Pool(new, pool.registry, replica_factory=pool.replica_factory, queue_factory=pool.queue_factory)
+        fresh = Pool(load_settings(*paths), pool.registry, replica_factory=pool.replica_factory,
+                     queue_factory=pool.queue_factory)
     except (SettingsError, OSError) as exc:
         raise ApiError(400, "invalid_settings", str(exc)) from None
+    if fresh.catalog.unresolved:  # the seed: "backend cannot be empty", nothing changes
+        raise ApiError(400, "invalid_settings", "; ".join(
+            f"engine.models.{name}: backend cannot be empty (no backend and no engine.backend)"
+            for name in fresh.catalog.unresolved))
+    new = fresh.settings  # skipped models left out, as in pool.settings
 
     old_models = pool.settings.engine.models
     new_models = new.engine.models
@@ -48,13 +53,15 @@ async def reload_settings(app: web.Application) -> dict[str, Any]:
     removed = sorted(set(old_models) - set(new_models))
     updated: list[str] = []
     unchanged: list[str] = []
+    runtime_changed: set[str] = set()  # changed in more than `enabled`
     for name in sorted(set(old_models) & set(new_models)):
         same_backend = pool.settings.resolved_backend(old_models[name]) == new.resolved_backend(new_models[name])
         old_cfg, new_cfg = _comparable(old_models[name]), _comparable(new_models[name])
         (unchanged if same_backend and old_cfg == new_cfg else updated).append(name)
-        if name in active:
-            old_cfg.pop("enabled"), new_cfg.pop("enabled")
-            if not same_backend or old_cfg != new_cfg:
+        old_cfg.pop("enabled"), new_cfg.pop("enabled")
+        if not same_backend or old_cfg != new_cfg:
+            runtime_changed.add(name)
+            if name in active:
                 conflicts.append(f"engine.models.{name}")
     conflicts += [f"engine.models.{name}" for name in removed if name in active]
     if conflicts:
@@ -63,12 +70,10 @@ async def reload_settings(app: web.Application) -> dict[str, Any]:
     entries: dict[str, ModelEntry] = {}
     for name, entry in fresh.entries.items():
         old = pool.entries.get(name)
-        if old is not None and name not in updated:
+        if old is not None and name not in runtime_changed:
+            # The seed keeps the same state object: a loaded model its runtime, a failed
+            # one its last_error and observed VRAM; only `enabled` follows the file.
             old.config = old.config.model_copy(update={"enabled": new_models[name].enabled})
-            entries[name] = old
-        elif old is not None and old.state not in ("unloaded", "failed"):
-            # only `enabled` changed on an active model: keep its runtime
-            old.config = entry.config
             entries[name] = old
         else:
             entries[name] = entry
