@@ -341,3 +341,80 @@ def test_backend_keys_unknown_or_secret_never_echo_their_value() -> None:
     assert "sk-literal" not in message
     assert 'engine.models.my-key-model.n: Input should be a valid integer, unable to parse string as an integer ' \
            '(got "many")' in message  # other values are still shown (a model name is not a field)
+
+
+# ----- the seed's per-model tolerance (parse level) -------------------------------------------
+
+
+def test_replica_counts_below_one_are_clamped_to_one() -> None:
+    model = parse_settings({"engine": {"models": {"m": {"replicas": 0, "replica_max": -3,
+                                                        "target_inflight": 0}}}}).engine.models["m"]
+    assert (model.replicas, model.replica_max, model.target_inflight, model.error) == (1, 1, 1, None)
+
+
+def test_seed_remote_string_keys_are_lowercased() -> None:
+    models = parse_settings({"engine": {"models": {
+        "a": {"remote_thinking": "Disabled", "remote_api_kind": " CHAT_COMPLETIONS ",
+              "remote_health_check": "CONFIG_ONLY"},
+        "b": {"remote_health_check": "  "}}}}).engine.models
+    assert models["a"].backend_keys == {"remote_thinking": "disabled", "remote_api_kind": "chat_completions",
+                                        "remote_health_check": "config_only"}
+    assert models["b"].backend_keys == {"remote_health_check": "config_only"}  # blank: the default
+
+
+def test_non_object_model_entries_are_skipped() -> None:
+    engine = parse_settings({"engine": {"models": {"a": "gguf", "b": [], "c": None, "d": {}}}}).engine
+    assert list(engine.models) == ["d"]
+    assert engine.skipped_models == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ({"replicas": 2, "replica_max": 1}, "engine.models.m: model 'm' has replicas=2 greater than replica_max=1"),
+    ({"enabled": "maybe"}, "engine.models.m.enabled: Input should be a valid boolean"),
+    ({"thinking_token_budget_max": 4097}, "engine.models.m.thinking_token_budget_max: "
+                                          "thinking_token_budget_max must be at most 4096"),
+    ({"modalities": ["smell"]}, "engine.models.m.modalities: modality must be one of: text, image, audio"),
+])
+def test_invalid_common_keys_fail_only_that_model(entry: dict[str, Any], expected: str) -> None:
+    models = parse_settings({"engine": {"models": {"m": {"backend": "gguf", **entry}, "ok": {}}}}).engine.models
+    assert models["m"].error is not None and models["m"].error.startswith(expected), models["m"].error
+    assert models["m"].backend == "gguf"
+    assert models["ok"].error is None
+
+
+def test_thinking_token_budget_max_is_recorded_in_the_definition() -> None:
+    models = parse_settings({"engine": {"models": {"m": {"thinking_token_budget_max": 4096}, "n": {}}}}).engine.models
+    assert models["m"].thinking_token_budget_max == 4096 and models["m"].error is None
+    assert models["m"].definition()["thinking_token_budget_max"] == 4096
+    assert "thinking_token_budget_max" not in models["n"].definition()
+
+
+@pytest.mark.parametrize("data", [
+    {"engine": {"models": ["m"]}},
+    {"engine": {"backend": 3}},
+    {"engine": "gguf"},
+    {"engine": {"decoding": {"max_tokens": "lots"}}},
+])
+def test_global_structure_errors_stay_fatal(data: dict[str, Any]) -> None:
+    with pytest.raises(SettingsError):
+        parse_settings(data)
+
+
+def test_legacy_settings_env_is_read_after_the_new_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    legacy = write(tmp_path / "legacy.json", {"service": {"port": 9002}})
+    monkeypatch.delenv("LLM_POOL_SETTINGS_PATH", raising=False)
+    monkeypatch.setenv("LLM_RESPONSES_API_SETTINGS_PATH", str(legacy))
+    assert settings_paths()[0] == legacy
+    assert load_settings().service.port == 9002
+    current = write(tmp_path / "current.json", {"service": {"port": 9003}})
+    monkeypatch.setenv("LLM_POOL_SETTINGS_PATH", str(current))
+    assert load_settings().service.port == 9003
+
+
+def test_missing_files_from_the_environment_read_as_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_POOL_SETTINGS_PATH", str(tmp_path / "missing.json"))
+    monkeypatch.setenv("LLM_POOL_LOCAL_SETTINGS_PATH", str(tmp_path / "missing-local.json"))
+    settings = load_settings()
+    assert settings.engine.models == {} and settings.service.port == 8010
+    with pytest.raises(SettingsError, match="settings file not found"):
+        load_settings(tmp_path / "missing.json")  # named on the command line: must exist
