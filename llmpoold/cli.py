@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     registry.load_entry_points()
     try:
         app = create_app(settings, registry, settings_paths=(args.settings, args.local))
-    except SettingsError as exc:  # a backend's own keys, checked once its plugin is known
+    except SettingsError as exc:  # defensive: one model's keys only fail that model (llmpoold.model_settings)
         source = settings_paths(args.settings, args.local)[0]
         print(f"llmpoold: invalid settings: {source}: {exc}", file=sys.stderr)
         return 2

@@ -322,6 +322,8 @@ class EngineSettings(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _skip_non_objects(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "skipped_models" in data:
+            raise ValueError("engine.skipped_models: unknown key")  # set here only, never by a file
         if isinstance(data, dict) and isinstance(data.get("models"), dict):
             models = data["models"]
             data = {**data, "models": {k: v for k, v in models.items() if isinstance(v, dict)},

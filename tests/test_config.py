@@ -394,6 +394,7 @@ def test_thinking_token_budget_max_is_recorded_in_the_definition() -> None:
     {"engine": {"backend": 3}},
     {"engine": "gguf"},
     {"engine": {"decoding": {"max_tokens": "lots"}}},
+    {"engine": {"skipped_models": []}},  # the daemon's own record, not a settings key
 ])
 def test_global_structure_errors_stay_fatal(data: dict[str, Any]) -> None:
     with pytest.raises(SettingsError):
