@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from llmpoold.errors import SettingsError as SettingsError
 from llmpoold.model_config import COMMON_MODEL_KEYS as COMMON_MODEL_KEYS
 from llmpoold.model_config import ModelConfig as ModelConfig
-from llmpoold.model_config import seed_backend_keys
+from llmpoold.model_config import secret_field, seed_backend_keys
 from llmpoold.service_settings import ServiceSettings as ServiceSettings
 from llmpoold.service_settings import is_loopback_host as is_loopback_host
 from llmpoold.service_settings import key_matches as key_matches
@@ -263,26 +263,10 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
-SECRET_FIELDS = frozenset({"api_keys", "admin_api_key"})
-# Words that make a field's value secret wherever it sits (``api_key``, ``client_secret``,
-# ``token``...); fields ending in ``_env`` / ``_envs`` hold variable names, not secrets.
-SECRET_WORDS = frozenset({"key", "keys", "apikey", "secret", "secrets", "password", "passwd", "token", "credential",
-                          "credentials", "auth", "authorization", "bearer"})
-
-
-def _secret_field(part: str) -> bool:
-    name = part.lower()
-    if name in SECRET_FIELDS:
-        return True
-    if name.endswith(("_env", "_envs")):
-        return False
-    return any(word in SECRET_WORDS for word in name.replace("-", "_").split("_"))
-
-
 def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
     """One line per error: ``<field path>: <message> (got <value>)``. The value is left
     out for unknown keys (a literal key under a wrong name must not be echoed, e.g. by
-    ``/v1/admin/settings/reload``), secret-looking fields (:func:`_secret_field`),
+    ``/v1/admin/settings/reload``), secret-looking fields (:func:`~llmpoold.model_config.secret_field`),
     objects and missing fields."""
     lines = []
     for err in exc.errors():
@@ -298,7 +282,7 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
         value = err.get("input")
         # A literal API key must not reach stderr or an admin reload response.
         named = [part for i, part in enumerate(loc) if not (i == 2 and loc[:2] == ["engine", "models"])]
-        secret = any(_secret_field(part) for part in named)  # a model's own name is not a field
+        secret = any(secret_field(part) for part in named)  # a model's own name is not a field
         hidden = err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) or secret
         shown = "" if hidden else f" (got {json.dumps(value, default=str)})"
         lines.append(f"{path}: {message}{shown}" if path else f"{message}{shown}")

@@ -29,6 +29,23 @@ MAX_THINKING_TOKEN_BUDGET = 4096
 LOWERCASED_KEYS = ("remote_thinking", "remote_api_kind", "remote_health_check")
 
 
+SECRET_FIELDS = frozenset({"api_keys", "admin_api_key"})
+# Words that make a field's value secret wherever it sits (``api_key``, ``client_secret``,
+# ``token``...); fields ending in ``_env`` / ``_envs`` hold variable names, not secrets.
+SECRET_WORDS = frozenset({"key", "keys", "apikey", "secret", "secrets", "password", "passwd", "token", "credential",
+                          "credentials", "auth", "authorization", "bearer"})
+
+
+def secret_field(part: str) -> bool:
+    """Whether a field named ``part`` holds a secret (its value is never shown)."""
+    name = part.lower()
+    if name in SECRET_FIELDS:
+        return True
+    if name.endswith(("_env", "_envs")):
+        return False
+    return any(word in SECRET_WORDS for word in name.replace("-", "_").split("_"))
+
+
 def seed_backend_keys(entry: Mapping[str, Any]) -> dict[str, Any]:
     """The entry's backend keys with the seed's lowercasing applied."""
     keys = {k: v for k, v in entry.items() if k not in COMMON_MODEL_KEYS}
@@ -81,6 +98,14 @@ class ModelConfig(BaseModel):
         """The seed clamps these to 1 (``replicas: 0`` means one replica)."""
         if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
             return 1
+        return value
+
+    @field_validator("thinking_token_budget_max", mode="before")
+    @classmethod
+    def _budget_unset(cls, value: Any) -> Any:
+        """The seed's optional positive integer: 0 or less means unset."""
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value <= 0:
+            return None
         return value
 
     @field_validator("thinking_token_budget_max", mode="after")
@@ -148,7 +173,9 @@ class ModelConfig(BaseModel):
 
     def definition(self) -> dict[str, Any]:
         """The admin ``definition``: common keys plus the backend's own (no secrets:
-        plugins keep secrets in env vars and only their names in config)."""
+        plugins keep secrets in env vars and only their names in config). Keys no plugin
+        validated (a backend without one, a failed entry) are shown as configured, except
+        secret-looking ones (:func:`secret_field`: the seed's ``llama_server_api_key``...)."""
         common = self.model_dump(include={
             "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas",
             "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s"})
@@ -156,5 +183,5 @@ class ModelConfig(BaseModel):
         if self.thinking_token_budget_max is not None:
             common["thinking_token_budget_max"] = self.thinking_token_budget_max
         options = (self.options.model_dump(mode="json") if isinstance(self.options, BaseModel)
-                   else dict(self.backend_keys))
+                   else {k: v for k, v in self.backend_keys.items() if not secret_field(k)})
         return {**common, **options}

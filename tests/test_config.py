@@ -387,6 +387,8 @@ def test_thinking_token_budget_max_is_recorded_in_the_definition() -> None:
     assert models["m"].thinking_token_budget_max == 4096 and models["m"].error is None
     assert models["m"].definition()["thinking_token_budget_max"] == 4096
     assert "thinking_token_budget_max" not in models["n"].definition()
+    unset = parse_settings({"engine": {"models": {"m": {"thinking_token_budget_max": 0}}}}).engine.models["m"]
+    assert (unset.thinking_token_budget_max, unset.error) == (None, None)  # the seed: <= 0 means unset
 
 
 @pytest.mark.parametrize("data", [

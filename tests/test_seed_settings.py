@@ -60,7 +60,7 @@ def test_models_of_the_seeds_other_backends_are_failed_naming_the_missing_plugin
         "v": {"backend": "vllm_serve", "vllm_max_model_len": 20480, "thinking_token_budget_max": 2048,
               "vllm_serve_extra_args": ["--reasoning-parser", "x"]},  # vllm_serve needs no model_path
         "l": {"backend": "llama_server", "model_path": "/m.gguf", "llama_server_n_ctx": 4096,
-              "llama_server_spec_type": "draft-mtp"},
+              "llama_server_spec_type": "draft-mtp", "llama_server_api_key": "sk-literal-3"},
         "s": {"backend": "sglang_serve", "sglang_mem_fraction_static": 0.35},
         "t": {"backend": "trtllm_serve", "trtllm_max_seq_len": 4096},
     })
@@ -68,6 +68,9 @@ def test_models_of_the_seeds_other_backends_are_failed_naming_the_missing_plugin
     for name, backend in {"v": "vllm_serve", "l": "llama_server", "s": "sglang_serve", "t": "trtllm_serve"}.items():
         assert result.models[name].backend is None
         assert f"no plugin for backend '{backend}' {NO_PLUGIN}" in (result.models[name].error or "")
+    definition = result.models["l"].config.definition()  # the keys as configured, but no secret
+    assert definition["llama_server_n_ctx"] == 4096 and "llama_server_api_key" not in definition
+    assert result.models["v"].config.definition()["thinking_token_budget_max"] == 2048
 
 
 def test_unknown_keys_are_warnings_with_a_suggestion_and_never_their_value(registry: PluginRegistry) -> None:
