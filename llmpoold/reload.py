@@ -35,10 +35,6 @@ async def reload_settings(app: web.Application) -> dict[str, Any]:
                      queue_factory=pool.queue_factory)
     except (SettingsError, OSError) as exc:
         raise ApiError(400, "invalid_settings", str(exc)) from None
-    if fresh.catalog.unresolved:  # the seed: "backend cannot be empty", nothing changes
-        raise ApiError(400, "invalid_settings", "; ".join(
-            f"engine.models.{name}: backend cannot be empty (no backend and no engine.backend)"
-            for name in fresh.catalog.unresolved))
     new = fresh.settings  # skipped models left out, as in pool.settings
 
     old_models = pool.settings.engine.models
@@ -64,6 +60,13 @@ async def reload_settings(app: web.Application) -> dict[str, Any]:
             if name in active:
                 conflicts.append(f"engine.models.{name}")
     conflicts += [f"engine.models.{name}" for name in removed if name in active]
+    # The seed's "backend cannot be empty": a new or changed model with no backend and no
+    # engine.backend makes the reload 400 and nothing changes (one the daemon started
+    # with, unchanged, stays `failed` as at start).
+    empty = [name for name in fresh.catalog.unresolved if name not in old_models or name in runtime_changed]
+    if empty:
+        raise ApiError(400, "invalid_settings", "; ".join(
+            f"engine.models.{name}: backend cannot be empty (no backend and no engine.backend)" for name in empty))
     if conflicts:
         raise ApiError(409, "settings_reload_conflict", extra={"conflicts": sorted(set(conflicts))})
 

@@ -159,17 +159,20 @@ async def test_failed_models_are_listed_and_loading_them_says_why(registry: Plug
 
 async def test_reload_with_an_empty_backend_is_invalid_settings(registry: PluginRegistry, tmp_path: Path) -> None:
     path = tmp_path / "settings.json"
-    data: dict[str, Any] = {"engine": {"backend": "echo", "models": {"a": {}}}}
+    data: dict[str, Any] = {"engine": {"models": {"a": {"backend": "echo"}, "x": {"model_path": "/m"}}}}
     path.write_text(json.dumps(data))
     client = await _client(data, registry, path)
     try:
-        path.write_text(json.dumps({"engine": {"models": {"a": {}, "b": {"model_path": "/m"}}}}))
+        assert (await _models(client))["x"]["runtime_state"] == "failed"  # at start: that model only
+        assert (await client.post("/v1/admin/settings/reload")).status == 200  # unchanged: still accepted
+        data["engine"]["models"].update({"b": {"model_path": "/m"}, "c": {}})
+        path.write_text(json.dumps(data))
         resp = await client.post("/v1/admin/settings/reload")
         body = await resp.json()
         assert resp.status == 400 and body["detail"]["code"] == "invalid_settings"
         assert body["detail"]["message"] == ("engine.models.b: backend cannot be empty "
-                                             "(no backend and no engine.backend)")  # a: no path, skipped
-        assert set(await _models(client)) == {"a"}  # nothing changed
+                                             "(no backend and no engine.backend)")  # c: no path, skipped
+        assert set(await _models(client)) == {"a", "x"}  # nothing changed
     finally:
         await client.close()
 
