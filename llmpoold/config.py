@@ -1,10 +1,20 @@
 """Settings: ``settings.json`` deep-merged with ``local.json``, validated by pydantic.
 
-Paths: ``--settings`` / ``--local`` flags, else ``LLM_POOL_SETTINGS_PATH`` /
-``LLM_POOL_LOCAL_SETTINGS_PATH``, else ``/etc/llmpool/settings.json`` and the
-``local.json`` beside the settings file. A missing default file means "no settings";
-a missing file that was named explicitly is an error. Every validation error names
-the field path and the offending value (:class:`SettingsError`).
+Paths: ``--settings`` / ``--local`` flags, else ``LLM_POOL_SETTINGS_PATH`` (or the
+seed's ``LLM_RESPONSES_API_SETTINGS_PATH``) / ``LLM_POOL_LOCAL_SETTINGS_PATH``, else
+``/etc/llmpool/settings.json`` and the ``local.json`` beside the settings file. A
+missing file found through the environment or the defaults reads as empty (the seed's
+rule); a missing file named on the command line is an error. Every validation error
+names the field path and the offending value (:class:`SettingsError`), never the value
+of an unknown or secret-looking key.
+
+Global structure errors (invalid JSON, wrong types in ``service`` / ``engine``) are
+fatal. One model never is: a non-object entry is skipped (``EngineSettings.skipped_models``),
+``replicas`` / ``replica_max`` / ``target_inflight`` below 1 are clamped to 1, the seed's
+string keys ``remote_thinking`` / ``remote_api_kind`` / ``remote_health_check`` are
+lowercased, and a model whose common keys are invalid is kept with ``ModelConfig.error``
+set (the pool lists it as ``failed``). What the installed plugins make of the rest is
+decided in :mod:`llmpoold.model_settings`.
 
 The ``service`` block and the helpers that check callers (:func:`key_matches`,
 :func:`is_loopback_host`) live in :mod:`llmpoold.service_settings`, re-exported here.
@@ -16,18 +26,19 @@ installed plugins are known.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llmpoold.errors import SettingsError as SettingsError
-from llmpoold.prompts import FORMATS
+from llmpoold.model_config import COMMON_MODEL_KEYS as COMMON_MODEL_KEYS
+from llmpoold.model_config import ModelConfig as ModelConfig
+from llmpoold.model_config import secret_field, seed_backend_keys
 from llmpoold.service_settings import ServiceSettings as ServiceSettings
 from llmpoold.service_settings import is_loopback_host as is_loopback_host
 from llmpoold.service_settings import key_matches as key_matches
@@ -35,6 +46,7 @@ from llmpoold.types import Decoding
 
 DEFAULT_SETTINGS_PATH = Path("/etc/llmpool/settings.json")
 SETTINGS_ENV = "LLM_POOL_SETTINGS_PATH"
+LEGACY_SETTINGS_ENV = "LLM_RESPONSES_API_SETTINGS_PATH"  # the seed's older name, read after SETTINGS_ENV
 LOCAL_SETTINGS_ENV = "LLM_POOL_LOCAL_SETTINGS_PATH"
 MAX_OUTPUT_TOKENS = 4096
 MAX_FAIRNESS_KEY_LENGTH = 128
@@ -165,136 +177,55 @@ class WorkerSettings(_Strict):
     health_timeout_s: float = Field(10.0, gt=0)
 
 
-COMMON_MODEL_KEYS = frozenset({
-    "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas", "replica_max",
-    "target_inflight", "modalities", "reasoning_efforts", "isolation", "queue_timeout_s",
-})
-
-
-class ModelConfig(BaseModel):
-    """One entry of ``engine.models``: the keys every backend shares, plus ``options``
-    (the backend's own keys, validated by its plugin's ``options_model``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    backend: str | None = None
-    model_path: str | None = None
-    prompt_format: str = "generic"
-    enable_thinking: bool | None = None
-    enabled: bool = True
-    replicas: int = Field(1, ge=1)
-    replica_max: int = Field(1, ge=1)
-    target_inflight: int = Field(1, ge=1)
-    modalities: tuple[str, ...] = ("text",)
-    reasoning_efforts: tuple[str, ...] = ()
-    isolation: Literal["process", "inline"] | None = None
-    queue_timeout_s: float | None = Field(None, gt=0)
-    # Raw backend keys as configured; ``options`` holds them validated by the plugin.
-    backend_keys: dict[str, Any] = Field(default_factory=dict)
-    options: Any = None
-
-    @field_validator("backend", mode="before")
-    @classmethod
-    def _backend(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = value.strip().lower()
-            return value or None
-        return value
-
-    @field_validator("prompt_format", mode="after")
-    @classmethod
-    def _prompt_format(cls, value: str) -> str:
-        """One of :data:`llmpoold.prompts.FORMATS` (a typo would only fail at load)."""
-        if value not in FORMATS:
-            close = difflib.get_close_matches(value, FORMATS, n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise ValueError(f"unknown prompt format; {hint}known: {', '.join(sorted(FORMATS))}")
-        return value
-
-    @field_validator("model_path", mode="before")
-    @classmethod
-    def _path(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return value.strip() or None
-        return value
-
-    @field_validator("modalities", mode="before")
-    @classmethod
-    def _modalities(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ValueError("modalities must be a list of strings")
-        seen: list[str] = []
-        for item in value:
-            norm = item.strip().lower()
-            if norm not in {"text", "image", "audio"}:
-                raise ValueError("modality must be one of: text, image, audio")
-            if norm not in seen:
-                seen.append(norm)
-        if "text" not in seen:
-            seen.insert(0, "text")
-        return tuple(seen)
-
-    @field_validator("reasoning_efforts", mode="before")
-    @classmethod
-    def _efforts(cls, value: Any) -> Any:
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ValueError("reasoning_efforts must be a list of strings")
-        out: list[str] = []
-        for item in value:
-            norm = item.strip().lower()
-            if not norm:
-                raise ValueError("reasoning_efforts must not contain blank values")
-            if norm not in out:
-                out.append(norm)
-        return tuple(out)
-
-    @model_validator(mode="after")
-    def _replicas(self) -> ModelConfig:
-        if self.replicas > self.replica_max:
-            raise ValueError(
-                f"model '{self.name}' has replicas={self.replicas} greater than replica_max={self.replica_max}")
-        return self
-
-    def definition(self) -> dict[str, Any]:
-        """The admin ``definition``: common keys plus the backend's own (no secrets:
-        plugins keep secrets in env vars and only their names in config)."""
-        common = self.model_dump(include={
-            "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas",
-            "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s"})
-        common["reasoning_efforts"] = list(self.reasoning_efforts)
-        options = (self.options.model_dump(mode="json") if isinstance(self.options, BaseModel)
-                   else dict(self.backend_keys))
-        return {**common, **options}
-
-
 class EngineSettings(_Strict):
     backend: str | None = None
     decoding: DecodingDefaults = Field(default_factory=lambda: DecodingDefaults())
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # Names of ``engine.models`` entries that are not objects (skipped, as the seed does).
+    skipped_models: tuple[str, ...] = ()
 
     @field_validator("backend", mode="before")
     @classmethod
     def _backend(cls, value: Any) -> Any:
         return ModelConfig._backend(value)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _skip_non_objects(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "skipped_models" in data:
+            raise ValueError("engine.skipped_models: unknown key")  # set here only, never by a file
+        if isinstance(data, dict) and isinstance(data.get("models"), dict):
+            models = data["models"]
+            data = {**data, "models": {k: v for k, v in models.items() if isinstance(v, dict)},
+                    "skipped_models": tuple(str(k) for k, v in models.items() if not isinstance(v, dict))}
+        return data
+
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, value: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError("engine.models must be an object of {model_name: model}")
-        out: dict[str, Any] = {}
-        for name, entry in value.items():
-            if not isinstance(entry, dict):
-                raise ValueError(f"engine.models.{name} must be an object")
-            common = {k: v for k, v in entry.items() if k in COMMON_MODEL_KEYS}
-            common["backend_keys"] = {k: v for k, v in entry.items() if k not in COMMON_MODEL_KEYS}
-            out[name] = {"name": name, **common}
-        return out
+        return {str(name): model_entry(str(name), entry) for name, entry in value.items()}
+
+
+def model_entry(name: str, entry: Mapping[str, Any]) -> ModelConfig:
+    """One ``engine.models`` entry; when its common keys are invalid, a stand-in with
+    ``error`` set (and every configured key kept in ``backend_keys``, so that a reload
+    sees any change to it)."""
+    common = {k: v for k, v in entry.items() if k in COMMON_MODEL_KEYS}
+    try:
+        return ModelConfig.model_validate({"name": name, **common, "backend_keys": seed_backend_keys(entry)})
+    except ValidationError as exc:
+        error = format_validation_error(exc, prefix=f"engine.models.{name}")
+    backend = entry.get("backend")
+    path = entry.get("model_path")
+    enabled = entry.get("enabled")
+    return ModelConfig(name=name, backend=backend if isinstance(backend, str) else None,
+                       model_path=path if isinstance(path, str) else None,
+                       enabled=enabled if isinstance(enabled, bool) else True, error=error,
+                       backend_keys={k: v for k, v in entry.items() if k not in ("backend", "model_path", "enabled")})
 
 
 class AppSettings(_Strict):
@@ -318,12 +249,13 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
 
 def settings_paths(settings: str | os.PathLike[str] | None = None,
                    local: str | os.PathLike[str] | None = None) -> tuple[Path, Path, bool]:
-    """Resolve (settings path, local path, whether the settings path was named)."""
-    named = settings or os.environ.get(SETTINGS_ENV)
+    """Resolve (settings path, local path, whether the settings path was named on the
+    command line: only then must it exist)."""
+    named = settings or os.environ.get(SETTINGS_ENV) or os.environ.get(LEGACY_SETTINGS_ENV)
     base = Path(named) if named else DEFAULT_SETTINGS_PATH
     local_named = local or os.environ.get(LOCAL_SETTINGS_ENV)
     local_path = Path(local_named) if local_named else base.with_name("local.json")
-    return base, local_path, bool(named)
+    return base, local_path, bool(settings)
 
 
 def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
@@ -344,26 +276,10 @@ def _read_json(path: Path, *, required: bool) -> dict[str, Any]:
     return data
 
 
-SECRET_FIELDS = frozenset({"api_keys", "admin_api_key"})
-# Words that make a field's value secret wherever it sits (``api_key``, ``client_secret``,
-# ``token``...); fields ending in ``_env`` / ``_envs`` hold variable names, not secrets.
-SECRET_WORDS = frozenset({"key", "keys", "apikey", "secret", "secrets", "password", "passwd", "token", "credential",
-                          "credentials", "auth", "authorization", "bearer"})
-
-
-def _secret_field(part: str) -> bool:
-    name = part.lower()
-    if name in SECRET_FIELDS:
-        return True
-    if name.endswith(("_env", "_envs")):
-        return False
-    return any(word in SECRET_WORDS for word in name.replace("-", "_").split("_"))
-
-
 def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
     """One line per error: ``<field path>: <message> (got <value>)``. The value is left
     out for unknown keys (a literal key under a wrong name must not be echoed, e.g. by
-    ``/v1/admin/settings/reload``), secret-looking fields (:func:`_secret_field`),
+    ``/v1/admin/settings/reload``), secret-looking fields (:func:`~llmpoold.model_config.secret_field`),
     objects and missing fields."""
     lines = []
     for err in exc.errors():
@@ -379,7 +295,7 @@ def format_validation_error(exc: ValidationError, *, prefix: str = "") -> str:
         value = err.get("input")
         # A literal API key must not reach stderr or an admin reload response.
         named = [part for i, part in enumerate(loc) if not (i == 2 and loc[:2] == ["engine", "models"])]
-        secret = any(_secret_field(part) for part in named)  # a model's own name is not a field
+        secret = any(secret_field(part) for part in named)  # a model's own name is not a field
         hidden = err["type"] in ("missing", "extra_forbidden") or isinstance(value, dict) or secret
         shown = "" if hidden else f" (got {json.dumps(value, default=str)})"
         lines.append(f"{path}: {message}{shown}" if path else f"{message}{shown}")

@@ -21,6 +21,7 @@ from llmpoold.errors import ApiError, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
 from llmpoold.metrics import PoolMetrics
+from llmpoold.model_settings import resolve_catalog
 from llmpoold.plugins import PluginRegistry
 from llmpoold.replicas import Replica
 from llmpoold.replicas.bridge import run_blocking
@@ -37,20 +38,6 @@ def fifo_queue_factory(model: str, settings: AppSettings) -> QueuePolicy:
     return FifoQueue(model, max_pending=settings.engine.fairness.max_pending_per_executor)
 
 
-def validate_settings(settings: AppSettings, registry: PluginRegistry) -> dict[str, ModelConfig]:
-    """Validate every model whose backend is installed; raise SettingsError on the first
-    invalid one. Returns the models with ``options`` resolved."""
-    resolved: dict[str, ModelConfig] = {}
-    for name, model in settings.engine.models.items():
-        backend = registry.canonical(settings.resolved_backend(model))
-        if backend is None:
-            continue
-        spec = registry.spec(backend)
-        resolved[name] = resolve_model_options(model, spec.options_model, backend=backend,
-                                               requires_model_path=spec.requires_model_path)
-    return resolved
-
-
 class Pool:
     """Every configured model and what is loaded of it.
 
@@ -60,30 +47,25 @@ class Pool:
 
     def __init__(self, settings: AppSettings, registry: PluginRegistry, *, replica_factory: ReplicaFactory,
                  queue_factory: QueueFactory = fair_queue_factory) -> None:
-        self.settings = settings
         self.registry = registry
+        # Skipped models removed, options resolved; one bad model is `failed`, never fatal.
+        self.catalog = resolve_catalog(settings, registry)
+        self.settings = self.catalog.settings
+        for warning in self.catalog.warnings:
+            log.warning("settings_warning", warning=warning)
         self.replica_factory = replica_factory
         self.queue_factory = queue_factory
-        self.entries: dict[str, ModelEntry] = self._build_entries(settings)
+        self.entries: dict[str, ModelEntry] = self._build_entries()
         self.startup_done = asyncio.Event()
         self.metrics = PoolMetrics(lambda: self.entries)  # per pool: apps in one process do not share a registry
 
-    def _build_entries(self, settings: AppSettings) -> dict[str, ModelEntry]:
-        resolved = validate_settings(settings, self.registry)
+    def _build_entries(self) -> dict[str, ModelEntry]:
         entries: dict[str, ModelEntry] = {}
-        for name, model in settings.engine.models.items():
-            configured = settings.resolved_backend(model)
-            backend = self.registry.canonical(configured)
-            entry = ModelEntry(config=resolved.get(name, model), backend=backend,
-                               spec=self.registry.spec(backend) if backend else None)
-            if backend is None:
-                entry.state = ModelState.FAILED
-                entry.last_error = (
-                    f"backend '{configured}' is not provided by any installed plugin "
-                    f"(installed backends: {self.registry.describe_installed()})"
-                    if configured else
-                    f"model '{name}' names no backend and engine.backend is not set "
-                    f"(installed backends: {self.registry.describe_installed()})")
+        for name, item in self.catalog.models.items():
+            entry = ModelEntry(config=item.config, backend=item.backend,
+                               spec=self.registry.spec(item.backend) if item.backend else None)
+            if item.error is not None:
+                entry.state, entry.last_error = ModelState.FAILED, item.error
             entries[name] = entry
         return entries
 
@@ -136,7 +118,8 @@ class Pool:
                                    "replica count and load overrides can only be applied while the model is "
                                    "unloaded or failed; unload first", model=name)
                 return entry
-            if entry.backend is None or entry.spec is None:
+            if entry.backend is None or entry.spec is None or entry.config.options is None:
+                # no plugin, or settings the plugin refused: loading says why
                 raise ApiError(500, "model_load_failed", entry.last_error, model=name)
             override = self._check_override(entry, fields)
             count = replicas_requested or entry.config.replicas
@@ -289,9 +272,11 @@ class Pool:
 
         A change that would alter an active model (or the decoding/fairness defaults
         while any model is active) is a 409 ``settings_reload_conflict`` and nothing
-        changes; an invalid model is a SettingsError. Returns the added, removed,
-        updated and unchanged model names."""
+        changes; a new or changed model with no backend at all is a SettingsError (the
+        seed's "backend cannot be empty"). Returns the added, removed, updated and
+        unchanged model names."""
         fresh = Pool(new, self.registry, replica_factory=self.replica_factory, queue_factory=self.queue_factory)
+        new = fresh.settings  # skipped models left out, as in self.settings
         old_models, new_models = self.settings.engine.models, new.engine.models
         active = {name for name, e in self.entries.items() if e.state in ACTIVE_STATES}
         conflicts = [f"engine.{block}" for block in ("decoding", "fairness")
@@ -300,29 +285,34 @@ class Pool:
         removed = sorted(set(old_models) - set(new_models))
         updated: list[str] = []
         unchanged: list[str] = []
+        runtime_changed: set[str] = set()  # changed in more than `enabled`
         for name in sorted(set(old_models) & set(new_models)):
             same_backend = self.settings.resolved_backend(old_models[name]) == new.resolved_backend(new_models[name])
             old_cfg, new_cfg = _comparable(old_models[name]), _comparable(new_models[name])
             (unchanged if same_backend and old_cfg == new_cfg else updated).append(name)
-            if name in active:
-                old_cfg.pop("enabled"), new_cfg.pop("enabled")
-                if not same_backend or old_cfg != new_cfg:
+            old_cfg.pop("enabled"), new_cfg.pop("enabled")
+            if not same_backend or old_cfg != new_cfg:
+                runtime_changed.add(name)
+                if name in active:
                     conflicts.append(f"engine.models.{name}")
         conflicts += [f"engine.models.{name}" for name in removed if name in active]
+        empty = [name for name in fresh.catalog.unresolved if name not in old_models or name in runtime_changed]
+        if empty:
+            raise SettingsError("; ".join(f"engine.models.{name}: backend cannot be empty (no backend and no "
+                                          "engine.backend)" for name in empty))
         if conflicts:
             raise ApiError(409, "settings_reload_conflict", extra={"conflicts": sorted(set(conflicts))})
         entries: dict[str, ModelEntry] = {}
         for name, entry in fresh.entries.items():
             old = self.entries.get(name)
-            if old is not None and name not in updated:
+            if old is not None and name not in runtime_changed:
+                # The seed keeps the same state object: a loaded model its runtime, a failed
+                # one its last_error and observed VRAM; only `enabled` follows the file.
                 old.config = old.config.model_copy(update={"enabled": new_models[name].enabled})
-                entries[name] = old
-            elif old is not None and old.state in ACTIVE_STATES:
-                old.config = entry.config  # only `enabled` changed on an active model: keep its runtime
                 entries[name] = old
             else:
                 entries[name] = entry
-        self.settings, self.entries = new, entries
+        self.settings, self.entries, self.catalog = new, entries, fresh.catalog
         return {"added_models": added, "removed_models": removed, "updated_models": updated,
                 "unchanged_models": unchanged}
 

@@ -54,7 +54,7 @@ def test_env_vars_name_the_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     local = write(tmp_path / "l.json", {"service": {"log_level": "DEBUG"}})
     monkeypatch.setenv("LLM_POOL_SETTINGS_PATH", str(settings))
     monkeypatch.setenv("LLM_POOL_LOCAL_SETTINGS_PATH", str(local))
-    assert settings_paths() == (settings, local, True)
+    assert settings_paths() == (settings, local, False)  # only --settings must exist (the seed)
     loaded = load_settings()
     assert (loaded.service.port, loaded.service.log_level) == (9001, "debug")
 
@@ -74,7 +74,6 @@ def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
     ({"service": {"port": "eighty"}}, "service.port: "),
     ({"service": {"port": 0}}, "service.port: Input should be greater than or equal to 1 (got 0)"),
     ({"servce": {}}, "servce: unknown key"),
-    ({"engine": {"models": {"m": {"replicas": 0}}}}, "engine.models.m.replicas"),
     ({"engine": {"fairness": {"max_pending_per_key": 0}}},
      "settings.json: engine.fairness.max_pending_per_key must be an integer greater than 0 (got 0)"),
     ({"engine": {"fairness": {"default_weight": -2}}},
@@ -83,7 +82,6 @@ def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
      "engine.fairness.weights['team-a'] must be a finite number greater than 0 (got \"heavy\")"),
     ({"engine": {"fairness": {"soft_max_inflight_per_key": 1.5}}}, "(got 1.5)"),
     ({"engine": {"fairness": 3}}, "settings.json: engine.fairness must be an object (got 3)"),
-    ({"engine": {"models": {"m": {"replicas": 2, "replica_max": 1}}}}, "engine.models.m"),
     ({"service": {"log_level": "loud"}}, "service.log_level: "),
 ])
 def test_validation_errors_name_field_path_and_value(data: dict, expected: str) -> None:
@@ -122,14 +120,20 @@ def test_cli_invalid_settings_exits_2_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_cli_unknown_backend_key_exits_2(tmp_path: Path) -> None:
-    """Backend keys are validated by the installed plugin's options model."""
+def test_cli_unknown_backend_key_is_a_warning_and_strict_exits_1(tmp_path: Path) -> None:
+    """A key nobody knows is ignored with a warning naming it (never its value) and a
+    suggestion; ``--check --strict`` makes the warning an exit status of 1."""
     path = write(tmp_path / "settings.json", {"engine": {"models": {"m": {
-        "backend": "gguf", "model_path": str(tmp_path / "x.gguf"), "gguf_n_ctxx": 512}}}})
+        "backend": "gguf", "model_path": str(tmp_path / "x.gguf"), "gguf_n_ctxx": "sk-literal-512"}}}})
     result = run_cli("--settings", str(path), "--check")
-    assert result.returncode == 2, result.stderr
-    assert f"{path}: engine.models.m.gguf_n_ctxx: unknown key" in result.stderr  # names the file too
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert ("warning: engine.models.m.gguf_n_ctxx: unknown key, ignored; did you mean 'gguf_n_ctx'?"
+            in result.stdout)
+    assert "settings OK" in result.stdout and "1 warning(s)" in result.stdout
+    strict = run_cli("--settings", str(path), "--check", "--strict")
+    assert strict.returncode == 1, strict.stderr
+    assert "sk-literal-512" not in result.stdout + result.stderr + strict.stdout + strict.stderr
+    assert "Traceback" not in result.stderr + strict.stderr
 
 
 def test_cli_check_accepts_the_example_config() -> None:
@@ -280,27 +284,26 @@ def test_hardening_settings_are_validated(service: dict[str, Any], expected: str
 # ----- prompt_format ----------------------------------------------------------------------
 
 
-def test_unknown_prompt_format_is_a_settings_error_with_a_suggestion() -> None:
-    with pytest.raises(SettingsError) as exc:
-        parse_settings({"engine": {"models": {"m": {"backend": "gguf", "prompt_format": "gemma3"}}}},
-                       source="settings.json")
-    message = str(exc.value)
-    assert message.startswith("settings.json: engine.models.m.prompt_format: unknown prompt format; "
+def test_unknown_prompt_format_fails_the_model_with_a_suggestion() -> None:
+    models = parse_settings({"engine": {"models": {
+        "m": {"backend": "gguf", "prompt_format": "gemma3"}, "n": {"prompt_format": "zzz"}}}}).engine.models
+    message = models["m"].error or ""
+    assert message.startswith("engine.models.m.prompt_format: unknown prompt format; "
                               "did you mean 'gemma3_template'? known: chat_template, ")
     assert message.endswith('(got "gemma3")')
-    with pytest.raises(SettingsError) as exc:
-        parse_settings({"engine": {"models": {"m": {"prompt_format": "zzz"}}}})
-    assert "did you mean" not in str(exc.value) and "known: " in str(exc.value)
+    assert "did you mean" not in (models["n"].error or "") and "known: " in (models["n"].error or "")
     for name in ("generic", "gemma3_template", "raw", "chat_template"):
-        assert parse_settings({"engine": {"models": {"m": {"prompt_format": name}}}}).engine.models["m"]
+        assert parse_settings({"engine": {"models": {"m": {"prompt_format": name}}}}).engine.models["m"].error is None
 
 
-def test_cli_check_refuses_an_unknown_prompt_format(tmp_path: Path) -> None:
+def test_cli_check_lists_a_model_with_an_unknown_prompt_format_as_failed(tmp_path: Path) -> None:
     path = write(tmp_path / "settings.json", {"engine": {"models": {"m": {
         "backend": "gguf", "model_path": str(tmp_path / "x.gguf"), "prompt_format": "gemma3"}}}})
     result = run_cli("--settings", str(path), "--check")
-    assert result.returncode == 2, result.stderr
-    assert "engine.models.m.prompt_format: unknown prompt format; did you mean 'gemma3_template'?" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert ("failed: model 'm': engine.models.m.prompt_format: unknown prompt format; "
+            "did you mean 'gemma3_template'?") in result.stdout
+    assert run_cli("--settings", str(path), "--check", "--strict").returncode == 1
 
 
 # ----- no values of unknown or secret keys --------------------------------------------------
@@ -338,3 +341,83 @@ def test_backend_keys_unknown_or_secret_never_echo_their_value() -> None:
     assert "sk-literal" not in message
     assert 'engine.models.my-key-model.n: Input should be a valid integer, unable to parse string as an integer ' \
            '(got "many")' in message  # other values are still shown (a model name is not a field)
+
+
+# ----- the seed's per-model tolerance (parse level) -------------------------------------------
+
+
+def test_replica_counts_below_one_are_clamped_to_one() -> None:
+    model = parse_settings({"engine": {"models": {"m": {"replicas": 0, "replica_max": -3,
+                                                        "target_inflight": 0}}}}).engine.models["m"]
+    assert (model.replicas, model.replica_max, model.target_inflight, model.error) == (1, 1, 1, None)
+
+
+def test_seed_remote_string_keys_are_lowercased() -> None:
+    models = parse_settings({"engine": {"models": {
+        "a": {"remote_thinking": "Disabled", "remote_api_kind": " CHAT_COMPLETIONS ",
+              "remote_health_check": "CONFIG_ONLY"},
+        "b": {"remote_health_check": "  "}}}}).engine.models
+    assert models["a"].backend_keys == {"remote_thinking": "disabled", "remote_api_kind": "chat_completions",
+                                        "remote_health_check": "config_only"}
+    assert models["b"].backend_keys == {"remote_health_check": "config_only"}  # blank: the default
+
+
+def test_non_object_model_entries_are_skipped() -> None:
+    engine = parse_settings({"engine": {"models": {"a": "gguf", "b": [], "c": None, "d": {}}}}).engine
+    assert list(engine.models) == ["d"]
+    assert engine.skipped_models == ("a", "b", "c")
+
+
+@pytest.mark.parametrize(("entry", "expected"), [
+    ({"replicas": 2, "replica_max": 1}, "engine.models.m: model 'm' has replicas=2 greater than replica_max=1"),
+    ({"enabled": "maybe"}, "engine.models.m.enabled: Input should be a valid boolean"),
+    ({"thinking_token_budget_max": 4097}, "engine.models.m.thinking_token_budget_max: "
+                                          "thinking_token_budget_max must be at most 4096"),
+    ({"modalities": ["smell"]}, "engine.models.m.modalities: modality must be one of: text, image, audio"),
+])
+def test_invalid_common_keys_fail_only_that_model(entry: dict[str, Any], expected: str) -> None:
+    models = parse_settings({"engine": {"models": {"m": {"backend": "gguf", **entry}, "ok": {}}}}).engine.models
+    assert models["m"].error is not None and models["m"].error.startswith(expected), models["m"].error
+    assert models["m"].backend == "gguf"
+    assert models["ok"].error is None
+
+
+def test_thinking_token_budget_max_is_recorded_in_the_definition() -> None:
+    models = parse_settings({"engine": {"models": {"m": {"thinking_token_budget_max": 4096}, "n": {}}}}).engine.models
+    assert models["m"].thinking_token_budget_max == 4096 and models["m"].error is None
+    assert models["m"].definition()["thinking_token_budget_max"] == 4096
+    assert "thinking_token_budget_max" not in models["n"].definition()
+    unset = parse_settings({"engine": {"models": {"m": {"thinking_token_budget_max": 0}}}}).engine.models["m"]
+    assert (unset.thinking_token_budget_max, unset.error) == (None, None)  # the seed: <= 0 means unset
+
+
+@pytest.mark.parametrize("data", [
+    {"engine": {"models": ["m"]}},
+    {"engine": {"backend": 3}},
+    {"engine": "gguf"},
+    {"engine": {"decoding": {"max_tokens": "lots"}}},
+    {"engine": {"skipped_models": []}},  # the daemon's own record, not a settings key
+])
+def test_global_structure_errors_stay_fatal(data: dict[str, Any]) -> None:
+    with pytest.raises(SettingsError):
+        parse_settings(data)
+
+
+def test_legacy_settings_env_is_read_after_the_new_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    legacy = write(tmp_path / "legacy.json", {"service": {"port": 9002}})
+    monkeypatch.delenv("LLM_POOL_SETTINGS_PATH", raising=False)
+    monkeypatch.setenv("LLM_RESPONSES_API_SETTINGS_PATH", str(legacy))
+    assert settings_paths()[0] == legacy
+    assert load_settings().service.port == 9002
+    current = write(tmp_path / "current.json", {"service": {"port": 9003}})
+    monkeypatch.setenv("LLM_POOL_SETTINGS_PATH", str(current))
+    assert load_settings().service.port == 9003
+
+
+def test_missing_files_from_the_environment_read_as_empty(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_POOL_SETTINGS_PATH", str(tmp_path / "missing.json"))
+    monkeypatch.setenv("LLM_POOL_LOCAL_SETTINGS_PATH", str(tmp_path / "missing-local.json"))
+    settings = load_settings()
+    assert settings.engine.models == {} and settings.service.port == 8010
+    with pytest.raises(SettingsError, match="settings file not found"):
+        load_settings(tmp_path / "missing.json")  # named on the command line: must exist
