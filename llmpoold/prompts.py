@@ -201,19 +201,24 @@ def tokenize_segments(segments: Iterable[PromptSegment], tokenize: Tokenize) -> 
     """
     ids: list[int] = []
     run: list[str] = []
+    known: list[int] | None = None  # the ids of a run that is one markup segment (raw's input)
 
     def flush() -> None:
+        nonlocal known
         if run:
-            ids.extend(tokenize("".join(run), False))
+            ids.extend(known if known is not None and len(run) == 1 else tokenize("".join(run), False))
             run.clear()
+        known = None
 
     for segment in segments:
         if segment.markup and segment.text:
-            special = list(tokenize(segment.text, True))
-            if special != list(tokenize(segment.text, False)):
+            special, plain = list(tokenize(segment.text, True)), list(tokenize(segment.text, False))
+            if special != plain:
                 flush()
                 ids.extend(special)
                 continue
+            if not run:
+                known = plain
         run.append(segment.text)
     flush()
     return ids

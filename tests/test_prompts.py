@@ -247,3 +247,27 @@ async def test_language_code_is_checked_at_the_door(client: Any, field: str) -> 
         assert field in await resp.text()
     resp = await client.post("/v1/responses", json={"model": "echo", "input": "x", field: "pt-BR"})
     assert resp.status == 200
+
+
+def test_tokenize_segments_merges_text_and_markup_that_is_not_special() -> None:
+    """With a toy vocabulary: ``<t>`` is special, ``[I]`` is not (it tokenizes the same
+    either way), so it joins the text around it."""
+    calls: list[tuple[str, bool]] = []
+
+    def tokenize(text: str, special: bool) -> list[int]:
+        calls.append((text, special))
+        parts = text.split("<t>") if special else [text]
+        out: list[int] = []
+        for i, part in enumerate(parts):
+            out += [-1] if i else []
+            out += [ord(c) for c in part]
+        return out
+
+    segments = (PromptSegment("<t>", markup=True), PromptSegment("a"), PromptSegment("[I]", markup=True),
+                PromptSegment("b"), PromptSegment("<t>", markup=True))
+    assert tokenize_segments(segments, tokenize) == [-1, *map(ord, "a[I]b"), -1]
+    assert ("a[I]b", False) in calls and ("a", False) not in calls
+    calls.clear()
+    assert tokenize_segments((PromptSegment("x<t>", markup=False),), tokenize) == list(map(ord, "x<t>"))
+    assert tokenize_segments((PromptSegment("raw", markup=True),), tokenize) == list(map(ord, "raw"))
+    assert calls == [("x<t>", False), ("raw", True), ("raw", False)], "a lone markup run is not tokenized twice"
