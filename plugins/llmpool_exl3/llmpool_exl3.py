@@ -14,8 +14,9 @@ and ``Model.load`` (→ ``load_gen(device=, use_per_device=, tensor_p=, tp_backe
 progressbar=, max_chunk_size=, max_batch_size=)``); ``cache/cache.py``
 ``Cache(model, max_num_tokens=, layer_type=, **layer kwargs)`` with ``cache/quant.py``
 ``CacheLayer_quant(k_bits=, v_bits=)``; ``tokenizer/tokenizer.py`` ``Tokenizer.from_config``,
-``encode(text, add_bos=, encode_special_tokens=)``, ``hf_chat_template(messages,
-add_generation_prompt=, **template_kwargs)``; ``generator/generator.py``
+``hf_render_chat_template(messages, add_generation_prompt=, **template_kwargs)`` (the
+chat template as text; the prompt is tokenized through ``Tokenizer.tokenizer``, the
+Hugging Face tokenizer it wraps); ``generator/generator.py``
 ``Generator(model, cache, tokenizer, max_batch_size=, max_chunk_size=, max_q_size=)``,
 ``enqueue``, ``cancel``, ``iterate`` (result dicts documented there), ``clear_queue``;
 ``generator/job.py`` ``Job(input_ids, max_new_tokens=, sampler=, stop_conditions=,
@@ -45,9 +46,9 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmpoold import hookimpl
-from llmpoold.errors import BackendError, LoadError
+from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.prompts import RenderedPrompt, capabilities_for, render, tokenize_segments
+from llmpoold.prompts import RenderedPrompt, capabilities_for, render, template_segments, tokenize_segments
 from llmpoold.textstream import GenerationClock, TextPipeline, queue_items
 from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
 
@@ -57,7 +58,7 @@ PAGE_SIZE = 256  # exllamav3/constants.py: the cache is paged in 256-token pages
 log = structlog.get_logger("llmpool_exl3")
 
 # Formats whose prompt comes from the model's own chat template (the tokenizer's
-# ``hf_chat_template``), with the thinking switch passed as ``enable_thinking``. The
+# ``hf_render_chat_template``), with the thinking switch passed as ``enable_thinking``. The
 # seed renders qwen3/gemma4 this way; ``chat_template`` is llmpool's generic form.
 TEMPLATE_FORMATS = frozenset({"chat_template", "qwen3_template", "gemma4_template"})
 
@@ -575,33 +576,37 @@ def llmpool_unload(backend: str, runtime: Exl3Runtime) -> bool | None:
 def _encode(runtime: Exl3Runtime, request: GenerationRequest, rendered: RenderedPrompt) -> Any:
     """Prompt ids, shape (1, n), on the CPU (``Job`` asserts ``input_ids`` are in system memory).
 
-    llmpool's own renderings are tokenized by segment (markup parsed, user text as
-    text). The template formats are rendered and tokenized by exllamav3's
-    ``hf_chat_template``, which parses special tokens in the whole rendering: there a
-    client's text can still spell markup (a documented limit of this backend)."""
+    Tokenized by segment, markup parsed and the client's text as text: llmpool's own
+    renderings, and the template formats' text from the model's chat template
+    (``Tokenizer.hf_render_chat_template``, split by ``template_segments``)."""
     tokenizer = runtime.tokenizer
     text = rendered.text
+    segments = rendered.segments
     if request.prompt_format in TEMPLATE_FORMATS:
         kwargs: dict[str, Any] = {}
         if request.prompt_format != "chat_template":
             kwargs["enable_thinking"] = bool(request.thinking)  # the seed: None → False
         elif request.thinking is not None:
             kwargs["enable_thinking"] = request.thinking
+
+        def render_template(messages: list[dict[str, str]]) -> str:
+            return str(tokenizer.hf_render_chat_template(messages, add_generation_prompt=True, **kwargs))
+
         try:
-            ids = tokenizer.hf_chat_template([dict(m) for m in rendered.messages], add_generation_prompt=True,
-                                             **kwargs)
+            segments = template_segments(rendered.messages, render_template, runtime.tokenize, model=request.model)
+        except ApiError:
+            raise
         except Exception as exc:  # noqa: BLE001 - no template, a Jinja error, transformers missing
             if text is None:
                 raise BackendError(500, "backend_error",
                                    f"the model has no usable chat template for prompt_format 'chat_template': "
                                    f"{exc}") from None
-            ids = None  # no template in the model directory: llmpool's own rendering
-        if ids is not None:
-            return ids.cpu() if hasattr(ids, "cpu") else ids
-    assert text is not None
+            # no template in the model directory: llmpool's own rendering
+    elif text is None:
+        raise BackendError(500, "backend_error", f"prompt_format '{request.prompt_format}' has no rendering")
     import torch
 
-    ids = tokenize_segments(rendered.segments, runtime.tokenize)
+    ids = tokenize_segments(segments, runtime.tokenize)
     bos = tokenizer.bos_token_id
     if request.prompt_format == "raw" and getattr(runtime.config, "bos_token_id", None) is not None and \
             bos is not None and ids[:1] != [bos]:

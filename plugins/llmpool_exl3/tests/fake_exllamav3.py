@@ -12,8 +12,9 @@ Mirrors (file:definition in exllamav3):
   asserts 2..8 bits; ``max_num_tokens`` must be a multiple of 256
 - ``tokenizer/tokenizer.py`` ``Tokenizer.from_config(config)``, ``encode(text, add_bos=False,
   add_eos=False, encode_special_tokens=False, ...)`` → LongTensor (1, n), ``decode(ids,
-  decode_special_tokens=False)``, ``hf_chat_template(messages, add_generation_prompt=True,
-  embeddings=None, **template_kwargs)``, ``single_id(token)``, ``eos_token_id``
+  decode_special_tokens=False)``, ``hf_render_chat_template(messages,
+  add_generation_prompt=True, **template_kwargs)`` → the template's text, ``single_id(token)``,
+  ``eos_token_id``
 - ``Tokenizer.tokenizer``: the ``tokenizers.Tokenizer`` exllamav3 wraps, faked by
   :class:`FakeHfTokenizer` with the parts llmpool_exl3 uses (``encode(sequence,
   add_special_tokens=True)`` → an encoding with ``ids``, the ``encode_special_tokens``
@@ -244,16 +245,16 @@ class Tokenizer:
                  for row in rows]
         return texts
 
-    def hf_chat_template(self, messages: list, add_generation_prompt: bool = True, embeddings: Any = None,
-                         **template_kwargs: Any) -> Any:
-        record("Tokenizer.hf_chat_template", messages=messages, add_generation_prompt=add_generation_prompt,
+    def hf_render_chat_template(self, messages: list, add_generation_prompt: bool = True,
+                                **template_kwargs: Any) -> str:
+        record("Tokenizer.hf_render_chat_template", messages=messages, add_generation_prompt=add_generation_prompt,
                **template_kwargs)
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         if add_generation_prompt:
             text += "<|im_start|>assistant\n"
             if template_kwargs.get("enable_thinking") is False:
                 text += "<think>\n\n</think>\n\n"
-        return torch.tensor([[self.piece_id(p) for p in self.split(text, True)]], dtype=torch.long)
+        return text
 
     def single_id(self, token: str) -> int | None:
         return self.ids.get(token) if token in SPECIAL else None
