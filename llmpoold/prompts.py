@@ -7,14 +7,24 @@ contract) are ``generic`` (ChatML), ``qwen3_template``, ``mistral_template``,
 ``gemma4_template`` and ``translategemma_template``; llmpool adds ``gemma3_template``,
 ``chat_template`` (the model's own Jinja template, rendered by the runtime) and ``raw``.
 
-Rendered text carries the format's special tokens literally, the BOS token included
-where the model expects one: backends tokenize it with special-token parsing on and
-without adding another BOS.
+User text is text: a rendered prompt is also a sequence of :class:`PromptSegment`
+items, ``markup`` (the format's special tokens, ``<start_of_turn>``, ``<|im_end|>``, the
+BOS token where the model expects one) and text (the client's input, messages and
+instructions, and the format's plain wording). Backends tokenize them with
+:func:`tokenize_segments`: markup with special-token parsing, text without, so a
+client who writes ``<end_of_turn>`` gets the characters, not a forged turn. ``text``
+is the same prompt as one string (logs, tests). ``raw`` is the exception: its input is
+one markup segment, tokenized with special-token parsing as before (base models).
+For ``chat_template`` (the runtime renders the model's own Jinja template),
+:func:`template_segments` renders the template with placeholders and splits its
+output the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+import secrets
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +38,24 @@ TRANSLATE_AUTO_PREFIX = (
     "yourself and translate all translatable content to the target language. Preserve numbering, line breaks, "
     "and placeholders where possible. Return only the translation."
 )
+
+
+# A BCP-47-like language code: a 2-8 letter language, then letter/digit subtags of 1-8
+# ("en", "pt-BR", "zh-Hant-TW", "es-419"; "_" accepted for "-"). The seed's "auto" and
+# "mixed" fit. Codes are written into prompts, so nothing else gets through.
+LANG_CODE = re.compile(r"[A-Za-z]{2,8}(?:[-_][A-Za-z0-9]{1,8}){0,7}")
+
+
+def check_lang_code(value: object, field: str) -> object:
+    """``value`` if it is None, blank (the prompt format says what it needs) or a
+    language code; ValueError naming ``field`` otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a string")
+    if value.strip() and not LANG_CODE.fullmatch(value.strip()):
+        raise ValueError(f"{field} must be a language code such as 'en' or 'pt-BR'")
+    return value
 
 
 @dataclass(frozen=True)
@@ -63,17 +91,30 @@ FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
 )}
 
 
+@dataclass(frozen=True, slots=True)
+class PromptSegment:
+    """A run of prompt text. ``markup=True``: the format's special token(s), tokenized
+    with special-token parsing. ``markup=False``: text (the client's words and the
+    format's plain wording), tokenized without it."""
+
+    text: str
+    markup: bool = False
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
-    """What a backend feeds its runtime: ``text`` (None for ``runtime_template``
-    formats: render ``messages`` with the model's template instead), the merged stop
-    strings, and the reasoning markers to split the output on."""
+    """What a backend feeds its runtime: ``segments`` to tokenize (see
+    :func:`tokenize_segments`) and ``text``, the same prompt as one string (both empty
+    / None for ``runtime_template`` formats: render ``messages`` with the model's
+    template instead, see :func:`template_segments`), the merged stop strings, and the
+    reasoning markers to split the output on."""
 
     text: str | None
     stops: tuple[str, ...]
     messages: tuple[dict[str, str], ...]
     reasoning_markers: tuple[str, str] | None = None
     thinking_prefilled: bool = False
+    segments: tuple[PromptSegment, ...] = ()
 
 
 def prompt_format(name: str) -> PromptFormat:
@@ -138,19 +179,134 @@ def render(request: GenerationRequest) -> RenderedPrompt:
     if fmt.runtime_template:
         return RenderedPrompt(None, stops, messages, fmt.reasoning_markers)
     renderer = _RENDERERS[fmt.name]
-    text, prefilled = renderer(request, messages)
-    return RenderedPrompt(text, stops, messages, fmt.reasoning_markers, thinking_prefilled=prefilled)
+    prompt, prefilled = renderer(request, messages)
+    return RenderedPrompt(prompt.text(), stops, messages, fmt.reasoning_markers, thinking_prefilled=prefilled,
+                          segments=tuple(prompt.segments))
 
 
-# ----- renderers: (request, messages) -> (text, thinking block prefilled) -----------------
+Tokenize = Callable[[str, bool], Sequence[int]]
+"""``tokenize(text, special)``: the runtime's tokenizer, without adding BOS/EOS;
+``special`` turns special-token parsing on."""
 
 
-def _chatml(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[str, bool]:
-    text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
-    return text + "<|im_start|>assistant\n", False
+def tokenize_segments(segments: Iterable[PromptSegment], tokenize: Tokenize) -> list[int]:
+    """Token ids of a segmented prompt: markup with special-token parsing, text without.
+
+    Adjacent text segments are tokenized as one string, and a markup segment that
+    holds no special token of this vocabulary (it tokenizes the same either way, e.g.
+    ``[INST]`` in a vocabulary without it) joins the text around it, so tokenization
+    breaks only at real special tokens, where the runtime's own tokenizer breaks too:
+    a prompt without special-token spellings in its text gets the ids that tokenizing
+    the whole text with special parsing gives.
+    """
+    ids: list[int] = []
+    run: list[str] = []
+    known: list[int] | None = None  # the ids of a run that is one markup segment (raw's input)
+
+    def flush() -> None:
+        nonlocal known
+        if run:
+            ids.extend(known if known is not None and len(run) == 1 else tokenize("".join(run), False))
+            run.clear()
+        known = None
+
+    for segment in segments:
+        if segment.markup and segment.text:
+            special, plain = list(tokenize(segment.text, True)), list(tokenize(segment.text, False))
+            if special != plain:
+                flush()
+                ids.extend(special)
+                continue
+            if not run:
+                known = plain
+        run.append(segment.text)
+    flush()
+    return ids
 
 
-def _qwen3(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[str, bool]:
+def template_segments(messages: Sequence[Mapping[str, str]], render_template: Callable[[list[dict[str, str]]], str],
+                      tokenize: Tokenize, *, model: str | None = None) -> tuple[PromptSegment, ...]:
+    """The runtime's own chat template (``chat_template``) as segments.
+
+    ``render_template(messages)`` renders the model's template to text. It is rendered
+    once with the messages and once with a unique placeholder for each message's
+    content; the placeholder rendering split at the placeholders gives the markup, and
+    the contents go between as text. That holds when putting the contents (as they are,
+    or stripped: templates that ``trim``) into the placeholders reproduces the real
+    rendering. A template that changes contents otherwise cannot be split: its output
+    is used as markup when no content holds a special token of the vocabulary, else the
+    request is refused (400) rather than letting the text act as markup.
+    """
+    real = render_template([dict(m) for m in messages])
+    nonce = secrets.token_hex(8)
+    holders = [f"LLMPOOL{nonce}SLOT{i}END" for i in range(len(messages))]
+    shaped = render_template([{**m, "content": holder} for m, holder in zip(messages, holders, strict=True)])
+    parts = _split_at(shaped, holders)
+    contents = [m["content"] for m in messages]
+    if parts is not None:
+        for shape in (lambda c: c, str.strip):
+            filled = [shape(c) for c in contents]
+            if parts[0] + "".join(f + p for f, p in zip(filled, parts[1:], strict=True)) == real:
+                segments = [PromptSegment(parts[0], markup=True)]
+                for content, part in zip(filled, parts[1:], strict=True):
+                    segments += [PromptSegment(content), PromptSegment(part, markup=True)]
+                return tuple(s for s in segments if s.text)
+    if any(list(tokenize(c, True)) != list(tokenize(c, False)) for c in contents):
+        raise ApiError(400, "invalid_request", "the text contains special tokens of the model, and its chat template "
+                       "cannot keep them apart from the markup; remove them or choose another prompt_format",
+                       model=model)
+    return (PromptSegment(real, markup=True),)
+
+
+def _split_at(text: str, holders: list[str]) -> list[str] | None:
+    """``text`` split at each holder, in order, each exactly once; None otherwise."""
+    parts, rest = [], text
+    for holder in holders:
+        if text.count(holder) != 1 or holder not in rest:
+            return None
+        before, rest = rest.split(holder, 1)
+        parts.append(before)
+    return [*parts, rest]
+
+
+# ----- renderers: (request, messages) -> (segments, thinking block prefilled) --------------
+
+
+class _Prompt:
+    """A prompt being built: ``markup`` for special tokens, ``text`` for everything else."""
+
+    def __init__(self) -> None:
+        self.segments: list[PromptSegment] = []
+
+    def markup(self, token: str) -> _Prompt:
+        if token:
+            self.segments.append(PromptSegment(token, markup=True))
+        return self
+
+    def add(self, text: str) -> _Prompt:
+        if not text:
+            return self
+        if self.segments and not self.segments[-1].markup:
+            text = self.segments.pop().text + text
+        self.segments.append(PromptSegment(text))
+        return self
+
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+def _chatml_turns(messages: tuple[dict[str, str], ...]) -> _Prompt:
+    prompt = _Prompt()
+    for m in messages:
+        prompt.markup("<|im_start|>").add(f"{m['role']}\n{m['content']}").markup("<|im_end|>").add("\n")
+    return prompt.markup("<|im_start|>").add("assistant\n")
+
+
+def _chatml(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[_Prompt, bool]:
+    return _chatml_turns(messages), False
+
+
+def _qwen3(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[_Prompt, bool]:
     """ChatML; unless thinking is on, ``/no_think`` on the last user turn and an empty
     think block after the assistant header (the seed's rule)."""
     if request.thinking is True:
@@ -159,33 +315,33 @@ def _qwen3(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> 
     last = turns[-1]
     if not last["content"].lstrip().startswith("/no_think"):
         turns[-1] = {"role": last["role"], "content": "/no_think\n" + last["content"]}
-    text, _ = _chatml(request, tuple(turns))
-    return text + "<think>\n\n</think>\n\n", True
+    prompt = _chatml_turns(tuple(turns))
+    return prompt.markup("<think>").add("\n\n").markup("</think>").add("\n\n"), True
 
 
-def _mistral(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[str, bool]:
+def _mistral(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[_Prompt, bool]:
     """``<s>[INST] {sys}\\n\\n{user} [/INST]``; later turns ``{answer}</s>[INST] {user} [/INST]``."""
     system = [m["content"] for m in messages if m["role"] == "system"]
-    text, first = "<s>", True
+    prompt, first = _Prompt().markup("<s>"), True
     for m in messages:
         if m["role"] == "user":
             user = m["content"]
             if first and system:
                 user = "\n\n".join(system) + "\n\n" + user
-            text += f"[INST] {user} [/INST]"
+            prompt.markup("[INST]").add(f" {user} ").markup("[/INST]")
             first = False
         elif m["role"] == "assistant":
-            text += f"{m['content']}</s>"
-    return text, False
+            prompt.add(m["content"]).markup("</s>")
+    return prompt, False
 
 
-def _gemma(messages: tuple[dict[str, str], ...], *, system_turn: bool) -> str:
+def _gemma(messages: tuple[dict[str, str], ...], *, system_turn: bool) -> _Prompt:
     """Gemma turns; ``assistant`` is ``model``. Gemma 3 has no system turn: the
     instructions open the first user turn."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
-    text = "<bos>"
+    prompt = _Prompt().markup("<bos>")
     if system and system_turn:
-        text += f"<start_of_turn>system\n{system}<end_of_turn>\n"
+        prompt.markup("<start_of_turn>").add(f"system\n{system}").markup("<end_of_turn>").add("\n")
     first_user = True
     for m in messages:
         if m["role"] == "system":
@@ -195,15 +351,15 @@ def _gemma(messages: tuple[dict[str, str], ...], *, system_turn: bool) -> str:
             content = f"{system}\n\n{content}"
         first_user = first_user and m["role"] != "user"
         role = "model" if m["role"] == "assistant" else "user"
-        text += f"<start_of_turn>{role}\n{content}<end_of_turn>\n"
-    return text + "<start_of_turn>model\n"
+        prompt.markup("<start_of_turn>").add(f"{role}\n{content}").markup("<end_of_turn>").add("\n")
+    return prompt.markup("<start_of_turn>").add("model\n")
 
 
-def _gemma3(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[str, bool]:
+def _gemma3(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[_Prompt, bool]:
     return _gemma(messages, system_turn=False), False
 
 
-def _gemma4(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[str, bool]:
+def _gemma4(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[_Prompt, bool]:
     return _gemma(messages, system_turn=True), False
 
 
@@ -220,12 +376,17 @@ def _translate_langs(request: GenerationRequest) -> tuple[str, str, bool]:
     if source is not None and not source.strip():
         raise ApiError(400, "invalid_request", "translategemma_template requires non-empty request.source_lang_code",
                        model=request.model)
+    for name, code in (("source_lang_code", source), ("target_lang_code", target)):
+        try:
+            check_lang_code(code, name)
+        except ValueError as exc:  # the door refuses these (422); a request made elsewhere gets a 400
+            raise ApiError(400, "invalid_request", str(exc), model=request.model) from None
     if source is None or source.strip().lower() in ("auto", "mixed"):
         return "en", target.strip(), True
     return source.strip(), target.strip(), False
 
 
-def _translategemma(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[str, bool]:
+def _translategemma(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[_Prompt, bool]:
     """TranslateGemma's own user-turn wording; ``instructions`` are ignored (seed)."""
     source, target, auto = _translate_langs(request)
     text = content_text(request.messages[-1].content)
@@ -236,12 +397,16 @@ def _translategemma(request: GenerationRequest, messages: tuple[dict[str, str], 
               f"cultural sensitivities.\nProduce only the {target} translation, without any additional "
               f"explanations or commentary. Please translate the following {source} text into {target}:\n\n\n"
               f"{text}")
-    return f"<bos><start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n", False
+    turn = _Prompt().markup("<bos>").markup("<start_of_turn>").add(f"user\n{prompt}").markup("<end_of_turn>")
+    return turn.add("\n").markup("<start_of_turn>").add("model\n"), False
 
 
-def _raw(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[str, bool]:
-    """The input as is, for base models: no instructions, no markup."""
-    return content_text(request.messages[-1].content), False
+def _raw(request: GenerationRequest, messages: tuple[dict[str, str], ...]) -> tuple[_Prompt, bool]:
+    """The input as is, for base models: no instructions, no template. The input is
+    tokenized with special-token parsing, as before llmpool split prompts into
+    segments: a client of a base model may write the model's special tokens on purpose
+    (``raw`` is the documented exception to "user text is text")."""
+    return _Prompt().markup(content_text(request.messages[-1].content)), False
 
 
 _RENDERERS = {

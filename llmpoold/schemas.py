@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from llmpoold.config import (
     MAX_FAIRNESS_KEY_LENGTH,
@@ -15,6 +15,7 @@ from llmpoold.config import (
     TopK,
     TopP,
 )
+from llmpoold.prompts import check_lang_code
 
 
 class _Body(BaseModel):
@@ -104,6 +105,11 @@ class ResponseRequest(_Body):
         if not value:
             raise ValueError("fairness_key must not be blank")
         return value
+
+    @field_validator("source_lang_code", "target_lang_code", mode="before")
+    @classmethod
+    def _lang_code(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_lang_code(value, str(info.field_name))
 
     @field_validator("reasoning_effort", mode="before")
     @classmethod

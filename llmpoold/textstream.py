@@ -11,14 +11,27 @@ Three small state machines, fed in order, each safe to use from one thread:
   stop string never reaches the client, not even a prefix of it.
 - :class:`ReasoningSplitter`: separates reasoning text between markers
   (``<think>``/``</think>``) from the answer, also across token boundaries.
+
+Local backends use them through two small classes, so that the chain and its flush
+order exist once:
+
+- :class:`TextPipeline`: ``push(piece)`` per generated token, ``finish(cancelled=...)``
+  once at the end; both return the :class:`~llmpoold.types.TextDelta` items to yield.
+- :class:`GenerationClock`: marks tokenization, the first token and the end, and builds
+  the request's :class:`~llmpoold.types.BackendMetrics`.
+- :func:`queue_items`: what a batching runtime's thread hands one request, until the
+  request is cancelled.
 """
 
 from __future__ import annotations
 
 import codecs
-from collections.abc import Callable, Sequence
+import queue
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
-from llmpoold.types import TextDelta
+from llmpoold.types import BackendMetrics, CancelToken, TextDelta
 
 
 class Utf8Stream:
@@ -180,3 +193,145 @@ class ReasoningSplitter:
             rest = self._filter.flush()
             return [TextDelta(rest, channel="reasoning")] if rest else []
         return []
+
+
+class Decoder(Protocol):
+    """What turns a runtime's per-token pieces into text: :class:`Utf8Stream` (bytes),
+    :class:`IncrementalDetokenizer` (token ids) or :class:`PlainText` (text)."""
+
+    def push(self, piece: Any, /) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class PlainText:
+    """The decoder for runtimes that already hand out text per step (ExLlamaV3)."""
+
+    def push(self, piece: str) -> str:
+        return piece
+
+    def flush(self) -> str:
+        return ""
+
+
+class TextPipeline:
+    """One request's output chain: decoder → :class:`StopFilter` →
+    :class:`ReasoningSplitter`.
+
+    ``push(piece)`` for every piece the runtime produces (bytes, a token id or text,
+    as the ``decoder`` takes; default: text) returns the deltas to send now.
+    ``finish(cancelled=...)`` once at the end returns the rest, in the one correct order:
+    unless a stop string matched or the request was cancelled, the decoder's held bytes
+    and the stop filter's held prefix are released as output; then the splitter's held
+    text. A cancelled request drops what the decoder and the stop filter hold (it could
+    be half a character or half a stop string) but keeps reasoning text already split.
+
+    After a stop string matched, :attr:`stopped` is True, :attr:`matched` names it, and
+    further pieces are ignored: the runtime should end generation.
+    """
+
+    def __init__(self, stops: Sequence[str] = (), reasoning_markers: tuple[str, str] | None = None, *,
+                 reasoning_open: bool = False, decoder: Decoder | None = None) -> None:
+        self.decoder: Decoder = decoder if decoder is not None else PlainText()
+        self.stop_filter = StopFilter(stops)
+        self.splitter = ReasoningSplitter(reasoning_markers, inside=reasoning_open)
+        self._finished = False
+
+    @property
+    def stopped(self) -> bool:
+        """True once a stop string has been completed."""
+        return self.stop_filter.stopped
+
+    @property
+    def matched(self) -> str | None:
+        """The stop string that ended the text, if any."""
+        return self.stop_filter.matched
+
+    def push(self, piece: bytes | int | str) -> list[TextDelta]:
+        if self.stopped or self._finished:
+            return []
+        return self.splitter.push(self.stop_filter.push(self.decoder.push(piece)))
+
+    def finish(self, *, cancelled: bool = False) -> list[TextDelta]:
+        """The deltas still held, once; later calls return []."""
+        if self._finished:
+            return []
+        self._finished = True
+        out: list[TextDelta] = []
+        if not self.stopped and not cancelled:
+            out += self.splitter.push(self.stop_filter.push(self.decoder.flush()) + self.stop_filter.flush())
+        return out + self.splitter.flush()
+
+
+class GenerationClock:
+    """Wall-clock marks of one generation and the :class:`BackendMetrics` they give.
+
+    Created when the request starts (tokenization begins); :meth:`tokenized` when the
+    prompt ids are ready (generation begins); :meth:`first_token` when the runtime
+    produced its first token (later calls are ignored; safe from another thread);
+    :meth:`metrics` at the end. Times are from ``time.perf_counter``.
+
+    The metrics: ``tokenize_ms`` = tokenized − start; ``generate_total_ms`` = end −
+    tokenized; ``time_to_first_token_ms`` = first token − tokenized;
+    ``decode_after_first_token_ms`` = end − first token; ``tokens_per_second`` = output
+    tokens / generation seconds. Without a first token, the first token counts as the end.
+    """
+
+    def __init__(self, *, now: Callable[[], float] = time.perf_counter) -> None:
+        self._now = now
+        self.started = now()
+        self.tokenized_at: float | None = None
+        self.first_token_at: float | None = None
+
+    def tokenized(self) -> None:
+        self.tokenized_at = self._now()
+
+    def first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = self._now()
+
+    def metrics(self, *, prompt_tokens: int | None, output_tokens: int | None,
+                cached_prompt_tokens: int | None = None,
+                runtime_seconds: tuple[float, float] | None = None) -> BackendMetrics:
+        """The request's metrics, ending now.
+
+        :param runtime_seconds: (time to first token, decode after the first token) as
+            the runtime measured them (ExLlamaV3's ``time_prefill``/``time_generate``),
+            used instead of this clock's marks; tokenization is still this clock's.
+        """
+        ended = self._now()
+        tokenized = self.tokenized_at if self.tokenized_at is not None else ended
+        if runtime_seconds is not None:
+            first_s, decode_s = runtime_seconds
+        else:
+            first = self.first_token_at if self.first_token_at is not None else ended
+            first_s, decode_s = first - tokenized, ended - first
+        total_s = first_s + decode_s
+        return BackendMetrics(
+            tokenize_ms=_ms(tokenized - self.started), time_to_first_token_ms=_ms(first_s),
+            generate_total_ms=_ms(total_s), decode_after_first_token_ms=_ms(decode_s),
+            prompt_tokens=prompt_tokens, cached_prompt_tokens=cached_prompt_tokens, output_tokens=output_tokens,
+            tokens_per_second=round(output_tokens / total_s, 2) if output_tokens is not None and total_s > 0 else None)
+
+    def partial(self, *, prompt_tokens: int | None) -> BackendMetrics:
+        """Metrics of a generation that ended without the runtime's own figures (a
+        cancelled job): tokenization and prompt size only."""
+        tokenized = self.tokenized_at if self.tokenized_at is not None else self._now()
+        return BackendMetrics(tokenize_ms=_ms(tokenized - self.started), prompt_tokens=prompt_tokens)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def queue_items(source: queue.Queue[Any] | queue.SimpleQueue[Any], cancel: CancelToken, *,
+                poll_s: float = 0.05) -> Iterator[Any]:
+    """The items a runtime thread puts on ``source``, as they arrive, until ``cancel``
+    is set (seen within ``poll_s``). The iteration ends only on cancel; the caller
+    breaks out on its own last item, so ``for ... else`` tells the two apart."""
+    while not cancel.is_set():
+        try:
+            item = source.get(timeout=poll_s)
+        except queue.Empty:
+            continue
+        yield item

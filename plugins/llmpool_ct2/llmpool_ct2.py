@@ -36,9 +36,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmpoold import hookimpl
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.prompts import capabilities_for, render
-from llmpoold.textstream import IncrementalDetokenizer, ReasoningSplitter, StopFilter
-from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
+from llmpoold.prompts import (
+    PromptSegment,
+    RenderedPrompt,
+    capabilities_for,
+    render,
+    template_segments,
+    tokenize_segments,
+)
+from llmpoold.textstream import GenerationClock, IncrementalDetokenizer, TextPipeline, queue_items
+from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
 
 BACKEND = "ct2"
 log = structlog.get_logger("llmpool_ct2")
@@ -76,7 +83,7 @@ class _Job:
     events: queue.Queue[Any] = field(default_factory=queue.Queue)
     produced: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
-    first_token_at: float | None = None
+    clock: GenerationClock = field(default_factory=GenerationClock)
 
     def group_key(self) -> tuple[Any, ...]:
         d = self.request.decoding
@@ -87,17 +94,22 @@ class _Job:
 class Ct2Runtime:
     """A loaded generator, its tokenizer and the batcher thread that feeds it."""
 
-    def prompt_ids(self, text: str) -> list[int]:
-        """``text`` tokenized without special tokens, with the model's BOS first when the
-        model wants one and the text did not write it (formats without markup: raw)."""
-        ids = list(self.tokenizer(text, add_special_tokens=False).input_ids)
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """``text`` tokenized without BOS/EOS; special tokens written in it are parsed
+        as such only with ``special`` (transformers' ``split_special_tokens``)."""
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=not special).input_ids)
+
+    def prompt_ids(self, segments: tuple[PromptSegment, ...]) -> list[int]:
+        """The prompt's ids (markup parsed, text as text), with the model's BOS first
+        when the model wants one and the prompt did not write it (raw)."""
+        ids = tokenize_segments(segments, self.tokenize)
         bos = self.tokenizer.bos_token_id
         if self.adds_bos and bos is not None and ids[:1] != [bos]:
             ids.insert(0, bos)
         return ids
 
-    def _token_strings(self, text: str, *, with_bos: bool) -> tuple[str, ...]:
-        ids = self.prompt_ids(text) if with_bos else self.tokenizer(text, add_special_tokens=False).input_ids
+    def _token_strings(self, segments: tuple[PromptSegment, ...], *, with_bos: bool) -> tuple[str, ...]:
+        ids = self.prompt_ids(segments) if with_bos else tokenize_segments(segments, self.tokenize)
         return tuple(self.tokenizer.convert_ids_to_tokens(ids))
 
     def __init__(self, replica_id: str, path: str, options: Ct2Options, generator: Any, tokenizer: Any) -> None:
@@ -171,8 +183,7 @@ class Ct2Runtime:
             job = jobs[step.batch_id]
             if job.stop.is_set() or job.request.cancel.is_set():
                 return True
-            if job.first_token_at is None:
-                job.first_token_at = time.perf_counter()
+            job.clock.first_token()
             job.produced += 1
             job.events.put(step.token_id)
             return job.produced >= job.request.decoding.max_tokens
@@ -201,7 +212,7 @@ class Ct2Runtime:
         for job, result in zip(jobs, results, strict=True):
             if not streaming:
                 ids = result.sequences_ids[0][: job.request.decoding.max_tokens]
-                job.first_token_at = time.perf_counter()
+                job.clock.first_token()
                 for token_id in ids:
                     job.events.put(token_id)
                 job.produced = len(ids)
@@ -373,7 +384,7 @@ def llmpool_unload(backend: str, runtime: Ct2Runtime) -> bool | None:
 # ----- generation ------------------------------------------------------------------------
 
 
-def _prompt_ids(runtime: Ct2Runtime, request: GenerationRequest) -> tuple[list[int], Any]:
+def _prompt_ids(runtime: Ct2Runtime, request: GenerationRequest) -> tuple[list[int], RenderedPrompt]:
     rendered = render(request)
     tokenizer = runtime.tokenizer
     if rendered.text is None:  # chat_template: the tokenizer's own template
@@ -381,14 +392,17 @@ def _prompt_ids(runtime: Ct2Runtime, request: GenerationRequest) -> tuple[list[i
             raise BackendError(400, "prompt_format_unsupported",
                                f"the tokenizer in {runtime.path} has no chat template; choose another prompt_format")
         extra = {} if request.thinking is None else {"enable_thinking": request.thinking}
-        text = tokenizer.apply_chat_template(list(rendered.messages), tokenize=False, add_generation_prompt=True,
-                                             **extra)
+
+        def render_template(messages: list[dict[str, str]]) -> str:
+            return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **extra))
+
+        segments = template_segments(rendered.messages, render_template, runtime.tokenize, model=request.model)
     else:
-        text = rendered.text
-    return runtime.prompt_ids(text), rendered
+        segments = rendered.segments
+    return runtime.prompt_ids(segments), rendered
 
 
-def _static_prefix(runtime: Ct2Runtime, request: GenerationRequest, rendered: Any,
+def _static_prefix(runtime: Ct2Runtime, request: GenerationRequest, rendered: RenderedPrompt,
                    tokens: list[str]) -> tuple[str, ...]:
     """The seed's cached static prompt for ``generic``: the tokens of the system turn
     (with BOS), when the prompt's tokens start with exactly those, so the model sees
@@ -396,19 +410,21 @@ def _static_prefix(runtime: Ct2Runtime, request: GenerationRequest, rendered: An
     if request.prompt_format != "generic" or not request.instructions or rendered.text is None:
         return ()
     system = f"<|im_start|>system\n{request.instructions}<|im_end|>\n"
-    if not rendered.text.startswith(system):
+    turn = rendered.segments[:4]  # <|im_start|>, "system\n{instructions}", <|im_end|>, "\n"
+    if "".join(segment.text for segment in turn) != system:
         return ()
-    prefix = list(runtime.token_strings(system, with_bos=True))
+    prefix = list(runtime.token_strings(turn, with_bos=True))
     # at least one prompt token must follow: CTranslate2 starts decoding from them
     return tuple(prefix) if tokens[: len(prefix)] == prefix and len(tokens) > len(prefix) else ()
 
 
-def _suppressed(runtime: Ct2Runtime, rendered: Any) -> tuple[tuple[str, ...], ...]:
+def _suppressed(runtime: Ct2Runtime, rendered: RenderedPrompt) -> tuple[tuple[str, ...], ...]:
     """With thinking off, a format that prefilled an empty think block (qwen3) must not
     open another: its reasoning markers become ``suppress_sequences`` (the seed's rule)."""
     if not rendered.thinking_prefilled or not rendered.reasoning_markers:
         return ()
-    return tuple(runtime.token_strings(marker, with_bos=False) for marker in rendered.reasoning_markers)
+    return tuple(runtime.token_strings((PromptSegment(marker, markup=True),), with_bos=False)
+                 for marker in rendered.reasoning_markers)
 
 
 @hookimpl
@@ -419,7 +435,7 @@ def llmpool_stream(backend: str, runtime: Ct2Runtime, request: GenerationRequest
 
 
 def _generate(runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[TextDelta | Completion]:
-    started = time.perf_counter()
+    clock = GenerationClock()
     ids, rendered = _prompt_ids(runtime, request)
     tokenizer = runtime.tokenizer
     # Stop strings that are one token end decoding inside CTranslate2; others are
@@ -429,50 +445,26 @@ def _generate(runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[TextD
     tokens = tokenizer.convert_ids_to_tokens(ids)
     static = _static_prefix(runtime, request, rendered, tokens)
     job = _Job(request=request, tokens=tokens[len(static):], end_tokens=end_tokens, static=static,
-               suppress=_suppressed(runtime, rendered))
-    tokenized = time.perf_counter()
+               suppress=_suppressed(runtime, rendered), clock=clock)
+    clock.tokenized()
     runtime.submit(job)
-    detok = IncrementalDetokenizer(lambda seq: tokenizer.decode(seq, skip_special_tokens=True))
-    stops = StopFilter(rendered.stops)
-    splitter = ReasoningSplitter(rendered.reasoning_markers)
-    finish = None
+    pipeline = TextPipeline(rendered.stops, rendered.reasoning_markers, decoder=IncrementalDetokenizer(
+        lambda seq: tokenizer.decode(seq, skip_special_tokens=True)))
+    finish = "cancelled"  # unless the batcher says otherwise: leave now, the batch drops us at its next step
     try:
-        while True:
-            try:
-                event = job.events.get(timeout=0.05)
-            except queue.Empty:
-                if request.cancel.is_set():  # leave now; the batch drops us at its next step
-                    finish = "cancelled"
-                    break
-                continue
+        for event in queue_items(job.events, request.cancel):
             if isinstance(event, tuple):
                 kind, value = event
                 if kind == "error":
                     raise BackendError(500, "backend_error", f"CTranslate2: {value}")
                 finish = value
                 break
-            if job.stop.is_set():
-                continue  # tokens decoded after the stop string: drop them
-            for delta in splitter.push(stops.push(detok.push(event))):
-                yield delta
-            if stops.stopped:
+            yield from pipeline.push(event)  # tokens decoded after a stop string are ignored
+            if pipeline.stopped:
                 job.stop.set()
-        if not stops.stopped and finish != "cancelled":
-            for delta in splitter.push(stops.push(detok.flush()) + stops.flush()):
-                yield delta
-        for delta in splitter.flush():
-            yield delta
+        yield from pipeline.finish(cancelled=finish == "cancelled")
     finally:
         job.stop.set()  # a closed stream (client gone) leaves the batch at the next step
-    if stops.stopped:
+    if pipeline.stopped:
         finish = "stop"
-    ended = time.perf_counter()
-    first = job.first_token_at or ended
-    generate_s = ended - tokenized
-    yield Completion(finish_reason=finish, metrics=BackendMetrics(
-        tokenize_ms=round((tokenized - started) * 1000, 3),
-        time_to_first_token_ms=round((first - tokenized) * 1000, 3),
-        generate_total_ms=round(generate_s * 1000, 3),
-        decode_after_first_token_ms=round((ended - first) * 1000, 3),
-        prompt_tokens=len(ids), output_tokens=job.produced,
-        tokens_per_second=round(job.produced / generate_s, 2) if generate_s > 0 else None))
+    yield Completion(finish_reason=finish, metrics=clock.metrics(prompt_tokens=len(ids), output_tokens=job.produced))

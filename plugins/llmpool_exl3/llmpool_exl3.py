@@ -14,8 +14,9 @@ and ``Model.load`` (→ ``load_gen(device=, use_per_device=, tensor_p=, tp_backe
 progressbar=, max_chunk_size=, max_batch_size=)``); ``cache/cache.py``
 ``Cache(model, max_num_tokens=, layer_type=, **layer kwargs)`` with ``cache/quant.py``
 ``CacheLayer_quant(k_bits=, v_bits=)``; ``tokenizer/tokenizer.py`` ``Tokenizer.from_config``,
-``encode(text, add_bos=, encode_special_tokens=)``, ``hf_chat_template(messages,
-add_generation_prompt=, **template_kwargs)``; ``generator/generator.py``
+``hf_render_chat_template(messages, add_generation_prompt=, **template_kwargs)`` (the
+chat template as text; the prompt is tokenized through ``Tokenizer.tokenizer``, the
+Hugging Face tokenizer it wraps); ``generator/generator.py``
 ``Generator(model, cache, tokenizer, max_batch_size=, max_chunk_size=, max_q_size=)``,
 ``enqueue``, ``cancel``, ``iterate`` (result dicts documented there), ``clear_queue``;
 ``generator/job.py`` ``Job(input_ids, max_new_tokens=, sampler=, stop_conditions=,
@@ -45,10 +46,10 @@ import structlog
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from llmpoold import hookimpl
-from llmpoold.errors import BackendError, LoadError
+from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.prompts import RenderedPrompt, capabilities_for, render
-from llmpoold.textstream import ReasoningSplitter, StopFilter
+from llmpoold.prompts import RenderedPrompt, capabilities_for, render, template_segments, tokenize_segments
+from llmpoold.textstream import GenerationClock, TextPipeline, queue_items
 from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
 
 BACKEND = "exllamav3"
@@ -57,7 +58,7 @@ PAGE_SIZE = 256  # exllamav3/constants.py: the cache is paged in 256-token pages
 log = structlog.get_logger("llmpool_exl3")
 
 # Formats whose prompt comes from the model's own chat template (the tokenizer's
-# ``hf_chat_template``), with the thinking switch passed as ``enable_thinking``. The
+# ``hf_render_chat_template``), with the thinking switch passed as ``enable_thinking``. The
 # seed renders qwen3/gemma4 this way; ``chat_template`` is llmpool's generic form.
 TEMPLATE_FORMATS = frozenset({"chat_template", "qwen3_template", "gemma4_template"})
 
@@ -393,6 +394,10 @@ class Exl3Runtime:
     cache: Any
     tokenizer: Any
     generator: Any
+    # the model's Hugging Face tokenizer (``tokenizer.tokenizer``) and a copy of it that
+    # never parses special tokens, for user text (see ``tokenize``)
+    hf_tokenizer: Any = None
+    text_tokenizer: Any = None
     lock: threading.Lock = field(default_factory=threading.Lock)
     streams: dict[int, queue.SimpleQueue[Any]] = field(default_factory=dict)
     closed: bool = False
@@ -402,6 +407,17 @@ class Exl3Runtime:
 
     def __post_init__(self) -> None:
         self._wake = threading.Condition(self.lock)
+
+    def tokenize(self, text: str, special: bool) -> list[int]:
+        """``text`` tokenized without BOS/EOS, special tokens parsed only with ``special``.
+
+        Through the Hugging Face tokenizer exllamav3 holds: ``Tokenizer.encode(...,
+        encode_special_tokens=False)`` only leaves out the post-processor's BOS
+        (``encode_part`` passes the flag as ``add_special_tokens``) and still matches
+        special tokens written in the text; tokenizers' own ``encode_special_tokens`` on
+        a copy does not."""
+        tokenizer = self.hf_tokenizer if special else self.text_tokenizer
+        return list(tokenizer.encode(text, add_special_tokens=False).ids)
 
     def start(self) -> None:
         self.driver = threading.Thread(target=self._drive, name=f"exl3-driver-{self.replica_id}", daemon=True)
@@ -514,12 +530,22 @@ def llmpool_load(backend: str, replica_id: str, model: Any) -> Exl3Runtime | Non
                 pass
         raise LoadError(f"exllamav3 could not load {path}: {exc or type(exc).__name__}") from None
     runtime = Exl3Runtime(replica_id=replica_id, model_path=path, options=options, exl3=exl3, config=config,
-                          model=exl_model, cache=cache, tokenizer=tokenizer, generator=generator)
+                          model=exl_model, cache=cache, tokenizer=tokenizer, generator=generator,
+                          hf_tokenizer=tokenizer.tokenizer, text_tokenizer=_text_tokenizer(tokenizer.tokenizer))
     runtime.start()
     log.info("exl3_loaded", replica=replica_id, path=path, cache_size=options.exllama_cache_size,
              cache_quant=options.exllama_cache_quant or "fp16", max_batch_size=options.exllama_max_batch_size,
              seconds=round(time.perf_counter() - started, 2))
     return runtime
+
+
+def _text_tokenizer(hf_tokenizer: Any) -> Any:
+    """A copy of a ``tokenizers.Tokenizer`` that encodes special-token spellings as
+    text (its ``encode_special_tokens`` switch; a copy, so the generator's own
+    tokenizer, used on the driver thread, is never switched)."""
+    copy = type(hf_tokenizer).from_str(hf_tokenizer.to_str())
+    copy.encode_special_tokens = True
+    return copy
 
 
 @hookimpl
@@ -541,6 +567,7 @@ def llmpool_unload(backend: str, runtime: Exl3Runtime) -> bool | None:
         except Exception as exc:  # noqa: BLE001 - best effort, as the seed
             log.warning("exl3_unload_step_failed", replica=runtime.replica_id, step=name, error=str(exc))
     runtime.generator = runtime.cache = runtime.model = runtime.tokenizer = runtime.config = None
+    runtime.hf_tokenizer = runtime.text_tokenizer = None
     gc.collect()
     try:
         import torch
@@ -556,30 +583,44 @@ def llmpool_unload(backend: str, runtime: Exl3Runtime) -> bool | None:
 
 
 def _encode(runtime: Exl3Runtime, request: GenerationRequest, rendered: RenderedPrompt) -> Any:
-    """Prompt ids, shape (1, n), on the CPU (``Job`` asserts ``input_ids`` are in system memory)."""
+    """Prompt ids, shape (1, n), on the CPU (``Job`` asserts ``input_ids`` are in system memory).
+
+    Tokenized by segment, markup parsed and the client's text as text: llmpool's own
+    renderings, and the template formats' text from the model's chat template
+    (``Tokenizer.hf_render_chat_template``, split by ``template_segments``)."""
     tokenizer = runtime.tokenizer
     text = rendered.text
+    segments = rendered.segments
     if request.prompt_format in TEMPLATE_FORMATS:
         kwargs: dict[str, Any] = {}
         if request.prompt_format != "chat_template":
             kwargs["enable_thinking"] = bool(request.thinking)  # the seed: None → False
         elif request.thinking is not None:
             kwargs["enable_thinking"] = request.thinking
+
+        def render_template(messages: list[dict[str, str]]) -> str:
+            return str(tokenizer.hf_render_chat_template(messages, add_generation_prompt=True, **kwargs))
+
         try:
-            ids = tokenizer.hf_chat_template([dict(m) for m in rendered.messages], add_generation_prompt=True,
-                                             **kwargs)
+            segments = template_segments(rendered.messages, render_template, runtime.tokenize, model=request.model)
+        except ApiError:
+            raise
         except Exception as exc:  # noqa: BLE001 - no template, a Jinja error, transformers missing
             if text is None:
                 raise BackendError(500, "backend_error",
                                    f"the model has no usable chat template for prompt_format 'chat_template': "
                                    f"{exc}") from None
-            ids = None  # no template in the model directory: llmpool's own rendering
-        if ids is not None:
-            return ids.cpu() if hasattr(ids, "cpu") else ids
-    assert text is not None
-    add_bos = request.prompt_format == "raw" and getattr(runtime.config, "bos_token_id", None) is not None
-    ids = tokenizer.encode(text, add_bos=add_bos, encode_special_tokens=True)
-    return ids.cpu() if hasattr(ids, "cpu") else ids
+            # no template in the model directory: llmpool's own rendering
+    elif text is None:
+        raise BackendError(500, "backend_error", f"prompt_format '{request.prompt_format}' has no rendering")
+    import torch
+
+    ids = tokenize_segments(segments, runtime.tokenize)
+    bos = tokenizer.bos_token_id
+    if request.prompt_format == "raw" and getattr(runtime.config, "bos_token_id", None) is not None and \
+            bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)  # a base model's input still starts with its BOS
+    return torch.tensor([ids], dtype=torch.long)
 
 
 def _stop_conditions(runtime: Exl3Runtime, stops: tuple[str, ...]) -> list[int | str]:
@@ -621,22 +662,14 @@ def _prompt_opens_reasoning(runtime: Exl3Runtime, ids: Any, markers: tuple[str, 
 _FINISH = {"max_new_tokens": "length"}
 
 
-def _metrics(eos: Mapping[str, Any], *, tokenize_s: float, prompt_tokens: int) -> BackendMetrics:
+def _metrics(clock: GenerationClock, eos: Mapping[str, Any], *, prompt_tokens: int) -> BackendMetrics:
     """Metrics from the job's eos result (``generator/job.py`` ``emit``): ``time_prefill``
     is the time to the first token, ``time_generate`` the time from it to the last."""
     prefill, generate = eos.get("time_prefill"), eos.get("time_generate")
-    new_tokens = eos.get("new_tokens")
-    total = prefill + generate if prefill is not None and generate is not None else None
-    rate_s = total or generate  # output tokens over the whole generation, as the other backends
-    return BackendMetrics(
-        tokenize_ms=round(tokenize_s * 1000, 3),
-        time_to_first_token_ms=round(prefill * 1000, 3) if prefill is not None else None,
-        generate_total_ms=round(total * 1000, 3) if total is not None else None,
-        decode_after_first_token_ms=round(generate * 1000, 3) if generate is not None else None,
-        prompt_tokens=int(eos.get("prompt_tokens") or prompt_tokens),
-        cached_prompt_tokens=eos.get("cached_tokens"),
-        output_tokens=new_tokens,
-        tokens_per_second=round(new_tokens / rate_s, 2) if new_tokens and rate_s else None)
+    measured = (prefill, generate) if prefill is not None and generate is not None else None
+    return clock.metrics(prompt_tokens=int(eos.get("prompt_tokens") or prompt_tokens),
+                         output_tokens=eos.get("new_tokens"), cached_prompt_tokens=eos.get("cached_tokens"),
+                         runtime_seconds=measured)
 
 
 @hookimpl
@@ -654,9 +687,9 @@ def _generate(runtime: Exl3Runtime, request: GenerationRequest) -> Iterator[Text
     if decoding.beam_size > 1:
         log.info("beam_size_ignored", beam_size=decoding.beam_size, model=request.model)
     exl3 = runtime.exl3
-    started = time.perf_counter()
+    clock = GenerationClock()
     ids = _encode(runtime, request, rendered)
-    tokenize_s = time.perf_counter() - started
+    clock.tokenized()
     prompt_tokens = int(ids.shape[-1])
     if prompt_tokens + 1 > runtime.options.exllama_cache_size:
         raise BackendError(400, "context_length_exceeded",
@@ -670,18 +703,14 @@ def _generate(runtime: Exl3Runtime, request: GenerationRequest) -> Iterator[Text
         job_kwargs["max_rq_tokens"] = runtime.options.exllama_max_rq_tokens
     job = exl3.Job(input_ids=ids, max_new_tokens=decoding.max_tokens, sampler=sampler,
                    stop_conditions=_stop_conditions(runtime, rendered.stops), identifier=key, **job_kwargs)
-    stops = StopFilter(rendered.stops)  # exllamav3 holds stop strings too; this also covers the tail
-    splitter = ReasoningSplitter(rendered.reasoning_markers,
-                                 inside=_prompt_opens_reasoning(runtime, ids, rendered.reasoning_markers))
+    # exllamav3 holds stop strings too; the pipeline also covers the tail
+    pipeline = TextPipeline(rendered.stops, rendered.reasoning_markers,
+                            reasoning_open=_prompt_opens_reasoning(runtime, ids, rendered.reasoning_markers))
     results = runtime.submit(job, key)
     finished = False
     eos: Mapping[str, Any] | None = None
     try:
-        while not request.cancel.is_set():
-            try:
-                result = results.get(timeout=0.05)
-            except queue.Empty:
-                continue
+        for result in queue_items(results, request.cancel):
             if isinstance(result, BaseException):
                 finished = True
                 if isinstance(result, BackendError):
@@ -692,26 +721,23 @@ def _generate(runtime: Exl3Runtime, request: GenerationRequest) -> Iterator[Text
                 raise BackendError(500, "backend_error", f"exllamav3 job failed: {result.get('error')}")
             if result.get("stage") != "streaming":
                 continue
+            clock.first_token()
             text = result.get("text") or ""
             if result.get("eos"):
                 finished, eos = True, result
                 if result.get("eos_reason") == "stop_token":
                     text += (result.get("held") or {}).get("text") or ""
             if text:
-                yield from splitter.push(stops.push(text))
-            if eos is not None or stops.stopped:
+                yield from pipeline.push(text)
+            if eos is not None or pipeline.stopped:
                 break  # a stop string exllamav3 did not end the job on: cancel it below
     finally:
         if not finished:
             runtime.cancel(job, key)
+    yield from pipeline.finish(cancelled=eos is None)
     if eos is None:
-        yield from splitter.flush()
-        yield Completion(finish_reason="stop" if stops.stopped else "cancelled",
-                         metrics=BackendMetrics(tokenize_ms=round(tokenize_s * 1000, 3), prompt_tokens=prompt_tokens))
+        yield Completion(finish_reason="stop" if pipeline.stopped else "cancelled",
+                         metrics=clock.partial(prompt_tokens=prompt_tokens))
         return
-    if not stops.stopped:
-        yield from splitter.push(stops.flush())
-    yield from splitter.flush()
-    reason = eos.get("eos_reason")
-    finish = "stop" if stops.stopped else _FINISH.get(str(reason), "stop")
-    yield Completion(finish_reason=finish, metrics=_metrics(eos, tokenize_s=tokenize_s, prompt_tokens=prompt_tokens))
+    finish = "stop" if pipeline.stopped else _FINISH.get(str(eos.get("eos_reason")), "stop")
+    yield Completion(finish_reason=finish, metrics=_metrics(clock, eos, prompt_tokens=prompt_tokens))

@@ -12,8 +12,13 @@ Mirrors (file:definition in exllamav3):
   asserts 2..8 bits; ``max_num_tokens`` must be a multiple of 256
 - ``tokenizer/tokenizer.py`` ``Tokenizer.from_config(config)``, ``encode(text, add_bos=False,
   add_eos=False, encode_special_tokens=False, ...)`` → LongTensor (1, n), ``decode(ids,
-  decode_special_tokens=False)``, ``hf_chat_template(messages, add_generation_prompt=True,
-  embeddings=None, **template_kwargs)``, ``single_id(token)``, ``eos_token_id``
+  decode_special_tokens=False)``, ``hf_render_chat_template(messages,
+  add_generation_prompt=True, **template_kwargs)`` → the template's text, ``single_id(token)``,
+  ``eos_token_id``
+- ``Tokenizer.tokenizer``: the ``tokenizers.Tokenizer`` exllamav3 wraps, faked by
+  :class:`FakeHfTokenizer` with the parts llmpool_exl3 uses (``encode(sequence,
+  add_special_tokens=True)`` → an encoding with ``ids``, the ``encode_special_tokens``
+  switch, ``to_str``/``from_str``) over the same vocabulary
 - ``generator/generator.py`` ``Generator(model, cache, tokenizer, max_batch_size=256,
   max_chunk_size=2048, ..., max_q_size=8, ...)``, ``enqueue(job)``, ``cancel(job)``,
   ``iterate()`` → result dicts (stages "started", "prefill", "streaming"; eos results carry
@@ -157,6 +162,35 @@ class Cache:
         del (model or self.model).cache_weakrefs[id(self)]
 
 
+class FakeHfTokenizer:
+    """FAKE ``tokenizers.Tokenizer`` over a :class:`Tokenizer`'s vocabulary. As in
+    tokenizers, special tokens written in the text are matched unless
+    ``encode_special_tokens`` is set; ``add_special_tokens`` would add the
+    post-processor's tokens (none here)."""
+
+    _saved: dict[str, Tokenizer] = {}
+
+    def __init__(self, owner: Tokenizer) -> None:
+        self.owner = owner
+        self.encode_special_tokens = False
+
+    def encode(self, sequence: str, pair: Any = None, is_pretokenized: bool = False,
+               add_special_tokens: bool = True) -> Any:
+        record("HfTokenizer.encode", sequence=sequence, add_special_tokens=add_special_tokens,
+               encode_special_tokens=self.encode_special_tokens)
+        pieces = Tokenizer.split(sequence, not self.encode_special_tokens)
+        return type("Encoding", (), {"ids": [self.owner.piece_id(p) for p in pieces]})()
+
+    def to_str(self, pretty: bool = False) -> str:
+        key = f"fake-tokenizer-{id(self.owner)}"
+        FakeHfTokenizer._saved[key] = self.owner
+        return key
+
+    @staticmethod
+    def from_str(json: str) -> FakeHfTokenizer:
+        return FakeHfTokenizer(FakeHfTokenizer._saved[json])
+
+
 class Tokenizer:
     """Word-piece tokenizer over a vocabulary that grows as it sees text."""
 
@@ -167,6 +201,7 @@ class Tokenizer:
         self.bos_token_id = self.ids["<bos>"]
         self.eos_token_id = config.eos_token_id
         self.hf_calls: list[dict[str, Any]] = []
+        self.tokenizer = FakeHfTokenizer(self)
 
     @staticmethod
     def from_config(config: Config) -> Tokenizer:
@@ -190,7 +225,9 @@ class Tokenizer:
             if special and part in SPECIAL:
                 out.append(part)
             else:
-                out += re.findall(r"\s*\S+|\s+", part)
+                for piece in re.findall(r"\s*\S+|\s+", part):
+                    # a special token's spelling in text is several ordinary pieces
+                    out += list(piece) if any(s in piece for s in SPECIAL) else [piece]
         return out
 
     def encode(self, text: str | list[str], add_bos: bool = False, add_eos: bool = False,
@@ -208,16 +245,16 @@ class Tokenizer:
                  for row in rows]
         return texts
 
-    def hf_chat_template(self, messages: list, add_generation_prompt: bool = True, embeddings: Any = None,
-                         **template_kwargs: Any) -> Any:
-        record("Tokenizer.hf_chat_template", messages=messages, add_generation_prompt=add_generation_prompt,
+    def hf_render_chat_template(self, messages: list, add_generation_prompt: bool = True,
+                                **template_kwargs: Any) -> str:
+        record("Tokenizer.hf_render_chat_template", messages=messages, add_generation_prompt=add_generation_prompt,
                **template_kwargs)
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         if add_generation_prompt:
             text += "<|im_start|>assistant\n"
             if template_kwargs.get("enable_thinking") is False:
                 text += "<think>\n\n</think>\n\n"
-        return torch.tensor([[self.piece_id(p) for p in self.split(text, True)]], dtype=torch.long)
+        return text
 
     def single_id(self, token: str) -> int | None:
         return self.ids.get(token) if token in SPECIAL else None
