@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from llmpoold.config import AppSettings
 from llmpoold.entries import ModelState
-from llmpoold.errors import ApiError, clip, internal_error
+from llmpoold.errors import QUOTE_CHARS, ApiError, cut, internal_error
 from llmpoold.http import admin, console, openai_api, openapi, security, seed
 from llmpoold.http.keys import DOOR, POOL, REGISTRY, RELOAD, REQUEST_ID, SETTINGS, STARTED_AT, ReloadState
 from llmpoold.plugins import PluginRegistry
@@ -53,7 +53,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         response = render(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason))
     except Exception:  # noqa: BLE001 - never a traceback in a response
-        log.exception("unhandled_error", method=request.method, path=clip(request.path))
+        log.exception("unhandled_error", method=request.method, path=cut(request.path, QUOTE_CHARS))
         response = render(internal_error(request_id))
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
