@@ -103,6 +103,9 @@ async def test_an_allowed_origin_gets_cors(make_client: Any) -> None:
     origin = {"Origin": "https://app.example"}
     resp = await client.post("/v1/responses", json={"model": "echo", "input": "x"}, headers=origin)
     assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    resp = await client.post("/v1/responses", json={"model": "echo", "input": "x", "stream": True}, headers=origin)
+    assert resp.status == 200 and resp.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "X-Request-Id" in resp.headers["Access-Control-Expose-Headers"]
     preflight = await client.options("/v1/responses", headers={**origin, "Access-Control-Request-Method": "POST"})
     assert preflight.status == 204 and "Authorization" in preflight.headers["Access-Control-Allow-Headers"]
     other = await client.options("/v1/responses", headers={"Origin": "https://evil.example",

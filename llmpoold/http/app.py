@@ -57,8 +57,14 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = render(internal_error(request_id))
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
-        response.headers.update(security.cors_headers(request, request.app[DOOR]))
     return response
+
+
+async def cors_on_prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """CORS headers for an allowed foreign origin, on every answer (SSE streams too,
+    whose headers are sent before the handler returns)."""
+    if isinstance(request, web.Request):
+        response.headers.update(security.cors_headers(request, request.app[DOOR]))
 
 
 @web.middleware
@@ -108,6 +114,7 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     app = web.Application(middlewares=[errors_middleware, door_middleware],
                           client_max_size=settings.service.max_body_bytes)
     app[DOOR] = security.Door.from_settings(settings.service)
+    app.on_response_prepare.append(cors_on_prepare)
     pool = Pool(settings, registry, replica_factory=replica_factory or ProcessReplicaFactory(settings.engine.workers))
     app[POOL] = pool
     app[REGISTRY] = registry
