@@ -170,6 +170,12 @@ async def test_a_huge_model_name_is_not_echoed(client: Any) -> None:
     resp = await client.post("/openai/v1/responses", json={"model": "echo", "input": [
         {"type": "message", "role": "user", "content": [{"type": "t" * 60}]}]})
     assert resp.status == 400 and len(await resp.read()) < 1024
+    # pydantic's own messages can quote input (a union tag): cut too.
+    resp = await client.post("/v1/responses", json={"model": "echo", "input": [{"type": "t" * 100_000}]})
+    assert resp.status == 422 and len(await resp.read()) < 1024
+    resp = await client.post("/openai/v1/responses", json={"model": "echo", "metadata": {"k" * 100_000: "v"},
+                                                           "input": "x"})
+    assert resp.status == 422 and len(await resp.read()) < 1024
 
 
 async def test_a_client_request_id_is_kept_only_when_it_is_one(client: Any) -> None:
