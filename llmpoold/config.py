@@ -63,8 +63,11 @@ BeamSize = Annotated[int, Field(ge=1, le=16)]
 TopK = Annotated[int, Field(ge=1, le=200)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 Temperature = Annotated[float, Field(ge=0, le=2)]
-RepetitionPenalty = Annotated[float, Field(ge=0, le=4)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=4)]  # > 0: logits are divided by it
 MaxTokens = Annotated[int, Field(ge=1, le=MAX_OUTPUT_TOKENS)]
+MAX_STOPS = 16  # a request's stop strings: each is checked against the output on every token
+MAX_STOP_CHARS = 256
+Stop = Annotated[list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]], Field(max_length=MAX_STOPS)]
 _DECODING = Decoding()
 
 

@@ -9,6 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
+QUOTE_CHARS = 200  # the most of any client-supplied string an error body or log line repeats
+
+
+def clip(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """``value`` quoted for an error message or a log line: ``repr``-style (control
+    characters and lone surrogates escaped) and cut to about ``limit`` characters, so a
+    client's 1 MB string is never echoed back or logged whole."""
+    text = value if isinstance(value, str) else str(value)
+    quoted = repr(text[:limit])
+    return quoted if len(text) <= limit else f"{quoted}... ({len(text)} characters)"
+
+
 
 class ApiError(Exception):
     """An error with an HTTP status and a stable code, safe to show to a client."""
@@ -50,8 +62,8 @@ class BackendError(ApiError):
     """Raised by a plugin while generating, for failures with a known meaning
     (e.g. ``BackendError(504, "upstream_timeout", "upstream chat completion timed out")``).
 
-    Any other exception from a plugin is reported as 500 ``backend_error`` with the
-    exception's message.
+    Any other exception from a plugin is reported as 500 ``backend_error`` saying
+    "internal error" with the request id; the daemon's log has the exception.
     """
 
 
@@ -75,6 +87,17 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {exc}" if str(exc) else name
 
 
+def cut(text: str, limit: int = 2 * QUOTE_CHARS) -> str:
+    """``text`` (a message that may embed client input) cut to about ``limit`` characters."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def internal_error(request_id: str, *, code: str = "internal_error", model: str | None = None) -> ApiError:
+    """A 500 that tells the client nothing internal: the request id to quote to the
+    operator, whose log line for that id has the traceback."""
+    return ApiError(500, code, f"internal error (request id {request_id})", model=model)
+
+
 def model_state_error(model: str, state: str) -> ApiError:
     """409 for a model that exists but cannot take requests in its current state."""
     code = {
@@ -87,7 +110,7 @@ def model_state_error(model: str, state: str) -> ApiError:
 
 
 def unknown_model(model: str) -> ApiError:
-    return ApiError(404, "unknown_model", model=model)
+    return ApiError(404, "unknown_model", model=model if len(model) <= QUOTE_CHARS else clip(model))
 
 
 class SettingsError(ValueError):

@@ -25,7 +25,7 @@ import structlog
 
 from llmpoold.config import DecodingDefaults
 from llmpoold.entries import ModelEntry, ModelState
-from llmpoold.errors import ApiError, describe, model_state_error
+from llmpoold.errors import QUOTE_CHARS, ApiError, WorkerError, clip, describe, internal_error, model_state_error
 from llmpoold.pool import Pool
 from llmpoold.scheduler import Job, Lease
 from llmpoold.schemas import ResponseRequest
@@ -44,7 +44,10 @@ METRIC_FIELDS = (
 def record_refused_body(data: Any, code: str) -> None:
     """The ``inference`` line of a request whose body was refused (422) before an
     :class:`Inference` existed (no metric: the model name is not trusted yet)."""
-    log.info("inference", model=data.get("model") if isinstance(data, dict) else None, status=422, error=code)
+    model = data.get("model") if isinstance(data, dict) else None
+    if model is not None and not (isinstance(model, str) and len(model) <= QUOTE_CHARS):
+        model = clip(model)
+    log.info("inference", model=model, status=422, error=code)
 
 
 def _ms(start: float, end: float) -> float:
@@ -259,8 +262,10 @@ class Inference:
         except ApiError as exc:
             failure = exc.with_model(self.entry.name)
             raise failure from None
-        except Exception as exc:  # noqa: BLE001 - plugin failure: report without a traceback
-            failure = ApiError(500, "backend_error", describe(exc), model=self.entry.name)
+        except Exception as exc:  # noqa: BLE001 - plugin failure: the log has it, the client an id
+            log.error("backend_error", model=self.entry.name, backend=self.entry.backend, error=describe(exc),
+                      exc_info=not isinstance(exc, WorkerError))  # a worker's traceback is in the worker's log
+            failure = internal_error(self.request_id, code="backend_error", model=self.entry.name)
             raise failure from None
         finally:
             if completion is None:

@@ -1,4 +1,12 @@
-"""Request bodies of the HTTP API, validated as the seed validates them."""
+"""Request bodies of the HTTP API, validated as the seed validates them.
+
+The door's bounds are declared here, once, as field constraints (so ``/openapi.json``
+carries them): :data:`MAX_MODEL_CHARS`, :data:`MAX_TEXT_CHARS` (one string, and all the
+text of a request together), :data:`MAX_INSTRUCTIONS_CHARS`, :data:`MAX_MESSAGES`,
+:data:`MAX_CONTENT_ITEMS`; the decoding bounds (stop strings included) are
+:mod:`llmpoold.config`'s table. The OpenAI bodies (:mod:`llmpoold.http.openai_requests`)
+use the same constants.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +19,21 @@ from llmpoold.config import (
     BeamSize,
     MaxTokens,
     RepetitionPenalty,
+    Stop,
     Temperature,
     TopK,
     TopP,
 )
 from llmpoold.prompts import check_lang_code
+
+MAX_MODEL_CHARS = 256
+MAX_TEXT_CHARS = 1_000_000  # one text, and the sum over input, messages and instructions
+MAX_INSTRUCTIONS_CHARS = 100_000
+MAX_MESSAGES = 1_000
+MAX_CONTENT_ITEMS = 256  # content parts of one input or message
+MAX_NAME_CHARS = 256  # file names, cache keys
+
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class _Body(BaseModel):
@@ -31,12 +49,12 @@ class DecodingParams(_Body):
     temperature: Temperature | None = None
     repetition_penalty: RepetitionPenalty | None = None
     max_tokens: MaxTokens | None = None
-    stop: list[str] | None = None
+    stop: Stop | None = None
 
 
 class TextItem(_Body):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageUrl(_Body):
@@ -59,7 +77,7 @@ class AudioItem(_Body):
 
 
 class FileData(_Body):
-    filename: str = Field(min_length=1)
+    filename: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
     file_data: str = Field(min_length=1)
 
 
@@ -69,25 +87,32 @@ class FileItem(_Body):
 
 
 ContentItem = Annotated[TextItem | ImageItem | AudioItem | FileItem, Field(discriminator="type")]
+Content = Text | Annotated[list[ContentItem], Field(max_length=MAX_CONTENT_ITEMS)]
+
+
+def _text_chars(content: Content | None) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(item.text) for item in content or () if isinstance(item, TextItem))
 
 
 class ChatTurn(_Body):
     role: Literal["user", "assistant"]
-    content: str | list[ContentItem]
+    content: Content
 
 
 class ResponseRequest(_Body):
     """``POST /v1/responses``."""
 
-    model: str = Field(min_length=1)
-    input: str | list[ContentItem] | None = None
-    messages: list[ChatTurn] | None = None
-    instructions: str | None = None
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
+    input: Content | None = None
+    messages: list[ChatTurn] | None = Field(None, max_length=MAX_MESSAGES)
+    instructions: str | None = Field(None, max_length=MAX_INSTRUCTIONS_CHARS)
     fairness_key: str | None = Field(None, max_length=MAX_FAIRNESS_KEY_LENGTH)
     source_lang_code: str | None = None
     target_lang_code: str | None = None
     allow_remote: bool = False
-    prompt_cache_key: str | None = Field(None, min_length=1)
+    prompt_cache_key: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS)
     stream: bool = False
     thinking: Literal["default", "enabled", "disabled"] = "default"
     reasoning_effort: str | None = Field(None, min_length=1, max_length=32)
@@ -132,6 +157,11 @@ class ResponseRequest(_Body):
                 raise ValueError("the last message must have role 'user'")
         elif self.input is None:
             raise ValueError("provide either 'input' or 'messages'")
+        total = (_text_chars(self.input) + len(self.instructions or "")
+                 + sum(_text_chars(turn.content) for turn in self.messages or ()))
+        if total > MAX_TEXT_CHARS:
+            raise ValueError(f"the request's text (input, messages and instructions) is {total} characters; "
+                             f"at most {MAX_TEXT_CHARS} are accepted")
         return self
 
 

@@ -2,7 +2,8 @@
 
 A fake runtime, named so: the daemon's own behaviour (HTTP, queueing, lifecycle,
 cancellation) is tested against it; real runtimes are tested in each plugin's tests.
-Options let a test make it slow, fail at load, fail mid-stream, or batch.
+Options let a test make it slow, fail at load, fail mid-stream (a BackendError, or with
+``echo_raise`` an exception of no known meaning: fault injection), or batch.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class EchoOptions(BaseModel):
     echo_fail_load: str | None = None
     echo_load_delay_s: float = 0.0
     echo_fail_after: int | None = None
+    echo_raise: str | None = None  # raise RuntimeError(echo_raise) before the first word
     echo_concurrency: int = 1
     echo_ctx: int = 128
 
@@ -106,6 +108,8 @@ def llmpool_stream(backend: str, runtime: EchoRuntime, request: Any) -> Iterator
         produced = 0
         finish = "stop"
         try:
+            if runtime.options.echo_raise is not None:
+                raise RuntimeError(runtime.options.echo_raise)
             for i, word in enumerate(words):
                 if request.cancel.is_set():
                     finish = "cancelled"

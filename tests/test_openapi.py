@@ -34,6 +34,13 @@ async def test_every_route_is_in_the_document(client: Any) -> None:
     max_tokens = schemas["DecodingParams"]["properties"]["max_tokens"]["anyOf"][0]
     assert max_tokens["minimum"] == 1 and max_tokens["maximum"] >= 1024
     assert schemas["ResponseRequest"]["properties"]["model"]["minLength"] == 1
+    assert schemas["ResponseRequest"]["properties"]["model"]["maxLength"] == 256
+    stop = schemas["DecodingParams"]["properties"]["stop"]["anyOf"][0]
+    assert stop["maxItems"] == 16 and stop["items"]["maxLength"] == 256
+    assert schemas["DecodingParams"]["properties"]["repetition_penalty"]["anyOf"][0]["exclusiveMinimum"] == 0
+    assert schemas["ChatBody"]["properties"]["model"]["maxLength"] == 256
+    # The browser rules answer on every operation.
+    assert all({"403", "421"} <= set(op["responses"]) for ops in doc["paths"].values() for op in ops.values())
     # Configured model names are examples, so generated requests reach a model.
     load = doc["paths"]["/v1/admin/models/{model_name}/load"]["post"]
     assert set(load["parameters"][0]["examples"]) <= {"echo", "slow", "off"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,9 +14,9 @@ from pydantic import ValidationError
 
 from llmpoold.config import AppSettings
 from llmpoold.entries import ModelState
-from llmpoold.errors import ApiError
-from llmpoold.http import admin, console, openai_api, openapi, public, seed
-from llmpoold.http.keys import POOL, REGISTRY, RELOAD, REQUEST_ID, SETTINGS, STARTED_AT, ReloadState
+from llmpoold.errors import QUOTE_CHARS, ApiError, cut, internal_error
+from llmpoold.http import admin, console, openai_api, openapi, security, seed
+from llmpoold.http.keys import DOOR, POOL, REGISTRY, RELOAD, REQUEST_ID, SETTINGS, STARTED_AT, ReloadState
 from llmpoold.plugins import PluginRegistry
 from llmpoold.pool import Pool, ReplicaFactory
 from llmpoold.replicas.factory import ProcessReplicaFactory
@@ -25,12 +26,17 @@ log = structlog.get_logger("llmpoold.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # a client's X-Request-Id is kept only if it looks like one
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Bind a request id to every log line; turn every failure into the envelope."""
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    """Bind a request id to every log line; turn every failure into the envelope.
+
+    A failure that is not an :class:`ApiError` is a 500 saying "internal error" with
+    the request id; the traceback goes to the log only."""
+    offered = request.headers.get("X-Request-Id", "")
+    request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
     request[REQUEST_ID] = request_id
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
@@ -46,38 +52,31 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status < 400:
             raise
         response = render(ApiError(exc.status, _HTTP_CODES.get(exc.status, "http_error"), exc.reason))
-    except Exception as exc:  # noqa: BLE001 - never a traceback in a response
-        log.exception("unhandled_error", path=request.path)
-        response = render(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+    except Exception:  # noqa: BLE001 - never a traceback in a response
+        log.exception("unhandled_error", method=request.method, path=cut(request.path, QUOTE_CHARS))
+        response = render(internal_error(request_id))
     if not response.prepared:
         response.headers["X-Request-Id"] = request_id
     return response
 
 
-def _bearer(request: web.Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        return header[7:].strip()
-    return request.headers.get("X-Api-Key")
+async def cors_on_prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """CORS headers for an allowed foreign origin, on every answer (SSE streams too,
+    whose headers are sent before the handler returns)."""
+    if isinstance(request, web.Request):
+        response.headers.update(security.cors_headers(request, request.app[DOOR]))
 
 
 @web.middleware
-async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admin paths need the admin key, inference paths an API key (when configured)."""
-    service = request.app[SETTINGS].service
-    path = request.path
-    if path in ("/healthz", "/readyz", "/metrics") or public.is_public(request.method, path):
-        return await handler(request)
-    admin_key = service.resolved_admin_key()
-    api_keys = service.resolved_api_keys()
-    token = _bearer(request)
-    if path.startswith("/v1/admin"):
-        allowed = {admin_key} if admin_key else set()
-    else:
-        allowed = set(api_keys) | ({admin_key} if admin_key and api_keys else set())
-    if allowed and token not in allowed:
-        raise ApiError(401, "unauthorized", "missing or invalid API key",
-                       headers={"WWW-Authenticate": "Bearer"})
+async def door_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The browser rules, then the keys (:mod:`llmpoold.http.security`); answers CORS
+    preflights from allowed origins."""
+    door = request.app[DOOR]
+    security.check_browser(request, door)
+    preflight = security.preflight(request, door)
+    if preflight is not None:
+        return preflight
+    security.authorize(request, door)
     return await handler(request)
 
 
@@ -86,7 +85,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus exposition; open like /healthz (no key), see README."""
+    """Prometheus exposition; open on a loopback bind, else it takes a key (README)."""
     body, content_type = request.app[POOL].metrics.render()
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
@@ -109,10 +108,13 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     ``replica_factory`` defaults to inline or worker-process replicas per model
     ``isolation`` (:class:`~llmpoold.replicas.factory.ProcessReplicaFactory`).
     ``settings_paths`` are re-read by ``POST /v1/admin/settings/reload``.
-    Raises SettingsError when a model's backend keys are invalid.
+    Raises SettingsError when a model's backend keys are invalid or a key variable
+    is unset (keys are resolved here, once).
     """
-    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+    app = web.Application(middlewares=[errors_middleware, door_middleware],
                           client_max_size=settings.service.max_body_bytes)
+    app[DOOR] = security.Door.from_settings(settings.service)
+    app.on_response_prepare.append(cors_on_prepare)
     pool = Pool(settings, registry, replica_factory=replica_factory or ProcessReplicaFactory(settings.engine.workers))
     app[POOL] = pool
     app[REGISTRY] = registry

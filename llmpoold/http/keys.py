@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from llmpoold.config import AppSettings, ServiceSettings, WorkerSettings
+from llmpoold.http.security import Door
 from llmpoold.plugins import PluginRegistry
 from llmpoold.pool import Pool
 
@@ -28,4 +29,5 @@ REGISTRY = web.AppKey("registry", PluginRegistry)
 SETTINGS = web.AppKey("settings", AppSettings)
 RELOAD = web.AppKey("reload", ReloadState)
 STARTED_AT = web.AppKey("started_at", int)  # unix time the app was built (OpenAI's ``created``)
+DOOR = web.AppKey("door", Door)  # the access rules, resolved once (llmpoold.http.security)
 REQUEST_ID = web.RequestKey("request_id", str)

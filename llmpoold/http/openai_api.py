@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from llmpoold.errors import ApiError
+from llmpoold.errors import ApiError, clip
 from llmpoold.http.keys import POOL, STARTED_AT
 from llmpoold.http.openai_requests import chat_request, invalid_body, responses_request
 from llmpoold.http.openai_shapes import ChatShape, ResponsesShape, error_body
@@ -72,7 +72,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
     if name not in request.app[POOL].loaded_names():
-        raise ApiError(404, "model_not_found", f"model '{name}' is not loaded or not configured",
+        raise ApiError(404, "model_not_found", f"model {clip(name)} is not loaded or not configured",
                        extra={"param": "model"})
     return web.json_response(_model(request, name))
 

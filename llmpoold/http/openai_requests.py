@@ -3,21 +3,33 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llmpoold.errors import ApiError
+from llmpoold.config import MAX_STOP_CHARS, Stop
+from llmpoold.errors import ApiError, clip, cut
 from llmpoold.http.respond import parse_body
-from llmpoold.schemas import ResponseRequest
+from llmpoold.schemas import (
+    MAX_CONTENT_ITEMS,
+    MAX_INSTRUCTIONS_CHARS,
+    MAX_MESSAGES,
+    MAX_MODEL_CHARS,
+    MAX_NAME_CHARS,
+    ResponseRequest,
+    Text,
+)
+
+_Kind = Annotated[str, Field(max_length=64)]  # a part's or an item's ``type``
+_Effort = Annotated[str, Field(max_length=32)]
 
 
 def invalid_body(exc: ValidationError, *, renamed: dict[str, str] | None = None) -> ApiError:
     """422 ``invalid_body`` as on the seed surface; ``param`` is the first bad field, named
     as the client sent it (``renamed`` maps seed paths such as ``decoding.max_tokens`` back)."""
-    names = [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
+    names = [cut(".".join(str(p) for p in e["loc"])) for e in exc.errors()]
     names = [(renamed or {}).get(name, name) for name in names]
-    message = "; ".join(f"{name or 'body'}: {str(e['msg']).removeprefix('Value error, ')}"
+    message = "; ".join(f"{name or 'body'}: {cut(str(e['msg']).removeprefix('Value error, '))}"
                         for name, e in zip(names, exc.errors(), strict=True))
     param = names[0] or None if names else None
     return ApiError(422, "invalid_body", message or "invalid request body", extra={"param": param})
@@ -37,29 +49,29 @@ class _Body(BaseModel):
 class _Part(_Body):
     """A content part of either API; converted by :func:`_content_item`."""
 
-    type: str
-    text: str | None = None
+    type: _Kind
+    text: Text | None = None
     image_url: Any = None  # chat: {"url", "detail"}; responses: a URL string
-    detail: str | None = None
+    detail: str | None = Field(None, max_length=16)
     input_audio: dict[str, Any] | None = None
     file: dict[str, Any] | None = None
     file_data: str | None = None
-    filename: str | None = None
-    file_id: str | None = None
+    filename: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    file_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
 
 
 class _Message(_Body):
     # role is checked in _conversation, so that a Responses item of another type
     # (function_call_output...) gets the 400 that names it, not a validation error.
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] | None = None
-    content: str | list[_Part] | None = None
-    type: str = "message"
+    content: Text | Annotated[list[_Part], Field(max_length=MAX_CONTENT_ITEMS)] | None = None
+    type: _Kind = "message"
 
 
 class _Extras(_Body):
     """Fields both APIs share, and llmpool's own, which OpenAI clients send via ``extra_body``."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     allow_remote: bool = False
     fairness_key: Any = None
     decoding: dict[str, Any] | None = None
@@ -80,26 +92,28 @@ class StreamOptions(_Body):
 
 
 class ChatBody(_Extras):
-    messages: list[_Message] = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    stop: str | list[str] | None = None
+    stop: Annotated[str, Field(max_length=MAX_STOP_CHARS)] | Stop | None = None
     n: int | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: _Effort | None = None
     stream_options: StreamOptions | None = None
 
 
 class _Reasoning(_Body):
-    effort: str | None = None
+    effort: _Effort | None = None
 
 
 class ResponsesBody(_Extras):
-    input: str | list[_Message]
-    instructions: str | None = None
+    input: Text | Annotated[list[_Message], Field(max_length=MAX_MESSAGES)]
+    instructions: str | None = Field(None, max_length=MAX_INSTRUCTIONS_CHARS)
     max_output_tokens: int | None = None
     reasoning: _Reasoning | None = None
-    previous_response_id: str | None = None
-    metadata: dict[str, str] | None = None
+    previous_response_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    # As OpenAI bounds it (it is echoed in the answer): 16 pairs, keys of 64 and values of 512 characters.
+    metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+                        Field(max_length=16)] | None = None
 
 
 def _content_item(part: _Part, param: str) -> dict[str, Any]:
@@ -119,7 +133,7 @@ def _content_item(part: _Part, param: str) -> dict[str, Any]:
         return {"type": "file", "file": {"filename": file["filename"], "file_data": file["file_data"]}}
     if file is not None:
         raise _unsupported(param, "files must be sent inline with 'file_data' and 'filename' (no 'file_id')")
-    raise _unsupported(param, f"content part type '{kind}' is not supported")
+    raise _unsupported(param, f"content part type {clip(kind)} is not supported")
 
 
 def _content(content: str | list[_Part] | None, param: str) -> str | list[dict[str, Any]]:
@@ -140,7 +154,7 @@ def _conversation(messages: list[_Message], param: str, instructions: str | None
     for i, message in enumerate(messages):
         where = f"{param}[{i}]"
         if message.type != "message":
-            raise _unsupported(where, f"input item type '{message.type}' is not supported")
+            raise _unsupported(where, f"input item type {clip(message.type)} is not supported")
         if message.role is None:
             raise _unsupported(f"{where}.role", "a message needs a 'role'")
         if message.role in ("tool", "function"):

@@ -74,7 +74,8 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/healthz", "Liveness", "health", a.Health, surface="open"),
     Route("GET", "/readyz", "Readiness: startup loads done", "health", a.Ready, surface="open",
           extra_answers={503: a.Ready}),
-    Route("GET", "/metrics", "Prometheus metrics", "health", None, surface="open", content="text/plain"),
+    Route("GET", "/metrics", "Prometheus metrics (a key off loopback binds)", "health", None, surface="open",
+          content="text/plain", errors=(401,)),
     Route("GET", "/openai/v1/models", "Loaded models (OpenAI)", "openai", a.OpenAIModelList, errors=(401,),
           surface="openai"),
     Route("GET", "/openai/v1/models/{model}", "One loaded model (OpenAI)", "openai", a.OpenAIModel,
@@ -90,7 +91,9 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/", "Web console (HTML), or a JSON index", "pages", None, surface="open", content="text/html"),
 )
 
-_REASONS = {400: "Bad request", 401: "Missing or invalid key", 404: "Unknown model", 409: "Model state conflict",
+_BROWSER = (403, 421)  # every route: a foreign Origin, a foreign Host on a loopback bind (llmpoold.http.security)
+_REASONS = {400: "Bad request", 401: "Missing or invalid key", 403: "Origin not allowed",
+            404: "Unknown model", 409: "Model state conflict", 421: "Host not allowed (loopback bind)",
             413: "Body too large", 415: "Not JSON", 422: "Invalid body", 429: "Queue full",
             500: "Internal or load error", 502: "Backend failure", 503: "Not ready / unavailable",
             504: "Backend timeout"}
@@ -121,8 +124,8 @@ def _schemas() -> dict[str, Any]:
 def _operation(route: Route, models: list[str]) -> dict[str, Any]:
     op_id = route.method.lower() + re.sub(r"[^A-Za-z0-9]+", "_", route.path).rstrip("_")
     op: dict[str, Any] = {"summary": route.summary, "tags": [route.tag], "operationId": op_id}
-    if route.surface == "open":
-        op["security"] = []
+    if route.surface == "open":  # no key; a key optional where a 401 is possible (/metrics off loopback)
+        op["security"] = [{}, {"bearer": []}, {"apiKey": []}] if 401 in route.errors else []
     params = [seg[1:-1] for seg in route.path.split("/") if seg.startswith("{")]
     if params:
         op["parameters"] = [{"name": p, "in": "path", "required": True,
@@ -148,7 +151,7 @@ def _operation(route: Route, models: list[str]) -> dict[str, Any]:
         ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
     responses: dict[str, Any] = {"200": ok}
     error = _ref(a.OpenAIError if route.surface == "openai" else a.ErrorEnvelope)
-    for status in route.errors:
+    for status in sorted({*route.errors, *_BROWSER}):
         responses[str(status)] = {"description": _REASONS[status], "content": {"application/json": {"schema": error}}}
     for status, model in route.extra_answers.items():
         responses[str(status)] = {"description": _REASONS[status],
@@ -175,7 +178,10 @@ def build(models: list[str]) -> dict[str, Any]:
         "info": {"title": "llmpoold", "version": __version__,
                  "description": "One HTTP API in front of the LLM runtimes on a host. Inference paths take an API "
                                 "key and admin paths the admin key when keys are configured (Bearer or "
-                                "X-Api-Key); health, metrics and these pages are open."},
+                                "X-Api-Key); health and these pages are open, /metrics too on a loopback bind. "
+                                "A browser Origin other than the daemon's own or service.allowed_origins gets "
+                                "403; on a loopback bind a Host that is not loopback or in "
+                                "service.allowed_hosts gets 421 (README, Security model)."},
         "paths": paths,
         "components": {"schemas": _schemas(), "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"},

@@ -11,6 +11,7 @@ a client that leaves the moment the SSE headers are sent.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from contextlib import aclosing
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from llmpoold.errors import ApiError
+from llmpoold.errors import ApiError, clip
 from llmpoold.http.keys import POOL, REQUEST_ID
 from llmpoold.http.sse import open_sse, send_event
 from llmpoold.inference import Inference, InferenceResult, record_refused_body
@@ -46,16 +47,59 @@ class Shape(Protocol):
 Parsed = tuple[ResponseRequest, Callable[[str], Shape]]
 
 
+MAX_JSON_DEPTH = 32  # arrays and objects nested in a request body; real bodies use fewer than 8
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # only a \uD800-\uDFFF escape decodes to one
+
+
+def _invalid_json(reason: str) -> ApiError:
+    return ApiError(400, "invalid_json", f"request body is not valid JSON: {reason}")
+
+
+def check_json(value: Any, *, surrogates: bool) -> None:
+    """Raise ApiError 400 ``invalid_json`` when ``value`` nests deeper than
+    :data:`MAX_JSON_DEPTH` or (``surrogates``) holds a string or key that is not valid
+    Unicode (a lone surrogate escape such as ``"\\ud800"``, which no UTF-8 text can carry)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= MAX_JSON_DEPTH:
+                raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(item, dict):
+                if surrogates:
+                    stack.extend((key, depth) for key in item)
+                item = item.values()
+            stack.extend((child, depth + 1) for child in item)
+        elif surrogates and isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _invalid_json("a string holds a lone surrogate (\\ud800-\\udfff), not valid UTF-8") from None
+
+
 async def read_json(request: web.Request) -> Any:
-    """The request body as JSON, or ApiError 415/400 (never a 500)."""
+    """The request body as JSON, or ApiError 415/400 (never a 500): the body must be
+    UTF-8 JSON whose strings are valid Unicode, nested at most :data:`MAX_JSON_DEPTH`
+    deep (its size is bounded by ``service.max_body_bytes``, a 413 beyond)."""
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type",
-                       f"expected Content-Type application/json, got '{request.content_type}'")
+                       f"expected Content-Type application/json, got {clip(request.content_type)}")
     raw = await request.read()
+    if not raw:
+        return None
     try:
-        return json.loads(raw) if raw else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+        text = raw.decode("utf-8")
+        data = json.loads(text)
+    except UnicodeDecodeError:
+        raise _invalid_json("not UTF-8") from None
+    except json.JSONDecodeError as exc:  # its message quotes no input, only a position
+        raise _invalid_json(str(exc)) from None
+    except ValueError:  # an integer of more digits than int() converts
+        raise _invalid_json("a number is too long") from None
+    except RecursionError:
+        raise _invalid_json(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    check_json(data, surrogates=_SURROGATE_ESCAPE.search(text) is not None)
+    return data
 
 
 def parse_body(model: type[BaseModel], data: Any) -> Any:

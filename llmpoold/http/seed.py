@@ -7,7 +7,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from llmpoold.errors import ApiError
+from llmpoold.errors import ApiError, cut
 from llmpoold.http.keys import POOL
 from llmpoold.http.respond import Event, Parsed, parse_body, respond
 from llmpoold.inference import InferenceResult
@@ -22,8 +22,9 @@ def error_response(exc: ApiError) -> web.Response:
 
 def validation_response(exc: ValidationError) -> web.Response:
     """FastAPI's 422 shape: ``{"detail": [{"loc", "msg", "type"}]}``."""
-    details = [{"loc": ["body", *err["loc"]], "msg": str(err["msg"]).removeprefix("Value error, "),
-                "type": err["type"]} for err in exc.errors()]
+    details = [{"loc": ["body", *(cut(p) if isinstance(p, str) else p for p in err["loc"])],
+                "msg": cut(str(err["msg"]).removeprefix("Value error, ")), "type": err["type"]}
+               for err in exc.errors(include_input=False, include_url=False)]
     return web.json_response({"detail": details}, status=422)
 
 

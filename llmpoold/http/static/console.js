@@ -94,7 +94,7 @@ async function poll() {
   state.polls += 1;
   try {
     const [metrics, admin, ready] = await Promise.all([
-      fetch("/metrics"),
+      fetch("/metrics", { headers: authHeaders("api") }),  // a key: /metrics needs one off loopback
       fetch("/v1/admin/models", { headers: authHeaders("admin") }),
       fetch("/readyz"),
     ]);
