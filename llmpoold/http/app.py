@@ -15,10 +15,12 @@ from llmpoold.config import AppSettings
 from llmpoold.entries import ModelState
 from llmpoold.errors import ApiError
 from llmpoold.http import admin, console, openai_api, openapi, public, seed
-from llmpoold.http.keys import POOL, REGISTRY, RELOAD, REQUEST_ID, SETTINGS, STARTED_AT, ReloadState
+from llmpoold.http.keys import POOL, REGISTRY, RELOAD, REQUEST_ID, SETTINGS, STARTED_AT, TENANT, TENANTS, ReloadState
 from llmpoold.plugins import PluginRegistry
 from llmpoold.pool import Pool, ReplicaFactory
 from llmpoold.replicas.factory import ProcessReplicaFactory
+from llmpoold.tenants import Tenants, authenticate
+from llmpoold.usage import UsageBook
 
 log = structlog.get_logger("llmpoold.http")
 
@@ -63,21 +65,14 @@ def _bearer(request: web.Request) -> str | None:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Admin paths need the admin key, inference paths an API key (when configured)."""
-    service = request.app[SETTINGS].service
+    """Admin paths need the admin key (or a named key with ``admin``), inference paths
+    an API key (when configured); a named key's tenant goes on the request."""
     path = request.path
     if path in ("/healthz", "/readyz", "/metrics") or public.is_public(request.method, path):
         return await handler(request)
-    admin_key = service.resolved_admin_key()
-    api_keys = service.resolved_api_keys()
-    token = _bearer(request)
-    if path.startswith("/v1/admin"):
-        allowed = {admin_key} if admin_key else set()
-    else:
-        allowed = set(api_keys) | ({admin_key} if admin_key and api_keys else set())
-    if allowed and token not in allowed:
-        raise ApiError(401, "unauthorized", "missing or invalid API key",
-                       headers={"WWW-Authenticate": "Bearer"})
+    tenant = authenticate(request.app[TENANTS], _bearer(request), admin=path.startswith("/v1/admin"))
+    if tenant is not None:
+        request[TENANT] = tenant
     return await handler(request)
 
 
@@ -109,7 +104,8 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     ``replica_factory`` defaults to inline or worker-process replicas per model
     ``isolation`` (:class:`~llmpoold.replicas.factory.ProcessReplicaFactory`).
     ``settings_paths`` are re-read by ``POST /v1/admin/settings/reload``.
-    Raises SettingsError when a model's backend keys are invalid.
+    Raises SettingsError when a model's backend keys are invalid, a key variable is
+    unset, or the usage store under ``engine.state_dir`` cannot be opened.
     """
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=settings.service.max_body_bytes)
@@ -119,6 +115,8 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     app[SETTINGS] = settings
     app[RELOAD] = ReloadState(paths=settings_paths, service=settings.service, workers=settings.engine.workers)
     app[STARTED_AT] = int(time.time())
+    tenants = app[TENANTS] = Tenants(settings.service, state_dir=settings.engine.state_dir,
+                                     usage=UsageBook(pool.metrics.registry))
     seed.setup(app)
     admin.setup(app)
     openai_api.setup(app)
@@ -136,6 +134,7 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
         if task is not None and not task.done():
             task.cancel()
         await pool.close()
+        tenants.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

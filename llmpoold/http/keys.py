@@ -9,6 +9,7 @@ from aiohttp import web
 from llmpoold.config import AppSettings, ServiceSettings, WorkerSettings
 from llmpoold.plugins import PluginRegistry
 from llmpoold.pool import Pool
+from llmpoold.tenants import Tenant, Tenants
 
 
 @dataclass
@@ -28,4 +29,6 @@ REGISTRY = web.AppKey("registry", PluginRegistry)
 SETTINGS = web.AppKey("settings", AppSettings)
 RELOAD = web.AppKey("reload", ReloadState)
 STARTED_AT = web.AppKey("started_at", int)  # unix time the app was built (OpenAI's ``created``)
+TENANTS = web.AppKey("tenants", Tenants)  # the API keys (reloaded with the settings), usage, spend
 REQUEST_ID = web.RequestKey("request_id", str)
+TENANT = web.RequestKey("tenant", Tenant)  # set for a named API key only (llmpoold.tenants.authenticate)
