@@ -74,6 +74,7 @@ class TenantState:
     """A key's use right now: its places in models, its waiters, its token buckets."""
 
     inflight: int = 0
+    places: int | None = None  # max_inflight of the current settings
     waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
     requests: Allowance | None = None
     output_tokens: Allowance | None = None
@@ -81,6 +82,7 @@ class TenantState:
 
     def configure(self, settings: ApiKeySettings) -> None:
         """Take (reloaded) limits; a bucket whose rate did not change keeps its level."""
+        self.places = settings.max_inflight
         for attr, rate in (("requests", settings.requests_per_minute),
                            ("output_tokens", settings.output_tokens_per_minute)):
             current = getattr(self, attr)
@@ -93,10 +95,10 @@ class TenantState:
         mean = sum(self.recent_s) / len(self.recent_s) if self.recent_s else 1.0
         return max(1, min(3600, math.ceil(mean * (ahead + 1) / max(1, places))))
 
-    def leave(self, places: int | None) -> None:
+    def leave(self) -> None:
         """Give a place back and hand free places to the waiters, oldest first."""
         self.inflight -= 1
-        while self.waiters and (places is None or self.inflight < places):
+        while self.waiters and (self.places is None or self.inflight < self.places):
             waiter = self.waiters.popleft()
             if not waiter.done():
                 self.inflight += 1
@@ -246,7 +248,6 @@ class Admission:
         self.entered = False
         self.wait_s = 0.0
         self._finished = False
-        self._places: int | None = None
         if tenant is None:
             self.fairness_key, self.fairness_group, self.fairness_weight = body.fairness_key, None, None
         else:
@@ -281,7 +282,7 @@ class Admission:
             if wait:
                 raise ApiError(429, "tenant_rate_limited", f"this API key's {what} per minute are used up; retry later",
                                model=model, headers={"Retry-After": str(wait)})
-        self._places = places = settings.max_inflight
+        places = settings.max_inflight
         waits = places is not None and (state.inflight >= places or bool(state.waiters))
         if waits and len(state.waiters) >= settings.max_queued:
             assert places is not None
@@ -308,7 +309,7 @@ class Admission:
             await asyncio.wait_for(asyncio.shield(waiter), timeout)
         except (asyncio.CancelledError, TimeoutError) as exc:
             if waiter.done() and not waiter.cancelled():
-                state.leave(self._places)  # granted in the same instant: give it back
+                state.leave()  # granted in the same instant: give it back
             else:
                 waiter.cancel()
                 if waiter in state.waiters:
@@ -330,7 +331,7 @@ class Admission:
         tenant, state = self.tenant, self.tenant.state
         run_s = time.perf_counter() - lease.started_at if lease is not None else 0.0
         if self.entered:
-            state.leave(self._places)
+            state.leave()
             if lease is not None:
                 state.recent_s.append(run_s)
         prompt = int((metrics or {}).get("engine_prompt_tokens") or 0)

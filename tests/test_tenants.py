@@ -16,7 +16,7 @@ import structlog
 from aiohttp.test_utils import TestClient, TestServer
 
 from llmpoold.http.app import create_app
-from llmpoold.http.keys import POOL
+from llmpoold.http.keys import POOL, TENANTS
 from llmpoold.testing import make_registry, settings_from
 
 pytestmark = pytest.mark.timeout(60)
@@ -225,3 +225,20 @@ async def test_a_reload_that_removes_a_key_refuses_its_next_request(tmp_path: Pa
         resp = await client.post("/v1/admin/settings/reload", headers=ADMIN)
         assert resp.status == 400 and "LLMPOOL_KEY_UNSET" in (await detail(resp))["message"]
         assert (await post(client, "k-a", "slow")).status == 200
+
+
+async def test_a_request_waiting_for_a_place_of_its_key_times_out_or_leaves(make_client: Any) -> None:
+    client = await make_client(settings({"name": "batch", "key": "k-b", "max_inflight": 1, "max_queued": 5}))
+    first = asyncio.create_task(post(client, "k-b", "slow", "a b c d e f"))  # ~0.3 s
+    await asyncio.sleep(0.05)
+    resp = await post(client, "k-b", "echo", queue_timeout_s=0.1)
+    assert resp.status == 503 and (await detail(resp))["code"] == "queue_timeout"
+    leaving = asyncio.create_task(post(client, "k-b", "echo"))
+    await asyncio.sleep(0.05)
+    leaving.cancel()  # a client gone while waiting for a place takes none
+    assert (await first).status == 200
+    assert (await post(client, "k-b", "echo")).status == 200
+    usage = await (await client.get("/v1/admin/usage", headers=ADMIN)).json()
+    assert usage["keys"]["batch"]["requests"] == {"ok": 2, "error": 0, "rejected": 1, "cancelled": 1}
+    state = client.server.app[TENANTS].ring.tenants[0].state
+    assert state.inflight == 0 and not state.waiters
