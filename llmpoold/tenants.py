@@ -167,23 +167,26 @@ class Tenants:
         self.usage = usage
         self._states: dict[str, TenantState] = {}
         self._store: SpendStore | None = None
-        self.ring = KeyRing(service, self)
-        self._opened()
+        self.install(self.prepare(service))
 
     def tenant(self, settings: ApiKeySettings) -> Tenant:
         state = self._states.setdefault(settings.name, TenantState())
-        state.configure(settings)
         return Tenant(settings=settings, state=state, tenants=self)
 
-    def reload(self, service: ServiceSettings) -> None:
-        """Take the keys of reloaded settings (SettingsError: nothing changes)."""
-        self.ring = KeyRing(service, self)
-        self._opened()
-
-    def _opened(self) -> None:
-        self.usage.touch(t.name for t in self.ring.tenants)
-        if any(t.settings.remote_budget is not None for t in self.ring.tenants):
+    def prepare(self, service: ServiceSettings) -> KeyRing:
+        """The keys of (reloaded) settings, resolved but not yet in use: SettingsError
+        for an unset key variable, a shared key value or a store that cannot open."""
+        ring = KeyRing(service, self)
+        if any(t.settings.remote_budget is not None for t in ring.tenants):
             self.store()
+        return ring
+
+    def install(self, ring: KeyRing) -> None:
+        """Use ``ring`` from the next request on; its keys' limits apply at once."""
+        for tenant in ring.tenants:
+            tenant.state.configure(tenant.settings)
+        self.usage.touch(t.name for t in ring.tenants)
+        self.ring = ring
 
     def store(self) -> SpendStore:
         if self._store is None:

@@ -147,15 +147,11 @@ async def admin_reload(request: web.Request) -> web.Response:
     tenants = request.app[TENANTS]
     try:
         new = load_settings(*state.paths)
-        keys = tenants.ring  # resolved first: an unset key variable changes nothing
-        tenants.reload(new.service)
-        try:
-            report: dict[str, Any] = request.app[POOL].reload(new)
-        except BaseException:
-            tenants.ring = keys
-            raise
+        keys = tenants.prepare(new.service)  # resolved first: an unset key variable changes nothing
+        report: dict[str, Any] = request.app[POOL].reload(new)
     except (SettingsError, OSError) as exc:
         raise ApiError(400, "invalid_settings", str(exc)) from None
+    tenants.install(keys)
     changed = new.service.model_dump(exclude=_LIVE_KEYS) != state.service.model_dump(exclude=_LIVE_KEYS)
     state.restart_required = state.restart_required or changed or new.engine.workers != state.workers
     return web.json_response({**report, "service_restart_required": state.restart_required})
