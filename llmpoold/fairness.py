@@ -220,16 +220,16 @@ class FairQueue:
         bucket = self._buckets.get(bucket_id)
         group = self._groups.get(group_id)
         limit = self.settings.max_pending_per_key
-        full = (bucket.key if bucket is not None and len(bucket.pending) >= limit else
-                job.fairness_group if group is not None and job.fairness_group is not None and group.pending >= limit
-                else False)
-        if full is not False:
+        bucket_full = bucket is not None and len(bucket.pending) >= limit
+        # A key's share (a group) is bounded as a whole: rotating keys does not dodge it.
+        group_full = job.fairness_group is not None and group is not None and group.pending >= limit
+        if bucket_full or group_full:
             if bucket is not None:
                 bucket.rejected_per_key_limit += 1
             self.rejected_per_key_limit += 1
-            label = full if full is not None else "anonymous"
+            label = job.fairness_key if bucket_full else job.fairness_group
             raise ApiError(429, "fairness_key_queue_full",
-                           f"pending queue for fairness key '{label}' is full for model '{self.model}'",
+                           f"pending queue for fairness key '{label or 'anonymous'}' is full for model '{self.model}'",
                            model=self.model)
         if self._pending >= self.settings.max_pending_per_executor:
             if bucket is not None:
