@@ -26,15 +26,20 @@ from __future__ import annotations
 import asyncio
 import hmac
 import math
+import sqlite3
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
 from llmpoold.errors import ApiError, SettingsError
 from llmpoold.service_settings import ServiceSettings
 from llmpoold.tenant_settings import ApiKeySettings
 from llmpoold.usage import Charge, SpendStore, UsageBook, model_prices, month_of, seconds_to_next_month
+
+log = structlog.get_logger("llmpoold.tenants")
 
 if TYPE_CHECKING:
     from llmpoold.pool import Pool
@@ -193,6 +198,14 @@ class Tenants:
             self._store = SpendStore(self.state_dir)
         return self._store
 
+    def add_spend(self, name: str, cost: float) -> None:
+        """Add to this month's spend; a store that fails is logged (the request is over:
+        its answer stands), and a budget check that cannot read the store fails closed."""
+        try:
+            self.store().add(name, month_of(), cost)
+        except (SettingsError, sqlite3.Error) as exc:
+            log.error("usage_store_error", key_name=name, error=str(exc))
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
@@ -346,7 +359,7 @@ class Admission:
         if prices is not None and (prompt or output):
             cost = (prompt * prices[0] + output * prices[1]) / 1e6
             if cost > 0:
-                tenant.tenants.store().add(tenant.name, month_of(), cost)
+                tenant.tenants.add_spend(tenant.name, cost)
         queue_s = self.wait_s + (lease.queue_wait_ms / 1000 if lease is not None else 0.0)
         tenant.tenants.usage.record(tenant.name, Charge(outcome=outcome, prompt_tokens=prompt, output_tokens=output,
                                                         queue_seconds=queue_s, run_seconds=run_s, remote_cost=cost))
