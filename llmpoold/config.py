@@ -181,7 +181,11 @@ class WorkerSettings(_Strict):
 
 
 class EngineSettings(_Strict):
+    """``engine``: models and their defaults. ``state_dir`` holds what must survive a
+    restart (the API keys' remote spend, :mod:`llmpoold.usage`); read at start."""
+
     backend: str | None = None
+    state_dir: str = "/var/lib/llmpool"
     decoding: DecodingDefaults = Field(default_factory=lambda: DecodingDefaults())
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)

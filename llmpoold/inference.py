@@ -29,6 +29,7 @@ from llmpoold.errors import QUOTE_CHARS, ApiError, WorkerError, clip, describe, 
 from llmpoold.pool import Pool
 from llmpoold.scheduler import Job, Lease
 from llmpoold.schemas import ResponseRequest
+from llmpoold.tenants import Admission, Tenant
 from llmpoold.types import DEFAULT_INSTRUCTIONS, Completion, Decoding, GenerationRequest, Message, TextDelta
 
 log = structlog.get_logger("llmpoold.http")
@@ -106,7 +107,8 @@ class Inference:
     """Admission, queueing and streaming of one ``ResponseRequest``."""
 
     def __init__(self, pool: Pool, body: ResponseRequest, *, request_id: str | None = None,
-                 started_at: float | None = None) -> None:
+                 started_at: float | None = None, tenant: Tenant | None = None) -> None:
+        """``tenant``: the named API key that sent the request (its rules apply), if any."""
         self.pool = pool
         self.body = body
         self.request_id = request_id or uuid.uuid4().hex
@@ -118,6 +120,7 @@ class Inference:
         self.result: InferenceResult | None = None
         self._counted = False
         self._outcome: str | None = None
+        self.admission = Admission(tenant, pool, body)  # the API key's rules (llmpoold.tenants)
 
     # ----- admission -----------------------------------------------------------------
 
@@ -182,9 +185,13 @@ class Inference:
     async def start(self) -> None:
         """Admit the request and wait for a replica slot. Raises ApiError."""
         try:
+            await self.admission.enter()  # the key's models, limits and places, before the model's own checks
             entry = self._admit()
         except ApiError as exc:
             self.record("rejected", exc)
+            raise
+        except BaseException:  # client gone while waiting for a place of its key
+            self.record("cancelled")
             raise
         self.entry = entry
         assert entry.scheduler is not None
@@ -192,8 +199,10 @@ class Inference:
         self._counted = True
         try:
             timeout = self.body.queue_timeout_s or entry.current.queue_timeout_s
-            self.lease = await entry.scheduler.acquire(Job(model=entry.name, fairness_key=self.body.fairness_key),
-                                                       timeout_s=timeout)
+            adm = self.admission
+            job = Job(model=entry.name, fairness_key=adm.fairness_key, fairness_group=adm.fairness_group,
+                      fairness_weight=adm.fairness_weight)
+            self.lease = await entry.scheduler.acquire(job, timeout_s=timeout)
         except ApiError as exc:
             self._finish()
             self.record("rejected", exc)
@@ -209,16 +218,19 @@ class Inference:
         """Record the request's outcome once: the metric (under a configured model name
         only, so labels stay bounded) and the ``inference`` log line. ``outcome`` is
         ``ok``, ``error`` (failed while running), ``rejected`` (never ran) or
-        ``cancelled`` (the client left: status 499)."""
+        ``cancelled`` (the client left: status 499). The API key's place is freed and
+        its usage charged here too (:meth:`Admission.finish`)."""
         if self._outcome is not None:
             return
         self._outcome = outcome
+        self.admission.finish(outcome, metrics=self.result.metrics if self.result else None, lease=self.lease)
         if self.body.model in self.pool.entries:
             self.pool.metrics.outcome(self.body.model, outcome,
                                       reason=error.code if outcome == "rejected" and error else None)
         status, code = ((error.status, error.code) if error is not None
                         else (499, "client_disconnected") if outcome == "cancelled" else (200, None))
-        log.info("inference", model=self.body.model, fairness_key=self.body.fairness_key or "anonymous",
+        log.info("inference", model=self.body.model, key_name=self.admission.key_name,
+                 fairness_key=self.admission.fairness_key or "anonymous",
                  stream=self.body.stream, status=status, error=code,
                  metrics=self.result.metrics if self.result else None)
 

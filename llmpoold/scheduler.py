@@ -33,6 +33,10 @@ class Job:
 
     model: str
     fairness_key: str | None = None
+    # A key's share (llmpoold.tenants): its buckets compete inside the group, which
+    # competes with the others at ``fairness_weight`` (None: engine.fairness.weights).
+    fairness_group: str | None = None
+    fairness_weight: float | None = None
     enqueued_at: float = field(default_factory=time.perf_counter)
     job_id: int = field(default_factory=lambda: next(_ids))
     future: asyncio.Future[Lease] | None = None

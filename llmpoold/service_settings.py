@@ -1,7 +1,8 @@
 """The ``service`` settings block (:class:`ServiceSettings`): bind address, keys and the
 HTTP limits, and the helpers the HTTP layer uses to check a caller.
 
-- Keys: ``api_keys`` / ``api_key_envs`` (inference), ``admin_api_key`` /
+- Keys: ``api_keys`` (strings, or objects that name a tenant:
+  :class:`~llmpoold.tenant_settings.ApiKeySettings`) / ``api_key_envs`` (inference), ``admin_api_key`` /
   ``admin_api_key_env`` (admin). A ``*_env`` entry names an environment variable that must
   be set and non-empty when the settings are validated (start, ``--check``, reload) and
   when they are resolved (:meth:`ServiceSettings.resolved_api_keys`,
@@ -25,6 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmpoold.errors import SettingsError
+from llmpoold.tenant_settings import ApiKeySettings
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
@@ -121,7 +123,7 @@ class ServiceSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8010, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    api_keys: tuple[str, ...] = ()
+    api_keys: tuple[str | ApiKeySettings, ...] = ()
     api_key_envs: tuple[str, ...] = ()
     admin_api_key: str | None = None
     admin_api_key_env: str | None = None
@@ -140,9 +142,13 @@ class ServiceSettings(BaseModel):
 
     @field_validator("api_keys", mode="after")
     @classmethod
-    def _api_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if any(not key.strip() for key in value):
+    def _api_keys(cls, value: tuple[str | ApiKeySettings, ...]) -> tuple[str | ApiKeySettings, ...]:
+        if any(isinstance(key, str) and not key.strip() for key in value):
             raise ValueError("API keys must not be blank")
+        names = [key.name for key in value if isinstance(key, ApiKeySettings)]
+        duplicate = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if duplicate is not None:
+            raise ValueError(f"two API keys are named '{duplicate}'")
         return value
 
     @field_validator("admin_api_key", mode="after")
@@ -187,9 +193,9 @@ class ServiceSettings(BaseModel):
         return bool(self.api_keys or self.api_key_envs or self.admin_api_key or self.admin_api_key_env)
 
     def resolved_api_keys(self) -> frozenset[str]:
-        """Inference keys: literal ones plus the values of the named env vars.
+        """Inference keys: literal ones (of named keys too) plus the values of the named env vars.
         Raises :class:`SettingsError` naming a variable that is (now) unset or empty."""
-        keys = set(self.api_keys)
+        keys = {key if isinstance(key, str) else key.resolved_key() for key in self.api_keys}
         keys.update(_env_value(name, "api_key_envs") for name in self.api_key_envs)
         return frozenset(k for k in keys if k)
 

@@ -145,6 +145,20 @@ def test_keys_come_from_the_environment(tmp_path: Path) -> None:
         assert llmpool(daemon.url, "run", "echo", "hi", env={"LLMPOOL_API_KEY": "wrong"}).returncode == 1
 
 
+def test_usage_lists_each_named_key(tmp_path: Path) -> None:
+    settings = {"service": {"api_keys": [{"name": "chat-app", "key": "k-chat"}], "admin_api_key": "adm"},
+                "engine": {"backend": "echo", "models": {"echo": {}}}}
+    with running_daemon(tmp_path, settings) as daemon:
+        assert llmpool(daemon.url, "run", "echo", "one two three", env={"LLMPOOL_API_KEY": "k-chat"}).returncode == 0
+        out = llmpool(daemon.url, "usage", env={"LLMPOOL_ADMIN_KEY": "adm"})
+        assert out.returncode == 0, out.stderr
+        row = next(line for line in out.stdout.splitlines() if line.startswith("chat-app"))
+        assert row.split()[1:7] == ["1", "0", "0", "0", "3", "3"]  # ok, error, rejected, cancelled, tokens
+        out = llmpool(daemon.url, "usage", "--json", env={"LLMPOOL_ADMIN_KEY": "adm"})
+        assert json.loads(out.stdout)["keys"]["chat-app"]["output_tokens"] == 3
+        assert "k-chat" not in out.stdout
+
+
 def test_stopped_daemon_gives_one_line() -> None:
     out = llmpool(f"http://127.0.0.1:{free_port()}", "ps")
     assert out.returncode == 3

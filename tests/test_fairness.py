@@ -304,3 +304,50 @@ def test_max_keys_must_be_a_positive_integer(value: object) -> None:
     with pytest.raises(ValidationError, match="engine.fairness.max_keys must be an integer greater than 0"):
         FairnessSettings.model_validate({"max_keys": value})
     assert FairnessSettings().max_keys == 10000
+
+
+def push_grouped(queue: FairQueue, clock: Clock, group: str, keys: list[str | None],
+                 weight: float | None = None) -> list[Job]:
+    jobs = [Job(model="m", fairness_key=f"{group}:{k}" if k else group, fairness_group=group, fairness_weight=weight)
+            for k in keys]
+    for job in jobs:
+        queue.push(job, clock.now)
+    return jobs
+
+
+def test_rotating_keys_inside_a_group_share_the_group_share() -> None:
+    """One API key's client sends every request under a new fairness_key: together they
+    get that key's share, not one share each."""
+    queue, clock = make_queue()
+    push_grouped(queue, clock, "rotator", [f"k{i}" for i in range(20)])
+    push(queue, clock, "steady", 20)
+    served = Counter("rotator" if (k or "").startswith("rotator") else k for k in serve_one_slot(queue, clock, 20))
+    assert served == {"rotator": 10, "steady": 10}
+
+
+def test_groups_with_weights_two_to_one_and_members_split_fairly() -> None:
+    queue, clock = make_queue()
+    push_grouped(queue, clock, "gold", ["a"] * 15 + ["b"] * 15, weight=2.0)
+    push_grouped(queue, clock, "std", [None] * 20, weight=1.0)
+    served = Counter(serve_one_slot(queue, clock, 18))
+    assert served["gold:a"] + served["gold:b"] == 12 and served["std"] == 6
+    assert served["gold:a"] == served["gold:b"] == 6
+    snap = {k["fairness_key"]: k for k in queue.snapshot(clock.now)["keys"]}
+    assert snap["gold:a"]["fairness_group"] == "gold" and snap["gold:a"]["weight"] == 2.0
+
+
+def test_max_pending_per_key_bounds_the_whole_group() -> None:
+    queue, clock = make_queue(max_pending_per_key=3)
+    push_grouped(queue, clock, "t", ["a", "b", "c"])
+    with pytest.raises(ApiError) as err:
+        push_grouped(queue, clock, "t", ["d"])
+    assert err.value.code == "fairness_key_queue_full" and "'t'" in (err.value.message or "")
+
+
+def test_an_idle_group_is_forgotten_with_its_last_member() -> None:
+    queue, clock = make_queue(idle_state_ttl_s=1)
+    (job,) = push_grouped(queue, clock, "t", ["a"])
+    serve_one_slot(queue, clock, 1)
+    clock.now += 2
+    push(queue, clock, "other")
+    assert list(queue._buckets) == ["other"] and list(queue._groups) == ["other"]

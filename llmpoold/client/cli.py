@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("reload", help="re-read settings.json and local.json in the daemon")
 
+    p = sub.add_parser("usage", help="each named API key's requests, tokens, time and remote spend since start")
+    p.add_argument("--json", action="store_true", help="print the admin API's usage object")
+
     p = sub.add_parser("check", help="validate a settings file and the installed plugins (llmpoold --check)")
     p.add_argument("settings", nargs="?", help="settings.json (default: as llmpoold finds it)")
     p.add_argument("--local", help="local.json merged over it")
@@ -283,6 +286,21 @@ def cmd_reload(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(client: Client, args: argparse.Namespace) -> int:
+    usage = client.json("GET", "/v1/admin/usage", admin=True)
+    if args.json:
+        print(json.dumps(usage, indent=2))
+        return 0
+    from llmpoold.client.views import usage_table
+
+    console = _console()
+    if not usage.get("keys"):
+        console.print("no named API keys (service.api_keys objects)")
+        return 0
+    console.print(usage_table(usage))
+    return 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from llmpoold import cli as daemon_cli
 
@@ -293,7 +311,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
     "ps": cmd_ps, "load": cmd_load, "unload": cmd_unload, "run": cmd_run, "chat": cmd_chat, "top": cmd_top,
-    "reload": cmd_reload,
+    "reload": cmd_reload, "usage": cmd_usage,
 }
 
 

@@ -104,3 +104,19 @@ def top_view(url: str, models: list[dict[str, Any]], tps: dict[str, float], gpus
         ("   memory ", "dim"), mib(memory), ((f" of {mib(gpu_total)} GPU" if gpu_total else " (estimates)"), "dim"))
     return Panel(Group(head, Text(""), models_table(models, tps, keys=True, gpus=gpus)),
                  title=f"llmpool top · {url}", title_align="left", subtitle="Ctrl-C quits", subtitle_align="right")
+
+
+def usage_table(usage: dict[str, Any]) -> Table:
+    """``llmpool usage``: one row per named API key (``GET /v1/admin/usage``)."""
+    table = Table(box=None, header_style="bold", pad_edge=False, title=f"since {usage.get('since', '?')}")
+    for column in ("key", "ok", "error", "rejected", "cancelled", "prompt tok", "output tok", "queue s", "run s",
+                   "remote cost", "budget left"):
+        table.add_column(column, justify="left" if column == "key" else "right")
+    for name, key in sorted(usage["keys"].items()):
+        requests = key.get("requests") or {}
+        budget = key.get("remote_budget")
+        table.add_row(name, *(str(requests.get(o, 0)) for o in ("ok", "error", "rejected", "cancelled")),
+                      str(key["prompt_tokens"]), str(key["output_tokens"]), f"{key['queue_seconds']:.1f}",
+                      f"{key['run_seconds']:.1f}", f"{key['remote_cost']:.4g}",
+                      f"{budget['remaining']:.4g} of {budget['budget']:.4g}" if budget else "-")
+    return table

@@ -12,7 +12,7 @@ from llmpoold.config import SettingsError, load_settings
 from llmpoold.entries import ModelEntry, ModelState
 from llmpoold.errors import ApiError
 from llmpoold.gpu import gpu_memory
-from llmpoold.http.keys import POOL, REGISTRY, RELOAD
+from llmpoold.http.keys import POOL, REGISTRY, RELOAD, TENANTS
 from llmpoold.http.respond import parse_body, read_json
 from llmpoold.pool import Pool
 from llmpoold.replicas.bridge import run_blocking
@@ -135,19 +135,31 @@ async def admin_gpu_memory(request: web.Request) -> web.Response:
     return web.json_response({"gpus": gpus, "models": models, "error": error})
 
 
+_LIVE_KEYS = {"api_keys", "api_key_envs", "admin_api_key", "admin_api_key_env"}
+
+
 async def admin_reload(request: web.Request) -> web.Response:
     """Re-read the settings files, atomically (see :meth:`Pool.reload`): an invalid file
-    is a 400 and nothing changes. A changed service block or worker policy is read only
-    at start: reported as ``service_restart_required`` until the restart."""
+    is a 400 and nothing changes. The keys take effect at once (a removed key is refused
+    from its next request); the rest of the service block and the worker policy are read
+    only at start: reported as ``service_restart_required`` until the restart."""
     state = request.app[RELOAD]
+    tenants = request.app[TENANTS]
     try:
         new = load_settings(*state.paths)
+        keys = tenants.prepare(new.service)  # resolved first: an unset key variable changes nothing
         report: dict[str, Any] = request.app[POOL].reload(new)
     except (SettingsError, OSError) as exc:
         raise ApiError(400, "invalid_settings", str(exc)) from None
-    state.restart_required = (state.restart_required or new.service != state.service
-                              or new.engine.workers != state.workers)
+    tenants.install(keys)
+    changed = new.service.model_dump(exclude=_LIVE_KEYS) != state.service.model_dump(exclude=_LIVE_KEYS)
+    state.restart_required = state.restart_required or changed or new.engine.workers != state.workers
     return web.json_response({**report, "service_restart_required": state.restart_required})
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """Each named API key's usage since start and its remote spend this month."""
+    return web.json_response(request.app[TENANTS].report())
 
 
 def setup(app: web.Application) -> None:
@@ -157,3 +169,4 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/v1/admin/models/{model_name}/unload", admin_unload)
     app.router.add_post("/v1/admin/settings/reload", admin_reload)
     app.router.add_get("/v1/admin/gpu-memory", admin_gpu_memory)
+    app.router.add_get("/v1/admin/usage", admin_usage)

@@ -162,6 +162,31 @@ class Reload(_Answer):
     updated_models: list[str]
 
 
+class RemoteBudget(_Answer):
+    month: str
+    budget: float
+    spent: float
+    remaining: float
+
+
+class KeyUsage(_Answer):
+    """One named API key's use since start (llmpoold.usage)."""
+
+    requests: dict[str, int]
+    prompt_tokens: int
+    output_tokens: int
+    queue_seconds: float
+    run_seconds: float
+    remote_cost: float
+    configured: bool
+    remote_budget: RemoteBudget | None = None
+
+
+class Usage(_Answer):
+    since: str
+    keys: dict[str, KeyUsage]
+
+
 class Health(_Answer):
     status: Literal["ok"]
 

@@ -16,10 +16,23 @@ from llmpoold.config import AppSettings
 from llmpoold.entries import ModelState
 from llmpoold.errors import QUOTE_CHARS, ApiError, cut, internal_error
 from llmpoold.http import admin, console, openai_api, openapi, security, seed
-from llmpoold.http.keys import DOOR, POOL, REGISTRY, RELOAD, REQUEST_ID, SETTINGS, STARTED_AT, ReloadState
+from llmpoold.http.keys import (
+    DOOR,
+    POOL,
+    REGISTRY,
+    RELOAD,
+    REQUEST_ID,
+    SETTINGS,
+    STARTED_AT,
+    TENANT,
+    TENANTS,
+    ReloadState,
+)
 from llmpoold.plugins import PluginRegistry
 from llmpoold.pool import Pool, ReplicaFactory
 from llmpoold.replicas.factory import ProcessReplicaFactory
+from llmpoold.tenants import Tenants
+from llmpoold.usage import UsageBook
 
 log = structlog.get_logger("llmpoold.http")
 
@@ -70,13 +83,15 @@ async def cors_on_prepare(request: web.BaseRequest, response: web.StreamResponse
 @web.middleware
 async def door_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The browser rules, then the keys (:mod:`llmpoold.http.security`); answers CORS
-    preflights from allowed origins."""
+    preflights from allowed origins. A named key's tenant goes on the request."""
     door = request.app[DOOR]
     security.check_browser(request, door)
     preflight = security.preflight(request, door)
     if preflight is not None:
         return preflight
-    security.authorize(request, door)
+    tenant = security.authorize(request, door, request.app[TENANTS].ring)
+    if tenant is not None:
+        request[TENANT] = tenant
     return await handler(request)
 
 
@@ -108,8 +123,9 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     ``replica_factory`` defaults to inline or worker-process replicas per model
     ``isolation`` (:class:`~llmpoold.replicas.factory.ProcessReplicaFactory`).
     ``settings_paths`` are re-read by ``POST /v1/admin/settings/reload``.
-    Raises SettingsError when a model's backend keys are invalid or a key variable
-    is unset (keys are resolved here, once).
+    Raises SettingsError when a model's backend keys are invalid, a key variable is
+    unset (keys are resolved here and on reload), or the usage store under
+    ``engine.state_dir`` cannot be opened.
     """
     app = web.Application(middlewares=[errors_middleware, door_middleware],
                           client_max_size=settings.service.max_body_bytes)
@@ -121,6 +137,8 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     app[SETTINGS] = settings
     app[RELOAD] = ReloadState(paths=settings_paths, service=settings.service, workers=settings.engine.workers)
     app[STARTED_AT] = int(time.time())
+    tenants = app[TENANTS] = Tenants(settings.service, state_dir=settings.engine.state_dir,
+                                     usage=UsageBook(pool.metrics.registry))
     seed.setup(app)
     admin.setup(app)
     openai_api.setup(app)
@@ -138,6 +156,7 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
         if task is not None and not task.done():
             task.cancel()
         await pool.close()
+        tenants.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -10,6 +10,7 @@ from llmpoold.config import AppSettings, ServiceSettings, WorkerSettings
 from llmpoold.http.security import Door
 from llmpoold.plugins import PluginRegistry
 from llmpoold.pool import Pool
+from llmpoold.tenants import Tenant, Tenants
 
 
 @dataclass
@@ -29,5 +30,7 @@ REGISTRY = web.AppKey("registry", PluginRegistry)
 SETTINGS = web.AppKey("settings", AppSettings)
 RELOAD = web.AppKey("reload", ReloadState)
 STARTED_AT = web.AppKey("started_at", int)  # unix time the app was built (OpenAI's ``created``)
-DOOR = web.AppKey("door", Door)  # the access rules, resolved once (llmpoold.http.security)
+DOOR = web.AppKey("door", Door)  # the browser/admin rules (llmpoold.http.security)
+TENANTS = web.AppKey("tenants", Tenants)  # the API keys (reloaded with the settings), usage, spend
 REQUEST_ID = web.RequestKey("request_id", str)
+TENANT = web.RequestKey("tenant", Tenant)  # set for a named API key only (llmpoold.http.security.authorize)

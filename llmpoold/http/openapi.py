@@ -53,7 +53,7 @@ class Route:
     extra_answers: dict[int, type[BaseModel]] = field(default_factory=dict)
 
 
-_INFER = (400, 401, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504)
+_INFER = (400, 401, 403, 404, 409, 413, 415, 422, 429, 500, 502, 503, 504)
 _ADMIN_BODY = (400, 401, 404, 409, 413, 415, 422, 500)
 
 ROUTES: tuple[Route, ...] = (
@@ -71,6 +71,8 @@ ROUTES: tuple[Route, ...] = (
           errors=(400, 401, 409)),
     Route("GET", "/v1/admin/gpu-memory", "GPU memory (NVML) and per-model estimates", "admin", a.GpuMemory,
           errors=(401,)),
+    Route("GET", "/v1/admin/usage", "Each named API key's usage since start, and its remote spend this month",
+          "admin", a.Usage, errors=(401,)),
     Route("GET", "/healthz", "Liveness", "health", a.Health, surface="open"),
     Route("GET", "/readyz", "Readiness: startup loads done", "health", a.Ready, surface="open",
           extra_answers={503: a.Ready}),
@@ -92,9 +94,11 @@ ROUTES: tuple[Route, ...] = (
 )
 
 _BROWSER = (403, 421)  # every route: a foreign Origin, a foreign Host on a loopback bind (llmpoold.http.security)
-_REASONS = {400: "Bad request", 401: "Missing or invalid key", 403: "Origin not allowed",
-            404: "Unknown model", 409: "Model state conflict", 421: "Host not allowed (loopback bind)",
-            413: "Body too large", 415: "Not JSON", 422: "Invalid body", 429: "Queue full",
+_REASONS = {400: "Bad request", 401: "Missing or invalid key",
+            403: "Origin not allowed, or not allowed for this key (model, remote)", 404: "Unknown model",
+            409: "Model state conflict", 421: "Host not allowed (loopback bind)",
+            413: "Body too large", 415: "Not JSON", 422: "Invalid body",
+            429: "Queue full, or the key's limits (Retry-After)",
             500: "Internal or load error", 502: "Backend failure", 503: "Not ready / unavailable",
             504: "Backend timeout"}
 

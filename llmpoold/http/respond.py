@@ -21,7 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from llmpoold.errors import ApiError, clip
-from llmpoold.http.keys import POOL, REQUEST_ID
+from llmpoold.http.keys import POOL, REQUEST_ID, TENANT
 from llmpoold.http.sse import open_sse, send_event
 from llmpoold.inference import Inference, InferenceResult, record_refused_body
 from llmpoold.schemas import ResponseRequest
@@ -119,7 +119,8 @@ async def respond(request: web.Request, parse: Callable[[Any], Parsed]) -> web.S
     except (ApiError, ValidationError) as exc:  # every request gets its log line
         record_refused_body(data, exc.code if isinstance(exc, ApiError) else "invalid_request_body")
         raise
-    inf = Inference(request.app[POOL], body, request_id=request[REQUEST_ID], started_at=started)
+    inf = Inference(request.app[POOL], body, request_id=request[REQUEST_ID], started_at=started,
+                    tenant=request.get(TENANT))
     await inf.start()  # records its own refusal
     shape = make_shape(inf.response_id)
     try:

@@ -1,9 +1,9 @@
 """Who may call what: the keys, and the browser rules (``Origin``, ``Host``).
 
-:class:`Door` is built once per app from the ``service`` block (keys resolved at build
-time: an unset key variable is a settings error then, never a per-request 500) and
-checked for every request by :func:`check_browser` then :func:`authorize`, each a
-pure function of (request, door) that returns or raises :class:`ApiError`:
+:class:`Door` is built once per app from the ``service`` block and the tenants' key ring
+(keys resolved at build and on reload: an unset key variable is a settings error then,
+never a per-request 500), and checked for every request by :func:`check_browser` then :func:`authorize`, each a
+pure function of (request, door[, ring]) that returns or raises :class:`ApiError`:
 
 - ``Host`` (loopback binds only): a loopback name or address, or one of
   ``service.allowed_hosts``; else 421 ``misdirected_request`` (DNS rebinding).
@@ -22,7 +22,8 @@ from aiohttp import web
 
 from llmpoold.errors import ApiError, clip
 from llmpoold.http import public
-from llmpoold.service_settings import ServiceSettings, is_loopback_host, key_matches
+from llmpoold.service_settings import ServiceSettings, is_loopback_host
+from llmpoold.tenants import KeyRing, Tenant
 
 HEALTH_PATHS = frozenset({"/healthz", "/readyz"})
 METRICS_PATH = "/metrics"
@@ -41,10 +42,10 @@ class Surface(StrEnum):
 
 @dataclass(frozen=True)
 class Door:
-    """The access rules of one app, resolved once from :class:`ServiceSettings`."""
+    """The browser and admin rules of one app, from :class:`ServiceSettings` (the keys
+    themselves are the tenants' :class:`~llmpoold.tenants.KeyRing`, resolved at build
+    and again on every settings reload)."""
 
-    api_keys: frozenset[str]
-    admin_key: str | None
     admin_open: bool
     loopback: bool  # the daemon binds a loopback address
     allowed_origins: frozenset[str]
@@ -52,15 +53,9 @@ class Door:
 
     @classmethod
     def from_settings(cls, service: ServiceSettings) -> Door:
-        """Raises :class:`~llmpoold.errors.SettingsError` naming a key variable that is unset."""
-        return cls(api_keys=service.resolved_api_keys(), admin_key=service.resolved_admin_key(),
-                   admin_open=service.admin_open, loopback=is_loopback_host(service.host),
+        return cls(admin_open=service.admin_open, loopback=is_loopback_host(service.host),
                    allowed_origins=frozenset(service.allowed_origins),
                    allowed_hosts=frozenset(service.allowed_hosts))
-
-    @property
-    def every_key(self) -> frozenset[str]:
-        return self.api_keys | ({self.admin_key} if self.admin_key else frozenset())
 
 
 def surface(method: str, path: str) -> Surface:
@@ -85,33 +80,43 @@ def _unauthorized(message: str) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": "Bearer"})
 
 
-def authorize(request: web.Request, door: Door) -> None:
-    """Return when the request's key (or none) may call its path; else ApiError 401.
+def authorize(request: web.Request, door: Door, ring: KeyRing) -> Tenant | None:
+    """The caller of ``request`` (a named key's :class:`Tenant`, else None) when its key
+    (or none) may call its path; else ApiError 401.
 
     - health, public pages: open; ``/metrics``: open on a loopback bind, else any
       configured key (inference or admin), open when there is none;
-    - admin: the admin key; with inference keys but no admin key, refused unless
-      ``service.admin_open``; open only when no key is configured at all;
+    - admin: the admin key or a named key with ``admin: true``; with inference keys but
+      neither of those, refused unless ``service.admin_open``; open only when no key is
+      configured at all;
     - inference: an inference key or the admin key; open when no inference key is set.
 
-    Keys are compared in constant time (:func:`key_matches`).
+    Keys are compared in constant time, with every key (:meth:`KeyRing.find`).
     """
     kind = surface(request.method, request.path)
     if kind is Surface.OPEN or (kind is Surface.METRICS and door.loopback):
-        return
+        return None
     key = presented_key(request)
+    found, tenant = ring.find(key)
+    is_admin = ring.is_admin_key(key)
     if kind is Surface.METRICS:
-        if door.every_key and not key_matches(key, door.every_key):
+        if (ring.entries or ring.admin_key) and not (found or is_admin):
             raise _unauthorized("/metrics on a non-loopback bind needs an API key or the admin key")
-    elif kind is Surface.ADMIN:
-        if door.admin_key:
-            if not key_matches(key, (door.admin_key,)):
-                raise _unauthorized("the admin API needs the admin key")
-        elif door.api_keys and not door.admin_open:
+        return None
+    if kind is Surface.ADMIN:
+        if is_admin or (tenant is not None and tenant.settings.admin):
+            return tenant
+        if ring.admin_key or any(t.settings.admin for t in ring.tenants):
+            raise _unauthorized("the admin API needs the admin key")
+        if ring.entries and not door.admin_open:
             raise _unauthorized("the admin API is closed: no admin key is configured (set "
                                 "service.admin_api_key_env, or service.admin_open: true)")
-    elif door.api_keys and not key_matches(key, door.every_key):
+        return None
+    if found:
+        return tenant
+    if ring.entries and not is_admin:
         raise _unauthorized("missing or invalid API key")
+    return None
 
 
 def _host_name(host: str) -> str:

@@ -23,6 +23,10 @@ class RemoteOptions(BaseModel):
     text) body, ``remote_max_event_bytes`` one server-sent event, ``remote_total_timeout_s``
     the whole call (retries and file uploads included); ``remote_timeout_s`` is the
     connect and read-inactivity timeout.
+
+    ``remote_price_per_million_input`` / ``_output``: what a million prompt / output
+    tokens cost (any currency, the unit of the API keys' ``remote_budget``); the daemon
+    charges each named key's usage with them (llmpoold.usage).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -42,6 +46,8 @@ class RemoteOptions(BaseModel):
     remote_prompt_cache_key_enabled: bool = False
     remote_file_mode: Literal["chat_completions_inline", "files_extract"] | None = None
     remote_file_purpose: str | None = None
+    remote_price_per_million_input: float | None = Field(None, ge=0, allow_inf_nan=False)
+    remote_price_per_million_output: float | None = Field(None, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
