@@ -2,7 +2,8 @@
 
 A fake runtime, named so: the daemon's own behaviour (HTTP, queueing, lifecycle,
 cancellation) is tested against it; real runtimes are tested in each plugin's tests.
-Options let a test make it slow, fail at load, fail mid-stream, or batch.
+Options let a test make it slow, fail at load, fail mid-stream, batch, or produce many
+large deltas (``echo_repeat``: the words are echoed that many times over).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class EchoOptions(BaseModel):
     echo_fail_after: int | None = None
     echo_concurrency: int = 1
     echo_ctx: int = 128
+    echo_repeat: int = 1
 
 
 class EchoRuntime:
@@ -102,7 +104,7 @@ def llmpool_stream(backend: str, runtime: EchoRuntime, request: Any) -> Iterator
             runtime.active += 1
             runtime.max_active = max(runtime.max_active, runtime.active)
         start = time.perf_counter()
-        words = str(request.messages[-1].content).split()
+        words = str(request.messages[-1].content).split() * runtime.options.echo_repeat
         produced = 0
         finish = "stop"
         try:
