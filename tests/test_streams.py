@@ -56,3 +56,96 @@ async def test_a_reader_that_stops_reading_is_cut_and_its_slot_freed(make_client
         assert entry.scheduler.runtime_inflight == 0
     finally:
         sock.close()
+
+
+# ----- frames that cannot be sent, frames that are malformed ------------------------------
+
+
+def echo_replica(**policy: Any) -> Any:
+    """A process replica of the echo backend, built the way the pool builds one."""
+    import echo_backend
+
+    from llmpoold.config import WorkerSettings, resolve_model_options
+    from llmpoold.replicas.factory import ProcessReplicaFactory
+    from llmpoold.testing import make_registry, settings_from
+
+    model = settings_from({"engine": {"backend": "echo", "models": {"e": {}}}}).engine.models["e"]
+    model = resolve_model_options(model, echo_backend.EchoOptions, backend="echo", requires_model_path=False)
+    factory = ProcessReplicaFactory(WorkerSettings(**policy), plugin_modules=("echo_backend",))
+    return factory(registry=make_registry(echo_backend), backend="echo", replica_id="e#1", model=model,
+                   concurrency=1, isolation="process")
+
+
+async def collect_text(replica: Any, text: str) -> str:
+    from llmpoold.testing import make_request
+    from llmpoold.types import TextDelta
+
+    out = []
+    async for item in replica.stream(make_request(model="e", replica_id="e#1", text=text)):
+        if isinstance(item, TextDelta):
+            out.append(item.text)
+    return "".join(out)
+
+
+def test_frames_refuse_what_the_other_side_could_not_read() -> None:
+    from llmpoold.replicas.wire import FrameError, decode_payload, encode_frame, error_to_wire, reply_from_wire
+
+    with pytest.raises(FrameError, match="lone surrogate U[+]D800"):
+        encode_frame({"id": 1, "text": "\ud800 hi"})
+    # An error quoting bad input still goes out (the surrogate replaced).
+    frame = encode_frame({"id": 1, **error_to_wire(ValueError("bad \ud800 input"))})
+    assert decode_payload(frame[4:])["message"] == "bad ? input"
+    for payload in (b"[1]", b"{nope", b"\xff\xfe", b'"x"'):
+        with pytest.raises(FrameError):
+            decode_payload(payload)
+    for reply in ({"t": "delta"}, {"id": 1}, {"id": True, "t": "end"}, {"id": 2, "t": "bogus"},
+                  {"id": 3, "t": "delta", "text": 5, "channel": "output"},
+                  {"id": 3, "t": "delta", "text": "x", "channel": "elsewhere"},
+                  {"id": 4, "t": "completion", "finish_reason": "stop", "metrics": {"nope": 1}, "metadata": {}},
+                  {"id": 5, "t": "error", "kind": "api", "status": "five hundred"}):
+        with pytest.raises(FrameError):
+            reply_from_wire(reply)
+    assert reply_from_wire({"id": 6, "t": "end"}) == (6, "end", None)
+
+
+async def test_a_request_the_worker_frame_cannot_carry_fails_alone_without_a_hang() -> None:
+    """A lone surrogate (the door refuses it; this is the defence behind it) is refused
+    before the frame is written: a 400 for that request at once, no cancel wait for an
+    end the worker would never send, and the worker goes on serving."""
+    from llmpoold.errors import ApiError
+
+    replica = echo_replica()
+    await replica.load()
+    try:
+        pid = replica.pid
+        started = time.monotonic()
+        with pytest.raises(ApiError) as caught:
+            await collect_text(replica, "\ud800 hi")
+        assert time.monotonic() - started < 2
+        assert (caught.value.status, caught.value.code) == (400, "invalid_json")
+        assert "lone surrogate U+D800" in str(caught.value.message)
+        assert await collect_text(replica, "still fine") == "still fine"
+        assert replica.pid == pid and replica.state == "ready"
+    finally:
+        await replica.unload()
+
+
+@pytest.mark.parametrize("payload", ['[1]', '{"t": "delta"}', '{nope', '{"id": 1, "t": "bogus"}'])
+async def test_a_malformed_frame_is_a_crash_of_that_worker(make_client: Any, payload: str) -> None:
+    from test_isolation import factory, replica_info
+
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "m": {"echo_raw_frame": payload, "echo_delay_s": 0.05}}}}, replica_factory=factory())
+    old_pid = (await replica_info(client, "m"))["replica_info"][0]["pid"]
+    started = time.monotonic()
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "please inject a bad frame"})
+    assert time.monotonic() - started < 3
+    assert resp.status == 502, await resp.text()
+    detail = (await resp.json())["detail"]
+    assert detail["code"] == "replica_crashed" and "malformed frame" in detail["message"]
+    # Restarted like a crashed worker: the next request is served by a new process.
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "back again"})
+    assert resp.status == 200 and (await resp.json())["output_text"] == "back again"
+    info = (await replica_info(client, "m"))["replica_info"][0]
+    assert info["pid"] != old_pid and info["restarts"] == 1
+    assert "malformed frame" in (await replica_info(client, "m"))["last_error"]

@@ -7,6 +7,8 @@ runtime then takes down one replica, not the daemon:
 
 - in-flight requests of the dead worker end at once with 502 ``replica_crashed``
   (a stream's consumer gets it as an exception, the HTTP layer as an ``error`` event);
+  a worker that sends a malformed frame is killed and handled the same way (its state
+  can no longer be trusted), and so is one that stops answering health checks;
 - the replica stops accepting work (``accepting`` is False, so the scheduler routes to
   the others or keeps requests queued), records the exit status or signal in
   ``last_error`` and is restarted with exponential backoff, at most
@@ -46,12 +48,12 @@ from llmpoold.replicas.supervise import (
 )
 from llmpoold.replicas.wire import (
     HEADER,
+    FrameError,
     decode_payload,
     encode_frame,
-    error_from_wire,
     frame_size,
-    item_from_wire,
     model_to_wire,
+    reply_from_wire,
     request_to_wire,
 )
 from llmpoold.types import GenerationRequest, StreamItem
@@ -84,7 +86,7 @@ class ProcessReplica:
         self._restarts = RestartBudget(self.policy)
         self._listeners: list[Listener] = []
         self._ids = itertools.count(1)
-        self._streams: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
         self._ops: dict[int, asyncio.Future[Any]] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -93,6 +95,7 @@ class ProcessReplica:
         self._restart_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._hung = False
+        self._malformed: str | None = None  # why the reader killed the worker, if it did
         self._state_changed: asyncio.Event | None = None
         self._stopping = False
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -127,22 +130,25 @@ class ProcessReplica:
         if self.state != WorkerState.READY:
             await self._wait_ready()
         mid = next(self._ids)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        try:  # encoded before the stream exists: a refused frame never reached the worker
+            frame = encode_frame({"op": "stream", "id": mid, "request": request_to_wire(request), "whole": whole})
+        except FrameError as exc:
+            raise ApiError(400, "invalid_json", f"request cannot be sent to the worker: {exc}") from None
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._streams[mid] = queue
         ended = False
         try:
-            self._send({"op": "stream", "id": mid, "request": request_to_wire(request), "whole": whole})
+            self._write(frame)
             while True:
-                msg = await queue.get()
-                kind = msg["t"]
+                kind, value = await queue.get()
                 if kind == "delta" or kind == "completion":
-                    yield item_from_wire(msg)
+                    yield value
                 elif kind == "end":
                     ended = True
                     return
                 elif kind == "error":
                     ended = True
-                    raise error_from_wire(msg)
+                    raise value
                 else:  # "crash": the worker died under this stream
                     ended = True
                     raise self._crash_error()
@@ -228,21 +234,25 @@ class ProcessReplica:
         try:
             while True:
                 size = frame_size(await reader.readexactly(HEADER.size))
-                msg = decode_payload(await reader.readexactly(size))
-                mid = int(msg.get("id") or 0)
+                mid, kind, value = reply_from_wire(decode_payload(await reader.readexactly(size)))
                 queue = self._streams.get(mid)
                 if queue is not None:
-                    queue.put_nowait(msg)
+                    queue.put_nowait((kind, value))
                     continue
                 future = self._ops.pop(mid, None)
                 if future is None or future.done():
                     continue
-                if msg["t"] == "result":
-                    future.set_result(msg.get("value"))
+                if kind == "error":
+                    future.set_exception(value)
                 else:
-                    future.set_exception(error_from_wire(msg))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
+                    future.set_result(value)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except ValueError as exc:  # a malformed or oversized frame: the worker is not sane
+            self._malformed = f"sent a malformed frame ({exc})"
+            log.error("worker_protocol_error", replica=self.replica_id, pid=proc.pid, error=str(exc))
+            if proc.returncode is None:
+                proc.kill()
         # EOF: the worker ended (or closed its end; then make sure it ends).
         try:
             code = await asyncio.wait_for(proc.wait(), 5.0)
@@ -266,6 +276,9 @@ class ProcessReplica:
             self._hung = False
             description = (f"process {proc.pid} did not answer a health check within "
                            f"{self.policy.health_timeout_s:g} s and was killed")
+        elif self._malformed:
+            description = f"process {proc.pid} {self._malformed} and was killed"
+            self._malformed = None
         self.last_error = description
         was_ready = self.state == WorkerState.READY
         log.error("worker_crashed", replica=self.replica_id, pid=proc.pid, status=code, error=description)
@@ -281,7 +294,7 @@ class ProcessReplica:
 
     def _fail_pending(self, error: ApiError) -> None:
         for queue in self._streams.values():
-            queue.put_nowait({"t": "crash"})
+            queue.put_nowait(("crash", None))
         ops, self._ops = self._ops, {}
         for future in ops.values():
             if not future.done():
@@ -382,10 +395,14 @@ class ProcessReplica:
                 log.warning("replica_listener_failed", replica=self.replica_id, replica_event=event, error=str(exc))
 
     def _send(self, msg: dict[str, Any]) -> None:
+        """Send one message (FrameError, nothing sent, when it cannot be a frame)."""
+        self._write(encode_frame(msg))
+
+    def _write(self, frame: bytes) -> None:
         writer = self._writer
         if writer is None or writer.is_closing():
             raise self._crash_error()
-        writer.write(encode_frame(msg))
+        writer.write(frame)
 
     async def _call(self, msg: dict[str, Any]) -> Any:
         mid = next(self._ids)
@@ -397,7 +414,7 @@ class ProcessReplica:
         finally:
             self._ops.pop(mid, None)
 
-    async def _cancel_stream(self, mid: int, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    async def _cancel_stream(self, mid: int, queue: asyncio.Queue[tuple[str, Any]]) -> None:
         """Tell the worker to stop this stream and wait until its runtime has let go."""
         try:
             self._send({"op": "cancel", "id": mid})
@@ -406,8 +423,8 @@ class ProcessReplica:
         deadline = time.monotonic() + self.policy.unload_timeout_s
         try:
             while (left := deadline - time.monotonic()) > 0:
-                msg = await asyncio.wait_for(queue.get(), left)
-                if msg["t"] in ("end", "error", "crash"):
+                kind, _value = await asyncio.wait_for(queue.get(), left)
+                if kind in ("end", "error", "crash"):
                     return
         except (TimeoutError, asyncio.CancelledError):
             log.warning("worker_cancel_slow", replica=self.replica_id, stream=mid)
