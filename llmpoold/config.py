@@ -20,6 +20,7 @@ import difflib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -38,6 +39,7 @@ SETTINGS_ENV = "LLM_POOL_SETTINGS_PATH"
 LOCAL_SETTINGS_ENV = "LLM_POOL_LOCAL_SETTINGS_PATH"
 MAX_OUTPUT_TOKENS = 4096
 MAX_FAIRNESS_KEY_LENGTH = 128
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")  # engine.workers.env_passthrough
 
 
 class _Strict(BaseModel):
@@ -152,7 +154,11 @@ class WorkerSettings(_Strict):
     ``loading`` and the daemon un-ready for ever). Every
     ``health_interval_s`` (0: never) a ready worker must answer a health check within
     ``health_timeout_s``; one that does not (hung, stopped) is killed and handled as a
-    crash.
+    crash. A replica that gave up tries again every ``gave_up_retry_s`` (0: never).
+
+    A worker's environment is an allowlist (``llmpoold.replicas.supervise.worker_env``):
+    the system and runtime variables plus the names in ``env_passthrough`` (exact names,
+    or a prefix ending in ``*``); never the key variables the settings name.
     """
 
     restart_max: int = Field(3, ge=0)
@@ -163,6 +169,17 @@ class WorkerSettings(_Strict):
     load_timeout_s: float = Field(600.0, gt=0)
     health_interval_s: float = Field(10.0, ge=0)
     health_timeout_s: float = Field(10.0, gt=0)
+    gave_up_retry_s: float = Field(300.0, ge=0, allow_inf_nan=False)
+    env_passthrough: tuple[str, ...] = ()
+
+    @field_validator("env_passthrough", mode="after")
+    @classmethod
+    def _env_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError("each entry must be an environment variable name (letters, digits, _; not "
+                                 "starting with a digit), optionally ending in * for a prefix")
+        return value
 
 
 COMMON_MODEL_KEYS = frozenset({

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import time
 from typing import Any
@@ -149,3 +150,53 @@ async def test_a_malformed_frame_is_a_crash_of_that_worker(make_client: Any, pay
     info = (await replica_info(client, "m"))["replica_info"][0]
     assert info["pid"] != old_pid and info["restarts"] == 1
     assert "malformed frame" in (await replica_info(client, "m"))["last_error"]
+
+
+# ----- what a worker can see ---------------------------------------------------------------
+
+
+def proc_environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as fh:
+        items = [entry.split(b"=", 1) for entry in fh.read().split(b"\0") if b"=" in entry]
+    return {k.decode(): v.decode() for k, v in items}
+
+
+async def test_a_worker_sees_an_allowlisted_environment(make_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's default factory, as ``llmpoold`` builds it: a worker gets the runtime
+    variables and the configured pass-through names, never the key variables (even one
+    whose name a runtime prefix would let through) nor anything else."""
+    env = {"LLMPOOL_TEST_API_KEY": "k-inference", "GGML_TEST_ADMIN": "k-admin",  # keys the settings name
+           "HF_TOKEN": "hf-secret", "UNRELATED_SECRET_THING": "nope",  # not allowlisted
+           "OMP_NUM_THREADS": "1", "HF_HOME": "/tmp/hf-home", "CUDA_VISIBLE_DEVICES": "",  # runtime variables
+           "LC_ALL": "C.UTF-8", "MY_RUNTIME_FLAG": "on", "ACME_A": "a", "ACME_B": "b",  # passed through
+           "LLMPOOL_WORKER_PLUGINS": "echo_backend"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    client = await make_client({
+        "service": {"api_key_envs": ["LLMPOOL_TEST_API_KEY"], "admin_api_key_env": "GGML_TEST_ADMIN"},
+        "engine": {"backend": "echo", "workers": {"env_passthrough": ["MY_RUNTIME_FLAG", "ACME_*"]},
+                   "models": {"m": {"isolation": "process"}}}})
+    entry = client.app[POOL].entry("m")
+    assert entry.state == "loaded", entry.last_error
+    seen = proc_environ(entry.replicas[0].pid)
+    for name in ("LLMPOOL_TEST_API_KEY", "GGML_TEST_ADMIN", "HF_TOKEN", "UNRELATED_SECRET_THING",
+                 "LLMPOOL_WORKER_PLUGINS"):
+        assert name not in seen, name
+    assert "k-inference" not in str(seen) and "k-admin" not in str(seen)
+    for name in ("OMP_NUM_THREADS", "HF_HOME", "CUDA_VISIBLE_DEVICES", "LC_ALL", "MY_RUNTIME_FLAG", "ACME_A",
+                 "ACME_B", "PATH", "HOME"):
+        assert seen[name] == os.environ[name], name
+
+
+def test_env_passthrough_names_are_validated() -> None:
+    from llmpoold.config import SettingsError
+    from llmpoold.testing import settings_from
+
+    for bad in ("1ABC", "A-B", "A B", "*", "A*B", ""):
+        with pytest.raises(SettingsError, match="env_passthrough"):
+            settings_from({"engine": {"workers": {"env_passthrough": [bad]}}})
+    for bad_retry in (-1, "inf"):
+        with pytest.raises(SettingsError, match="gave_up_retry_s"):
+            settings_from({"engine": {"workers": {"gave_up_retry_s": bad_retry}}})
+    workers = settings_from({"engine": {"workers": {"env_passthrough": ["A_1", "_B*"]}}}).engine.workers
+    assert workers.env_passthrough == ("A_1", "_B*") and workers.gave_up_retry_s == 300

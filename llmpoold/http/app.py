@@ -113,7 +113,7 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
     """
     app = web.Application(middlewares=[errors_middleware, auth_middleware],
                           client_max_size=settings.service.max_body_bytes)
-    pool = Pool(settings, registry, replica_factory=replica_factory or ProcessReplicaFactory(settings.engine.workers))
+    pool = Pool(settings, registry, replica_factory=replica_factory or ProcessReplicaFactory.from_settings(settings))
     app[POOL] = pool
     app[REGISTRY] = registry
     app[SETTINGS] = settings

@@ -25,9 +25,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import sys
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 from typing import Any
 
 import structlog
@@ -45,6 +46,7 @@ from llmpoold.replicas.supervise import (
     relay_logs,
     spawn_worker,
     wait_or_force,
+    worker_env,
 )
 from llmpoold.replicas.wire import (
     HEADER,
@@ -68,7 +70,8 @@ class ProcessReplica:
 
     def __init__(self, *, backend: str, replica_id: str, model: ModelConfig, concurrency: int,
                  plugins: WorkerPlugins | None, policy: WorkerSettings | None = None,
-                 python: str = sys.executable, unhosted_reason: str | None = None) -> None:
+                 python: str = sys.executable, unhosted_reason: str | None = None,
+                 secret_envs: Collection[str] = ()) -> None:
         self.backend = backend
         self.replica_id = replica_id
         self.model = model
@@ -77,6 +80,7 @@ class ProcessReplica:
         self.policy = policy or WorkerSettings()
         self.python = python
         self.unhosted_reason = unhosted_reason
+        self.secret_envs = frozenset(secret_envs)  # never in a worker's environment
         self.state = WorkerState.STOPPED
         self.pid: int | None = None
         self.last_error: str | None = None
@@ -198,7 +202,8 @@ class ProcessReplica:
 
     async def _spawn_and_load(self) -> None:
         assert self.plugins is not None
-        proc, parent = await spawn_worker(self.python, self.plugins)
+        env = worker_env(os.environ, self.policy.env_passthrough, self.secret_envs)
+        proc, parent = await spawn_worker(self.python, self.plugins, env)
         self._proc, self.pid = proc, proc.pid
         self._tail.clear()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
