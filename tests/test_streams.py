@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import time
 from typing import Any
@@ -200,3 +201,73 @@ def test_env_passthrough_names_are_validated() -> None:
             settings_from({"engine": {"workers": {"gave_up_retry_s": bad_retry}}})
     workers = settings_from({"engine": {"workers": {"env_passthrough": ["A_1", "_B*"]}}}).engine.workers
     assert workers.env_passthrough == ("A_1", "_B*") and workers.gave_up_retry_s == 300
+
+
+# ----- a replica that gave up is tried again ---------------------------------------------
+
+
+async def _kill_until_gave_up(client: Any, model: str, index: int) -> int:
+    """SIGKILL replica ``index`` of ``model`` until its restart budget (1) is spent;
+    returns the last pid killed."""
+    from test_isolation import replica_info, wait_for
+
+    async def ready_pid() -> Any:
+        info = (await replica_info(client, model))["replica_info"]
+        return len(info) > index and info[index]["state"] == "ready" and info[index]["pid"]
+
+    first = await ready_pid()
+    os.kill(first, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        pid = await ready_pid()
+        return bool(pid) and pid != first
+
+    await wait_for(restarted)
+    second = await ready_pid()
+    os.kill(second, signal.SIGKILL)
+    return int(second)
+
+
+async def test_a_model_whose_replicas_all_gave_up_is_loaded_again_after_the_retry_delay(make_client: Any) -> None:
+    from test_isolation import factory, replica_info, wait_for, worker_pids
+
+    client = await make_client({"engine": {"backend": "echo", "workers": {"restart_max": 1, "gave_up_retry_s": 1},
+                                           "models": {"m": {}}}},
+                               replica_factory=factory(restart_max=1, gave_up_retry_s=1))
+    last = await _kill_until_gave_up(client, "m", 0)
+
+    async def state_is(state: str) -> bool:
+        return (await replica_info(client, "m"))["runtime_state"] == state
+
+    await wait_for(lambda: state_is("failed"))
+    assert "restart limit" in (await replica_info(client, "m"))["last_error"]
+    await wait_for(lambda: state_is("loaded"), timeout=20)
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "back"})
+    assert resp.status == 200 and (await resp.json())["output_text"] == "back"
+    pids = worker_pids(os.getpid())
+    assert len(pids) == 1 and last not in pids
+
+
+async def test_a_replica_that_gave_up_beside_a_serving_one_is_retried(make_client: Any) -> None:
+    from test_isolation import factory, replica_info, wait_for
+
+    client = await make_client({"engine": {"backend": "echo", "models": {"m": {"replicas": 2, "replica_max": 2}}}},
+                               replica_factory=factory(restart_max=1, gave_up_retry_s=1))
+    entry = client.app[POOL].entry("m")
+    last = await _kill_until_gave_up(client, "m", 0)
+    await wait_for(lambda: _async(entry.replicas[0].gave_up))
+    assert (await replica_info(client, "m"))["runtime_state"] == "loaded"  # the other one serves
+
+    async def back() -> bool:
+        info = (await replica_info(client, "m"))["replica_info"][0]
+        return info["state"] == "ready" and info["pid"] != last
+
+    await wait_for(back, timeout=20)
+    assert not entry.replicas[0].gave_up
+    for _ in range(3):  # both replicas serve again
+        resp = await client.post("/v1/responses", json={"model": "m", "input": "hi"})
+        assert resp.status == 200
+
+
+async def _async(value: Any) -> Any:
+    return value

@@ -12,9 +12,11 @@ runtime then takes down one replica, not the daemon:
 - the replica stops accepting work (``accepting`` is False, so the scheduler routes to
   the others or keeps requests queued), records the exit status or signal in
   ``last_error`` and is restarted with exponential backoff, at most
-  ``engine.workers.restart_max`` times per ``restart_window_s``, after which it stays
-  ``failed``;
-- listeners (the pool) hear ``crashed``, ``restarted`` and ``gave_up``.
+  ``engine.workers.restart_max`` times per ``restart_window_s``, after which it is
+  ``failed`` (``gave_up``) and tried again every ``gave_up_retry_s`` (0: never) until
+  it starts or is unloaded;
+- listeners (the pool) hear ``crashed``, ``restarted`` and ``gave_up`` (again after
+  each failed retry).
 
 Unload asks the worker to unload and exit, then SIGTERM, then SIGKILL after
 ``unload_timeout_s``; ending the process is what gives the memory back to the OS.
@@ -340,10 +342,16 @@ class ProcessReplica:
     def _schedule_restart(self) -> None:
         delay = self._restarts.next_delay()
         if delay is None:
+            # Out of restarts in the window: failed, but tried again after the long
+            # ``gave_up_retry_s`` (the cause may have been passing: a GPU reset, memory).
             self.gave_up = True
+            self._restart_task = None
             self._set_state(WorkerState.FAILED)
+            retry = self.policy.gave_up_retry_s
             log.error("worker_restart_gave_up", replica=self.replica_id, restarts=len(self._restarts.times),
-                      window_s=self.policy.restart_window_s, error=self.last_error)
+                      window_s=self.policy.restart_window_s, retry_s=retry or None, error=self.last_error)
+            if retry > 0:
+                self._restart_task = asyncio.create_task(self._restart(retry), name=f"worker-retry-{self.replica_id}")
             self._notify("gave_up")
             return
         self._set_state(WorkerState.RESTARTING)
@@ -366,6 +374,9 @@ class ProcessReplica:
             return
         if self._stopping:
             return
+        if self.gave_up:  # back after the long retry: a fresh restart budget
+            self.gave_up = False
+            self._restarts.times.clear()
         self.restarts += 1
         self._set_state(WorkerState.READY)
         self._start_watchdog()
