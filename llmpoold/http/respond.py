@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from llmpoold.errors import ApiError
 from llmpoold.http.keys import POOL, REQUEST_ID, SETTINGS
-from llmpoold.http.sse import StreamStalled, open_sse, send_event
+from llmpoold.http.sse import StreamStalled, end_sse, open_sse, send_event
 from llmpoold.inference import Inference, InferenceResult, record_refused_body
 from llmpoold.schemas import ResponseRequest
 from llmpoold.types import TextDelta
@@ -104,12 +104,11 @@ async def respond(request: web.Request, parse: Callable[[Any], Parsed]) -> web.S
             else:
                 assert inf.result is not None
                 await send(shape.finish(inf.result))
+            await end_sse(request, response, timeout_s=timeout_s)
         except StreamStalled as exc:
             # A reader that stopped reading: the connection is aborted, leaving the
             # ``async with`` closed the generation, and ``finally`` frees the slot.
             log.warning("stream_write_timeout", request_id=request[REQUEST_ID], error=str(exc))
-            return response  # aiohttp sees a client that went away
-        await response.write_eof()
-        return response
+        return response  # after an abort, aiohttp sees a client that went away
     finally:
         inf.close()  # a no-op once events() released the slot; else the client left early

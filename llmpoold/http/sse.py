@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -44,9 +45,18 @@ async def send_event(request: web.Request, response: web.StreamResponse, data: A
                      timeout_s: float | None = None) -> None:
     """Write one event; within ``timeout_s`` (None: no deadline) or abort the connection
     and raise :class:`StreamStalled`."""
+    await _within(request, response.write(format_event(data, event=event)), timeout_s)
+
+
+async def end_sse(request: web.Request, response: web.StreamResponse, *, timeout_s: float | None = None) -> None:
+    """Finish the response (its last chunk), under the same deadline as :func:`send_event`."""
+    await _within(request, response.write_eof(), timeout_s)
+
+
+async def _within(request: web.Request, write: Coroutine[Any, Any, None], timeout_s: float | None) -> None:
     try:
         async with asyncio.timeout(timeout_s):
-            await response.write(format_event(data, event=event))
+            await write
     except TimeoutError:
         transport = request.transport
         if transport is not None:
