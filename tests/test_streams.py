@@ -271,3 +271,25 @@ async def test_a_replica_that_gave_up_beside_a_serving_one_is_retried(make_clien
 
 async def _async(value: Any) -> Any:
     return value
+
+
+async def test_a_lone_surrogate_over_http_is_a_400_not_a_500(make_client: Any) -> None:
+    from test_isolation import factory, sse_events
+
+    client = await make_client({"engine": {"backend": "echo", "models": {"m": {}}}}, replica_factory=factory())
+    started = time.monotonic()
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "\ud800 hi"})
+    assert resp.status == 400, await resp.text()
+    assert (await resp.json())["detail"]["code"] == "invalid_json"
+    # Streaming: refused at the door (400) where the door checks text, else by the
+    # replica once the SSE headers are out (an error event), never a 500 or a hang.
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "\ud800 hi", "stream": True})
+    if resp.status == 200:
+        events = await sse_events(resp)
+        assert events[-1][0] == "error" and events[-1][1]["status"] == 400
+        assert events[-1][1]["error"]["code"] == "invalid_json"
+    else:
+        assert resp.status == 400 and (await resp.json())["detail"]["code"] == "invalid_json"
+    assert time.monotonic() - started < 3
+    resp = await client.post("/v1/responses", json={"model": "m", "input": "fine"})
+    assert resp.status == 200 and (await resp.json())["output_text"] == "fine"
