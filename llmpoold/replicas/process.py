@@ -208,6 +208,7 @@ class ProcessReplica:
         proc, parent = await spawn_worker(self.python, self.plugins, env)
         self._proc, self.pid = proc, proc.pid
         self._tail.clear()
+        self._malformed = None
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_loop(reader, proc), name=f"worker-read-{self.replica_id}")
