@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -50,6 +51,7 @@ LEGACY_SETTINGS_ENV = "LLM_RESPONSES_API_SETTINGS_PATH"  # the seed's older name
 LOCAL_SETTINGS_ENV = "LLM_POOL_LOCAL_SETTINGS_PATH"
 MAX_OUTPUT_TOKENS = 4096
 MAX_FAIRNESS_KEY_LENGTH = 128
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\*?")  # engine.workers.env_passthrough
 
 
 class _Strict(BaseModel):
@@ -167,7 +169,11 @@ class WorkerSettings(_Strict):
     ``loading`` and the daemon un-ready for ever). Every
     ``health_interval_s`` (0: never) a ready worker must answer a health check within
     ``health_timeout_s``; one that does not (hung, stopped) is killed and handled as a
-    crash.
+    crash. A replica that gave up tries again every ``gave_up_retry_s`` (0: never).
+
+    A worker's environment is an allowlist (``llmpoold.replicas.supervise.worker_env``):
+    the system and runtime variables plus the names in ``env_passthrough`` (exact names,
+    or a prefix ending in ``*``); never the key variables the settings name.
     """
 
     restart_max: int = Field(3, ge=0)
@@ -178,6 +184,17 @@ class WorkerSettings(_Strict):
     load_timeout_s: float = Field(600.0, gt=0)
     health_interval_s: float = Field(10.0, ge=0)
     health_timeout_s: float = Field(10.0, gt=0)
+    gave_up_retry_s: float = Field(300.0, ge=0, allow_inf_nan=False)
+    env_passthrough: tuple[str, ...] = ()
+
+    @field_validator("env_passthrough", mode="after")
+    @classmethod
+    def _env_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not ENV_NAME.fullmatch(name):
+                raise ValueError("each entry must be an environment variable name (letters, digits, _; not "
+                                 "starting with a digit), optionally ending in * for a prefix")
+        return value
 
 
 class EngineSettings(_Strict):

@@ -57,6 +57,7 @@ class Pool:
         self.queue_factory = queue_factory
         self.entries: dict[str, ModelEntry] = self._build_entries()
         self.startup_done = asyncio.Event()
+        self._retries: set[asyncio.Task[None]] = set()  # models retried after every replica gave up
         self.metrics = PoolMetrics(lambda: self.entries)  # per pool: apps in one process do not share a registry
 
     def _build_entries(self) -> dict[str, ModelEntry]:
@@ -236,8 +237,30 @@ class Pool:
                         if job.future is not None and not job.future.done():
                             job.future.set_exception(ApiError(502, "replica_crashed", entry.last_error,
                                                               model=entry.name))
+                dropped = entry.replicas
                 entry.replicas, entry.active_config, entry.traits, entry.state = [], None, None, ModelState.FAILED
                 log.error("model_failed", model=entry.name, error=entry.last_error)
+                task = asyncio.create_task(self._retry_gave_up(entry, dropped), name=f"llmpool-retry:{entry.name}")
+                self._retries.add(task)
+                task.add_done_callback(self._retries.discard)
+
+    async def _retry_gave_up(self, entry: ModelEntry, dropped: list[Replica]) -> None:
+        """Every replica gave up: end them (a process replica would otherwise retry on its
+        own, with no owner), then load the model again every ``gave_up_retry_s`` for as
+        long as it stays failed and nobody else touched it (same entry, same error)."""
+        await asyncio.gather(*(r.unload() for r in dropped), return_exceptions=True)
+        delay, error = self.settings.engine.workers.gave_up_retry_s, entry.last_error
+        while delay > 0:
+            await asyncio.sleep(delay)
+            if self.entries.get(entry.name) is not entry or entry.state != ModelState.FAILED or \
+                    entry.last_error != error:
+                return
+            log.info("model_retry_after_gave_up", model=entry.name)
+            try:
+                await self.load(entry.name, dict(entry.load_override))
+                return
+            except Exception:  # noqa: BLE001 - still failed (last_error says why): try again later
+                error = entry.last_error
 
     async def unload(self, name: str) -> ModelEntry:
         """Graceful unload: queued requests get 409 ``model_unloading``, running ones
@@ -262,6 +285,8 @@ class Pool:
 
     async def close(self) -> None:
         """Unload everything (daemon shutdown)."""
+        for task in list(self._retries):
+            task.cancel()
         await asyncio.gather(*(self.unload(name) for name, e in self.entries.items() if e.state == ModelState.LOADED),
                              return_exceptions=True)
 

@@ -3,11 +3,17 @@
 A fake runtime, named so: the daemon's own behaviour (HTTP, queueing, lifecycle,
 cancellation) is tested against it; real runtimes are tested in each plugin's tests.
 Options let a test make it slow, fail at load, fail mid-stream (a BackendError, or with
-``echo_raise`` an exception of no known meaning: fault injection), or batch.
+``echo_raise`` an exception of no known meaning: fault injection), batch, or produce many
+large deltas (``echo_repeat``: the words are echoed that many times over). In a worker
+process, ``echo_raw_frame`` is written as is (one length-prefixed frame) to the daemon's
+socket by a request whose text contains the word ``inject``: a worker that breaks the
+protocol.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +37,8 @@ class EchoOptions(BaseModel):
     echo_raise: str | None = None  # raise RuntimeError(echo_raise) before the first word
     echo_concurrency: int = 1
     echo_ctx: int = 128
+    echo_repeat: int = 1
+    echo_raw_frame: str | None = None
 
 
 class EchoRuntime:
@@ -104,7 +112,9 @@ def llmpool_stream(backend: str, runtime: EchoRuntime, request: Any) -> Iterator
             runtime.active += 1
             runtime.max_active = max(runtime.max_active, runtime.active)
         start = time.perf_counter()
-        words = str(request.messages[-1].content).split()
+        words = str(request.messages[-1].content).split() * runtime.options.echo_repeat
+        if runtime.options.echo_raw_frame is not None and "inject" in words:
+            _write_raw_frame(runtime.options.echo_raw_frame.encode())
         produced = 0
         finish = "stop"
         try:
@@ -135,6 +145,13 @@ def llmpool_stream(backend: str, runtime: EchoRuntime, request: Any) -> Iterator
                 runtime.active -= 1
 
     return generate()
+
+
+def _write_raw_frame(payload: bytes) -> None:
+    """Fault injection (worker only): write a frame behind the worker's back."""
+    fd = int(sys.argv[sys.argv.index("--fd") + 1])
+    with os.fdopen(os.dup(fd), "wb", buffering=0) as sock:
+        sock.write(len(payload).to_bytes(4, "big") + payload)
 
 
 @hookimpl

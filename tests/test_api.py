@@ -276,12 +276,12 @@ async def test_client_leaving_right_after_the_sse_headers_releases_its_slot(
     real_send = respond.send_event
     calls = 0
 
-    async def first_write_fails(response: Any, data: Any, *, event: str | None = None) -> None:
+    async def first_write_fails(request: Any, response: Any, data: Any, **kwargs: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise ConnectionResetError("client left")
-        await real_send(response, data, event=event)
+        await real_send(request, response, data, **kwargs)
 
     monkeypatch.setattr(respond, "send_event", first_write_fails)
     entry = client.app[POOL].entry("slow")

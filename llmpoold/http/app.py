@@ -131,7 +131,7 @@ def create_app(settings: AppSettings, registry: PluginRegistry, *,
                           client_max_size=settings.service.max_body_bytes)
     app[DOOR] = security.Door.from_settings(settings.service)
     app.on_response_prepare.append(cors_on_prepare)
-    pool = Pool(settings, registry, replica_factory=replica_factory or ProcessReplicaFactory(settings.engine.workers))
+    pool = Pool(settings, registry, replica_factory=replica_factory or ProcessReplicaFactory.from_settings(settings))
     app[POOL] = pool
     app[REGISTRY] = registry
     app[SETTINGS] = settings

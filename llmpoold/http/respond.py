@@ -17,15 +17,18 @@ from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, Protocol
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from llmpoold.errors import ApiError, clip
-from llmpoold.http.keys import POOL, REQUEST_ID, TENANT
-from llmpoold.http.sse import open_sse, send_event
+from llmpoold.http.keys import POOL, REQUEST_ID, SETTINGS, TENANT
+from llmpoold.http.sse import StreamStalled, end_sse, open_sse, send_event
 from llmpoold.inference import Inference, InferenceResult, record_refused_body
 from llmpoold.schemas import ResponseRequest
 from llmpoold.types import TextDelta
+
+log = structlog.get_logger("llmpoold.http")
 
 Event = tuple[str | None, Any]  # (SSE event name or None, data)
 
@@ -129,22 +132,28 @@ async def respond(request: web.Request, parse: Callable[[Any], Parsed]) -> web.S
             headers = {"X-Llmpool-Metrics": json.dumps(result.metrics, separators=(",", ":"))}
             return web.json_response(shape.json(result), headers=headers if shape.metrics_header else None)
         response = await open_sse(request, headers={"X-Request-Id": request[REQUEST_ID]})
+        timeout_s = request.app[SETTINGS].service.stream_write_timeout_s
 
         async def send(events: list[Event]) -> None:
             for name, event in events:
-                await send_event(response, event, event=name)
+                await send_event(request, response, event, event=name, timeout_s=timeout_s)
 
-        await send(shape.opening())
         try:
-            async with aclosing(inf.events()) as deltas:
-                async for delta in deltas:
-                    await send(shape.delta(delta))
-        except ApiError as exc:  # after the headers: an error event ends the stream
-            await send(shape.failure(exc))
-        else:
-            assert inf.result is not None
-            await send(shape.finish(inf.result))
-        await response.write_eof()
-        return response
+            await send(shape.opening())
+            try:
+                async with aclosing(inf.events()) as deltas:
+                    async for delta in deltas:
+                        await send(shape.delta(delta))
+            except ApiError as exc:  # after the headers: an error event ends the stream
+                await send(shape.failure(exc))
+            else:
+                assert inf.result is not None
+                await send(shape.finish(inf.result))
+            await end_sse(request, response, timeout_s=timeout_s)
+        except StreamStalled as exc:
+            # A reader that stopped reading: the connection is aborted, leaving the
+            # ``async with`` closed the generation, and ``finally`` frees the slot.
+            log.warning("stream_write_timeout", request_id=request[REQUEST_ID], error=str(exc))
+        return response  # after an abort, aiohttp sees a client that went away
     finally:
         inf.close()  # a no-op once events() released the slot; else the client left early

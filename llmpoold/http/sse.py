@@ -1,11 +1,25 @@
-"""Server-sent events: one writer for every streaming surface."""
+"""Server-sent events: one writer for every streaming surface.
+
+Every event is written under a deadline (``service.stream_write_timeout_s``): a client
+that stops reading lets the kernel buffers fill and would block the write, and with it
+the replica slot, for as long as the socket lives. A write that does not finish in time
+aborts the connection and raises :class:`StreamStalled`; the caller then lets go of the
+inference (which cancels the generation and frees the slot).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
+
+
+class StreamStalled(Exception):
+    """The client did not take an SSE event within the write timeout; the connection was
+    aborted (nothing more can be sent on it)."""
 
 
 async def open_sse(request: web.Request, *, headers: dict[str, str] | None = None) -> web.StreamResponse:
@@ -27,5 +41,24 @@ def format_event(data: Any, *, event: str | None = None) -> bytes:
     return f"{head}data: {payload}\n\n".encode()
 
 
-async def send_event(response: web.StreamResponse, data: Any, *, event: str | None = None) -> None:
-    await response.write(format_event(data, event=event))
+async def send_event(request: web.Request, response: web.StreamResponse, data: Any, *, event: str | None = None,
+                     timeout_s: float | None = None) -> None:
+    """Write one event; within ``timeout_s`` (None: no deadline) or abort the connection
+    and raise :class:`StreamStalled`."""
+    await _within(request, response.write(format_event(data, event=event)), timeout_s)
+
+
+async def end_sse(request: web.Request, response: web.StreamResponse, *, timeout_s: float | None = None) -> None:
+    """Finish the response (its last chunk), under the same deadline as :func:`send_event`."""
+    await _within(request, response.write_eof(), timeout_s)
+
+
+async def _within(request: web.Request, write: Coroutine[Any, Any, None], timeout_s: float | None) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            await write
+    except TimeoutError:
+        transport = request.transport
+        if transport is not None:
+            transport.abort()  # drop what the kernel and the transport still buffer
+        raise StreamStalled(f"client did not read the stream for {timeout_s:g} s") from None

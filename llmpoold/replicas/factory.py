@@ -14,12 +14,12 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from llmpoold.backend import Backend
-from llmpoold.config import ModelConfig, WorkerSettings
+from llmpoold.config import AppSettings, ModelConfig, WorkerSettings
 from llmpoold.hookspecs import PROJECT
 from llmpoold.plugins import PluginRegistry
 from llmpoold.replicas import Replica
@@ -62,16 +62,35 @@ def worker_plugins(registry: PluginRegistry, backend: str, extra_modules: Sequen
     return None
 
 
+def secret_env_names(settings: AppSettings) -> frozenset[str]:
+    """The environment variables ``settings`` name as holding keys: the service's
+    ``api_key_envs`` and ``admin_api_key_env``, and every model's ``*_env`` backend key
+    (``remote_api_key_env``)."""
+    names = set(settings.service.api_key_envs)
+    if settings.service.admin_api_key_env:
+        names.add(settings.service.admin_api_key_env)
+    for model in settings.engine.models.values():
+        names.update(v for k, v in model.backend_keys.items() if k.endswith("_env") and isinstance(v, str))
+    return frozenset(names)
+
+
 class ProcessReplicaFactory:
     """The pool's default ``replica_factory``: inline or process per model ``isolation``."""
 
     def __init__(self, policy: WorkerSettings | None = None, *, plugin_modules: Sequence[str] | None = None,
-                 python: str = sys.executable) -> None:
+                 python: str = sys.executable, secret_envs: Collection[str] = ()) -> None:
         self.policy = policy or WorkerSettings()
         if plugin_modules is None:
             plugin_modules = [m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(",") if m.strip()]
         self.plugin_modules = tuple(plugin_modules)
         self.python = python
+        self.secret_envs = frozenset(secret_envs)
+
+    @classmethod
+    def from_settings(cls, settings: AppSettings) -> ProcessReplicaFactory:
+        """The factory for ``settings``: its worker policy, and its key variables kept
+        out of every worker's environment."""
+        return cls(settings.engine.workers, secret_envs=secret_env_names(settings))
 
     def __call__(self, *, registry: PluginRegistry, backend: str, replica_id: str, model: ModelConfig,
                  concurrency: int, isolation: str) -> Replica:
@@ -87,4 +106,5 @@ class ProcessReplicaFactory:
                       f"'{PROJECT}' entry point, so a worker process cannot load it; set isolation: inline "
                       f"or install the plugin")
         return ProcessReplica(backend=backend, replica_id=replica_id, model=model, concurrency=concurrency,
-                              plugins=plugins, policy=self.policy, python=self.python, unhosted_reason=reason)
+                              plugins=plugins, policy=self.policy, python=self.python, unhosted_reason=reason,
+                              secret_envs=self.secret_envs)

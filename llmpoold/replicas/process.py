@@ -7,12 +7,16 @@ runtime then takes down one replica, not the daemon:
 
 - in-flight requests of the dead worker end at once with 502 ``replica_crashed``
   (a stream's consumer gets it as an exception, the HTTP layer as an ``error`` event);
+  a worker that sends a malformed frame is killed and handled the same way (its state
+  can no longer be trusted), and so is one that stops answering health checks;
 - the replica stops accepting work (``accepting`` is False, so the scheduler routes to
   the others or keeps requests queued), records the exit status or signal in
   ``last_error`` and is restarted with exponential backoff, at most
-  ``engine.workers.restart_max`` times per ``restart_window_s``, after which it stays
-  ``failed``;
-- listeners (the pool) hear ``crashed``, ``restarted`` and ``gave_up``.
+  ``engine.workers.restart_max`` times per ``restart_window_s``, after which it is
+  ``failed`` (``gave_up``) and tried again every ``gave_up_retry_s`` (0: never) until
+  it starts or is unloaded;
+- listeners (the pool) hear ``crashed``, ``restarted`` and ``gave_up`` (again after
+  each failed retry).
 
 Unload asks the worker to unload and exit, then SIGTERM, then SIGKILL after
 ``unload_timeout_s``; ending the process is what gives the memory back to the OS.
@@ -23,9 +27,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import os
 import sys
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Collection
 from typing import Any
 
 import structlog
@@ -43,15 +48,16 @@ from llmpoold.replicas.supervise import (
     relay_logs,
     spawn_worker,
     wait_or_force,
+    worker_env,
 )
 from llmpoold.replicas.wire import (
     HEADER,
+    FrameError,
     decode_payload,
     encode_frame,
-    error_from_wire,
     frame_size,
-    item_from_wire,
     model_to_wire,
+    reply_from_wire,
     request_to_wire,
 )
 from llmpoold.types import GenerationRequest, StreamItem
@@ -66,7 +72,8 @@ class ProcessReplica:
 
     def __init__(self, *, backend: str, replica_id: str, model: ModelConfig, concurrency: int,
                  plugins: WorkerPlugins | None, policy: WorkerSettings | None = None,
-                 python: str = sys.executable, unhosted_reason: str | None = None) -> None:
+                 python: str = sys.executable, unhosted_reason: str | None = None,
+                 secret_envs: Collection[str] = ()) -> None:
         self.backend = backend
         self.replica_id = replica_id
         self.model = model
@@ -75,6 +82,7 @@ class ProcessReplica:
         self.policy = policy or WorkerSettings()
         self.python = python
         self.unhosted_reason = unhosted_reason
+        self.secret_envs = frozenset(secret_envs)  # never in a worker's environment
         self.state = WorkerState.STOPPED
         self.pid: int | None = None
         self.last_error: str | None = None
@@ -84,7 +92,7 @@ class ProcessReplica:
         self._restarts = RestartBudget(self.policy)
         self._listeners: list[Listener] = []
         self._ids = itertools.count(1)
-        self._streams: dict[int, asyncio.Queue[dict[str, Any]]] = {}
+        self._streams: dict[int, asyncio.Queue[tuple[str, Any]]] = {}
         self._ops: dict[int, asyncio.Future[Any]] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -93,6 +101,7 @@ class ProcessReplica:
         self._restart_task: asyncio.Task[None] | None = None
         self._watchdog_task: asyncio.Task[None] | None = None
         self._hung = False
+        self._malformed: str | None = None  # why the reader killed the worker, if it did
         self._state_changed: asyncio.Event | None = None
         self._stopping = False
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -127,22 +136,25 @@ class ProcessReplica:
         if self.state != WorkerState.READY:
             await self._wait_ready()
         mid = next(self._ids)
-        queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        try:  # encoded before the stream exists: a refused frame never reached the worker
+            frame = encode_frame({"op": "stream", "id": mid, "request": request_to_wire(request), "whole": whole})
+        except FrameError as exc:
+            raise ApiError(400, "invalid_json", f"request cannot be sent to the worker: {exc}") from None
+        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._streams[mid] = queue
         ended = False
         try:
-            self._send({"op": "stream", "id": mid, "request": request_to_wire(request), "whole": whole})
+            self._write(frame)
             while True:
-                msg = await queue.get()
-                kind = msg["t"]
+                kind, value = await queue.get()
                 if kind == "delta" or kind == "completion":
-                    yield item_from_wire(msg)
+                    yield value
                 elif kind == "end":
                     ended = True
                     return
                 elif kind == "error":
                     ended = True
-                    raise error_from_wire(msg)
+                    raise value
                 else:  # "crash": the worker died under this stream
                     ended = True
                     raise self._crash_error()
@@ -192,9 +204,11 @@ class ProcessReplica:
 
     async def _spawn_and_load(self) -> None:
         assert self.plugins is not None
-        proc, parent = await spawn_worker(self.python, self.plugins)
+        env = worker_env(os.environ, self.policy.env_passthrough, self.secret_envs)
+        proc, parent = await spawn_worker(self.python, self.plugins, env)
         self._proc, self.pid = proc, proc.pid
         self._tail.clear()
+        self._malformed = None
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         self._writer = writer
         self._reader_task = asyncio.create_task(self._read_loop(reader, proc), name=f"worker-read-{self.replica_id}")
@@ -228,21 +242,25 @@ class ProcessReplica:
         try:
             while True:
                 size = frame_size(await reader.readexactly(HEADER.size))
-                msg = decode_payload(await reader.readexactly(size))
-                mid = int(msg.get("id") or 0)
+                mid, kind, value = reply_from_wire(decode_payload(await reader.readexactly(size)))
                 queue = self._streams.get(mid)
                 if queue is not None:
-                    queue.put_nowait(msg)
+                    queue.put_nowait((kind, value))
                     continue
                 future = self._ops.pop(mid, None)
                 if future is None or future.done():
                     continue
-                if msg["t"] == "result":
-                    future.set_result(msg.get("value"))
+                if kind == "error":
+                    future.set_exception(value)
                 else:
-                    future.set_exception(error_from_wire(msg))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, ValueError):
+                    future.set_result(value)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
+        except ValueError as exc:  # a malformed or oversized frame: the worker is not sane
+            self._malformed = f"sent a malformed frame ({exc})"
+            log.error("worker_protocol_error", replica=self.replica_id, pid=proc.pid, error=str(exc))
+            if proc.returncode is None:
+                proc.kill()
         # EOF: the worker ended (or closed its end; then make sure it ends).
         try:
             code = await asyncio.wait_for(proc.wait(), 5.0)
@@ -266,6 +284,9 @@ class ProcessReplica:
             self._hung = False
             description = (f"process {proc.pid} did not answer a health check within "
                            f"{self.policy.health_timeout_s:g} s and was killed")
+        elif self._malformed:
+            description = f"process {proc.pid} {self._malformed} and was killed"
+            self._malformed = None
         self.last_error = description
         was_ready = self.state == WorkerState.READY
         log.error("worker_crashed", replica=self.replica_id, pid=proc.pid, status=code, error=description)
@@ -281,7 +302,7 @@ class ProcessReplica:
 
     def _fail_pending(self, error: ApiError) -> None:
         for queue in self._streams.values():
-            queue.put_nowait({"t": "crash"})
+            queue.put_nowait(("crash", None))
         ops, self._ops = self._ops, {}
         for future in ops.values():
             if not future.done():
@@ -322,10 +343,16 @@ class ProcessReplica:
     def _schedule_restart(self) -> None:
         delay = self._restarts.next_delay()
         if delay is None:
+            # Out of restarts in the window: failed, but tried again after the long
+            # ``gave_up_retry_s`` (the cause may have been passing: a GPU reset, memory).
             self.gave_up = True
+            self._restart_task = None
             self._set_state(WorkerState.FAILED)
+            retry = self.policy.gave_up_retry_s
             log.error("worker_restart_gave_up", replica=self.replica_id, restarts=len(self._restarts.times),
-                      window_s=self.policy.restart_window_s, error=self.last_error)
+                      window_s=self.policy.restart_window_s, retry_s=retry or None, error=self.last_error)
+            if retry > 0:
+                self._restart_task = asyncio.create_task(self._restart(retry), name=f"worker-retry-{self.replica_id}")
             self._notify("gave_up")
             return
         self._set_state(WorkerState.RESTARTING)
@@ -348,6 +375,9 @@ class ProcessReplica:
             return
         if self._stopping:
             return
+        if self.gave_up:  # back after the long retry: a fresh restart budget
+            self.gave_up = False
+            self._restarts.times.clear()
         self.restarts += 1
         self._set_state(WorkerState.READY)
         self._start_watchdog()
@@ -382,10 +412,14 @@ class ProcessReplica:
                 log.warning("replica_listener_failed", replica=self.replica_id, replica_event=event, error=str(exc))
 
     def _send(self, msg: dict[str, Any]) -> None:
+        """Send one message (FrameError, nothing sent, when it cannot be a frame)."""
+        self._write(encode_frame(msg))
+
+    def _write(self, frame: bytes) -> None:
         writer = self._writer
         if writer is None or writer.is_closing():
             raise self._crash_error()
-        writer.write(encode_frame(msg))
+        writer.write(frame)
 
     async def _call(self, msg: dict[str, Any]) -> Any:
         mid = next(self._ids)
@@ -397,7 +431,7 @@ class ProcessReplica:
         finally:
             self._ops.pop(mid, None)
 
-    async def _cancel_stream(self, mid: int, queue: asyncio.Queue[dict[str, Any]]) -> None:
+    async def _cancel_stream(self, mid: int, queue: asyncio.Queue[tuple[str, Any]]) -> None:
         """Tell the worker to stop this stream and wait until its runtime has let go."""
         try:
             self._send({"op": "cancel", "id": mid})
@@ -406,8 +440,8 @@ class ProcessReplica:
         deadline = time.monotonic() + self.policy.unload_timeout_s
         try:
             while (left := deadline - time.monotonic()) > 0:
-                msg = await asyncio.wait_for(queue.get(), left)
-                if msg["t"] in ("end", "error", "crash"):
+                kind, _value = await asyncio.wait_for(queue.get(), left)
+                if kind in ("end", "error", "crash"):
                     return
         except (TimeoutError, asyncio.CancelledError):
             log.warning("worker_cancel_slow", replica=self.replica_id, stream=mid)

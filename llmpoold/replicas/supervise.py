@@ -10,9 +10,11 @@ import collections
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import time
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -37,17 +39,55 @@ class WorkerPlugins:
                 *(a for mod in self.modules for a in ("--plugin", mod))]
 
 
-async def spawn_worker(python: str, plugins: WorkerPlugins) -> tuple[asyncio.subprocess.Process, socket.socket]:
-    """Start ``python -m llmpoold.replicas.worker`` for ``plugins``; return the process
-    and the daemon's end of its socket (stdout and stderr merged on a pipe, for
-    :func:`relay_logs`). The process is in :data:`LIVE` until it has exited."""
+# What a worker may see of the daemon's environment (see :func:`worker_env`): what a
+# process needs to run, and what the runtimes read (llama.cpp: GGML_*/LLAMA_*;
+# CTranslate2: CT2_*, OMP_*, MKL_*; torch/ExLlamaV3: CUDA_*, PYTORCH_*, TORCH_*, HF_*,
+# MAX_JOBS/CC/CXX for extension builds; ROCm: HIP_*/HSA_*/ROCR_*).
+WORKER_ENV_NAMES = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_CACHE_HOME", "PYTHONPATH",
+    "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH", "ROCM_PATH", "MAX_JOBS", "CC", "CXX",
+})
+WORKER_ENV_PREFIXES = (
+    "LC_", "PYTHON", "CUDA_", "NVIDIA_", "CUBLAS_", "CUDNN_", "NCCL_", "ROCM_", "ROCR_", "HIP_", "HSA_",
+    "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TORCH_", "PYTORCH_", "TRITON_", "OMP_", "KMP_",
+    "OPENBLAS_", "MKL_", "GGML_", "LLAMA_", "CT2_", "EXLLAMA",
+)
+# A name under one of the prefixes above that looks like a credential (HF_TOKEN) is
+# passed only when named in engine.workers.env_passthrough.
+SECRET_LIKE = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+
+
+def worker_env(environ: Mapping[str, str], passthrough: Sequence[str] = (),
+               deny: Collection[str] = ()) -> dict[str, str]:
+    """The part of ``environ`` a worker gets: :data:`WORKER_ENV_NAMES`, names under
+    :data:`WORKER_ENV_PREFIXES` that do not look like credentials, and ``passthrough``
+    (names, or prefixes ending in ``*``); never a name in ``deny`` (the key variables the
+    settings name), whatever else matches it."""
+    exact = {p for p in passthrough if not p.endswith("*")}
+    prefixes = tuple(p[:-1] for p in passthrough if p.endswith("*"))
+    env = {}
+    for name, value in environ.items():
+        if name in deny:
+            continue
+        if (name in WORKER_ENV_NAMES or name in exact or name.startswith(prefixes)
+                or (name.startswith(WORKER_ENV_PREFIXES) and not SECRET_LIKE.search(name))):
+            env[name] = value
+    return env
+
+
+async def spawn_worker(python: str, plugins: WorkerPlugins, env: Mapping[str, str]) -> tuple[
+        asyncio.subprocess.Process, socket.socket]:
+    """Start ``python -m llmpoold.replicas.worker`` for ``plugins`` with environment
+    ``env`` (see :func:`worker_env`); return the process and the daemon's end of its
+    socket (stdout and stderr merged on a pipe, for :func:`relay_logs`). The process is
+    in :data:`LIVE` until it has exited."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     # The daemon's own logger filters the relayed lines again; the worker sends at
     # least info so an unconfigured root logger (tests, embedding) still sees them.
     level = logging.getLevelName(min(logging.getLogger().getEffectiveLevel(), logging.INFO)).lower()
     cmd = [python, "-m", "llmpoold.replicas.worker", "--fd", str(child.fileno()), "--parent-pid", str(os.getpid()),
            "--log-level", level if level in ("debug", "info", "warning", "error") else "info", *plugins.argv()]
-    env = dict(os.environ)
+    env = dict(env)
     if plugins.paths:
         env["PYTHONPATH"] = os.pathsep.join([*plugins.paths, *filter(None, [env.get("PYTHONPATH")])])
     try:

@@ -25,6 +25,13 @@ such as ``Retry-After`` and extra detail fields), ``load`` (a LoadError) or
 :class:`~llmpoold.errors.WorkerError`). Streams are multiplexed by id. A cancelled
 stream still ends with ``end`` (or ``error``), once the runtime has stopped, so the
 daemon knows the slot is free.
+
+Neither side sends what the other could not read: :func:`encode_frame` raises
+:class:`FrameError` for a message that is not valid UTF-8 (a lone surrogate in some
+text) or is over :data:`MAX_FRAME`, before anything is written, so the error belongs to
+that one request or reply. The daemon checks every reply with :func:`reply_from_wire`;
+a malformed one (bad JSON, not an object, a missing or mistyped field) is a protocol
+error, which the daemon handles as a crash of that worker.
 """
 
 from __future__ import annotations
@@ -50,10 +57,24 @@ from llmpoold.types import (
 
 HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 2**20
+CHANNELS = ("output", "reasoning")
+
+
+class FrameError(ValueError):
+    """A message that cannot be a frame (sending side), or a frame that is not a valid
+    message (receiving side). Its text is ASCII and never quotes the offending value."""
 
 
 def encode_frame(message: Mapping[str, Any]) -> bytes:
-    payload = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    """``message`` as one frame; FrameError (nothing sent) when it cannot be one."""
+    text = json.dumps(message, separators=(",", ":"), ensure_ascii=False)
+    try:
+        payload = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        char = ord(exc.object[exc.start])
+        raise FrameError(f"text is not valid UTF-8 (lone surrogate U+{char:04X})") from None
+    if len(payload) > MAX_FRAME:
+        raise FrameError(f"message of {len(payload)} bytes is over the frame limit of {MAX_FRAME}")
     return HEADER.pack(len(payload)) + payload
 
 
@@ -66,10 +87,39 @@ def frame_size(header: bytes) -> int:
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:
-    message = json.loads(payload)
+    """A frame's payload as its JSON object; FrameError when it is not one."""
+    try:
+        message = json.loads(payload)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise FrameError(f"frame is not UTF-8 JSON ({type(exc).__name__} at {getattr(exc, 'pos', None) or 0})") \
+            from None
     if not isinstance(message, dict):
-        raise ValueError("frame is not a JSON object")
+        raise FrameError(f"frame is a JSON {type(message).__name__}, not an object")
     return message
+
+
+REPLY_KINDS = frozenset({"result", "delta", "completion", "end", "error"})
+
+
+def reply_from_wire(msg: Mapping[str, Any]) -> tuple[int, str, Any]:
+    """A worker's reply checked and decoded: ``(id, t, value)``, where value is the
+    :class:`StreamItem` of a delta or completion, the exception of an error, the value of
+    a result, None for an end. Raises FrameError for anything malformed."""
+    mid, kind = msg.get("id"), msg.get("t")
+    if type(mid) is not int or mid < 1:
+        raise FrameError("reply without a positive integer id")
+    if kind not in REPLY_KINDS:
+        raise FrameError(f"reply {mid} has no valid 't' (one of {', '.join(sorted(REPLY_KINDS))})")
+    try:
+        if kind == "result":
+            return mid, kind, msg.get("value")
+        if kind == "end":
+            return mid, kind, None
+        if kind == "error":
+            return mid, kind, error_from_wire(msg)
+        return mid, kind, item_from_wire(msg)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise FrameError(f"malformed '{kind}' reply {mid} ({type(exc).__name__})") from None
 
 
 # ----- values -------------------------------------------------------------------------
@@ -122,21 +172,34 @@ def item_to_wire(item: StreamItem) -> dict[str, Any]:
 
 
 def item_from_wire(data: Mapping[str, Any]) -> StreamItem:
+    """A delta or completion frame as its item (KeyError/TypeError/ValueError when malformed)."""
     if data["t"] == "delta":
-        return TextDelta(text=data["text"], channel=data["channel"])
-    return Completion(finish_reason=data["finish_reason"], metrics=BackendMetrics(**data["metrics"]),
-                      metadata=data["metadata"])
+        text, channel = data["text"], data["channel"]
+        if not isinstance(text, str) or channel not in CHANNELS:
+            raise ValueError("delta text must be a string and channel one of " + ", ".join(CHANNELS))
+        return TextDelta(text=text, channel=channel)
+    finish, metrics, metadata = data["finish_reason"], data["metrics"], data["metadata"]
+    if not isinstance(finish, str) or not isinstance(metrics, dict) or not isinstance(metadata, dict):
+        raise TypeError("completion needs a finish_reason string, metrics and metadata objects")
+    return Completion(finish_reason=finish, metrics=BackendMetrics(**metrics), metadata=metadata)
 
 
 # ----- errors -------------------------------------------------------------------------
 
 
+def _utf8(text: str) -> str:
+    """``text`` with anything UTF-8 cannot carry (lone surrogates) replaced: an error
+    message quoting bad input must still reach the other side."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ApiError):
+        message = None if exc.message is None else _utf8(exc.message)
         return {"t": "error", "kind": "api", "type": type(exc).__name__, "status": exc.status, "code": exc.code,
-                "message": exc.message, "headers": dict(exc.headers), "extra": dict(exc.extra)}
+                "message": message, "headers": dict(exc.headers), "extra": dict(exc.extra)}
     kind = "load" if isinstance(exc, LoadError) else "exception"
-    return {"t": "error", "kind": kind, "type": type(exc).__name__, "message": str(exc)}
+    return {"t": "error", "kind": kind, "type": type(exc).__name__, "message": _utf8(str(exc))}
 
 
 def error_from_wire(msg: Mapping[str, Any]) -> Exception:

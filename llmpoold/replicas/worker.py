@@ -41,6 +41,7 @@ from llmpoold.gpu import process_rss_mib
 from llmpoold.plugins import PluginRegistry
 from llmpoold.replicas.wire import (
     HEADER,
+    FrameError,
     decode_payload,
     encode_frame,
     error_to_wire,
@@ -85,9 +86,19 @@ class Worker:
     # -- io
 
     def send(self, message: dict[str, Any]) -> None:
+        """Send one message; FrameError (nothing sent) when it cannot be a frame."""
         frame = encode_frame(message)
         with self.send_lock:
             self.sock.sendall(frame)
+
+    def send_or_error(self, mid: int, message: dict[str, Any]) -> None:
+        """Send ``message``, or when it cannot be a frame an error for ``mid`` in its
+        place, so the daemon always hears an answer."""
+        try:
+            self.send(message)
+        except FrameError as exc:
+            self.send({"id": mid, **error_to_wire(ApiError(502, "backend_protocol_error",
+                                                           f"the worker's answer cannot be sent: {exc}"))})
 
     def _recv_exactly(self, n: int) -> bytes | None:
         chunks = []
@@ -112,7 +123,11 @@ class Worker:
             payload = self._recv_exactly(size)
             if payload is None:
                 break
-            self.dispatch(decode_payload(payload))
+            try:
+                self.dispatch(decode_payload(payload))
+            except (KeyError, TypeError, ValueError) as exc:  # the daemon is not speaking the protocol
+                log.error("worker_protocol_error", error=f"{type(exc).__name__}: {exc}")
+                os._exit(3)
         # The daemon closed its end (or died): nobody is listening, leave at once.
         log.info("worker_parent_gone")
         os._exit(0)
@@ -143,9 +158,9 @@ class Worker:
         try:
             value = handler()
         except BaseException as exc:  # noqa: BLE001 - reported to the daemon
-            self.send({"id": mid, **error_to_wire(exc)})
+            self.send_or_error(mid, {"id": mid, **error_to_wire(exc)})
             return
-        self.send({"id": mid, "t": "result", "value": value})
+        self.send_or_error(mid, {"id": mid, "t": "result", "value": value})
 
     # -- operations
 
@@ -209,12 +224,15 @@ class Worker:
                 await asyncio.shield(source.aclose())  # the runtime lets go before "end" is sent
         except asyncio.CancelledError:
             pass  # cancelled by the daemon: the stream still ends with "end"
+        except FrameError as exc:  # an item the runtime produced cannot be sent (not UTF-8)
+            end = {"id": mid, **error_to_wire(ApiError(502, "backend_protocol_error",
+                                                       f"the backend's output cannot be sent: {exc}"))}
         except BaseException as exc:  # noqa: BLE001 - reported to the daemon
             end = {"id": mid, **error_to_wire(exc)}
         with self.streams_lock:
             self.streams.pop(mid, None)
         try:
-            self.send(end)
+            self.send_or_error(mid, end)
         except OSError:
             pass
 
