@@ -276,6 +276,10 @@ class EngineSettings(_Strict):
     fairness: FairnessSettings = Field(default_factory=FairnessSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    # ----- lifecycle (issues 14, 18) -----
+    # An unload stops admissions, lets running requests finish for this long, then
+    # cancels what still runs (those clients get 503 ``model_unloaded``).
+    unload_drain_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
 
     @field_validator("backend", mode="before")
     @classmethod

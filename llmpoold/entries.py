@@ -48,7 +48,9 @@ class ModelEntry:
     estimate: MemoryEstimate | None = None
     estimate_error: str | None = None
     traits: ModelTraits | None = None  # asked of the plugin once per load, while loaded
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The pool-owned load or unload in progress (a client leaving does not cancel it).
+    transition: asyncio.Task[None] | None = None
+    load_started_at: float | None = None  # wall clock, while ``loading``
 
     @property
     def name(self) -> str:

@@ -14,6 +14,7 @@ the ``inference`` log line together (:meth:`Inference.record`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -27,7 +28,7 @@ from llmpoold.config import DecodingDefaults
 from llmpoold.entries import ModelEntry, ModelState
 from llmpoold.errors import ApiError, describe, model_state_error
 from llmpoold.pool import Pool
-from llmpoold.scheduler import Job, Lease
+from llmpoold.scheduler import ABORT_GRACE_S, Job, Lease
 from llmpoold.schemas import ResponseRequest
 from llmpoold.types import DEFAULT_INSTRUCTIONS, Completion, Decoding, GenerationRequest, Message, TextDelta
 
@@ -115,6 +116,8 @@ class Inference:
         self.result: InferenceResult | None = None
         self._counted = False
         self._outcome: str | None = None
+        self._aborted: ApiError | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     # ----- admission -----------------------------------------------------------------
 
@@ -201,6 +204,21 @@ class Inference:
             raise
         self.pool.metrics.queue_wait.labels(entry.name).observe(self.lease.queue_wait_ms / 1000)
         self.request = self._generation_request(entry, self.lease.replica.replica_id)
+        self._task = asyncio.current_task()
+        self.lease.on_abort = self._abort
+
+    def _abort(self, error: ApiError) -> None:
+        """The model is being unloaded and its drain time is over: stop with ``error``."""
+        if self._aborted is not None:
+            return
+        self._aborted = error
+        if self.request is not None:
+            self.request.cancel.set()
+        asyncio.get_running_loop().call_later(ABORT_GRACE_S, self._cut)
+
+    def _cut(self) -> None:
+        if self.lease is not None and not self.lease.released and self._task is not None:
+            self._task.cancel()
 
     def record(self, outcome: str, error: ApiError | None = None) -> None:
         """Record the request's outcome once: the metric (under a configured model name
@@ -242,6 +260,8 @@ class Inference:
         failure: ApiError | None = None
         try:
             async for item in stream:
+                if self._aborted is not None:
+                    break
                 if isinstance(item, Completion):
                     completion = item
                     continue
@@ -252,12 +272,22 @@ class Inference:
                         metrics.ttft.labels(self.entry.name).observe(time.perf_counter() - self.started_at)
                     texts[item.channel].append(text)
                     yield TextDelta(text, channel=item.channel)
+            if self._aborted is not None:
+                raise self._aborted
             if completion is None:
                 raise ApiError(502, "backend_protocol_error",
                                f"backend '{self.entry.backend}' ended the stream without a completion",
                                model=self.entry.name)
         except ApiError as exc:
             failure = exc.with_model(self.entry.name)
+            raise failure from None
+        except asyncio.CancelledError:
+            if self._aborted is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own cut, not the client leaving: answer with the reason
+            failure = self._aborted
             raise failure from None
         except Exception as exc:  # noqa: BLE001 - plugin failure: report without a traceback
             failure = ApiError(500, "backend_error", describe(exc), model=self.entry.name)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import structlog
@@ -17,14 +18,15 @@ import structlog
 from llmpoold.backend import Backend
 from llmpoold.config import AppSettings, ModelConfig, SettingsError, resolve_model_options
 from llmpoold.entries import ACTIVE_STATES, ModelEntry, ModelState
-from llmpoold.errors import ApiError, unknown_model
+from llmpoold.errors import ApiError, describe, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
 from llmpoold.metrics import PoolMetrics
+from llmpoold.overrides import apply_override, check_override, typed_override
 from llmpoold.plugins import PluginRegistry
 from llmpoold.replicas import Replica
 from llmpoold.replicas.bridge import run_blocking
-from llmpoold.scheduler import FifoQueue, ModelScheduler, QueuePolicy
+from llmpoold.scheduler import ABORT_GRACE_S, FifoQueue, ModelScheduler, QueuePolicy
 from llmpoold.types import MemoryEstimate, ModelTraits
 
 log = structlog.get_logger("llmpoold.pool")
@@ -66,6 +68,7 @@ class Pool:
         self.queue_factory = queue_factory
         self.entries: dict[str, ModelEntry] = self._build_entries(settings)
         self.startup_done = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()  # loads and unloads in progress
         self.metrics = PoolMetrics(lambda: self.entries)  # per pool: apps in one process do not share a registry
 
     def _build_entries(self, settings: AppSettings) -> dict[str, ModelEntry]:
@@ -109,7 +112,8 @@ class Pool:
     # ----- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load every enabled model, one after another; failures leave it ``failed``."""
+        """Load every enabled model, one after another. Any failure (a plugin raising
+        anything at all) leaves that model ``failed`` and the next one still loads."""
         try:
             for entry in list(self.entries.values()):
                 if entry.config.enabled and entry.state == ModelState.UNLOADED:
@@ -117,81 +121,84 @@ class Pool:
                         await self.load(entry.name)
                     except ApiError as exc:
                         log.error("startup_load_failed", model=entry.name, error=exc.message)
+                    except Exception:  # noqa: BLE001 - one model never stops the others
+                        log.exception("startup_load_failed", model=entry.name)
         finally:
             self.startup_done.set()
+
+    def _spawn(self, entry: ModelEntry, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a load or unload as the pool's own task: the caller awaits it shielded,
+        so a client that leaves (its handler cancelled) does not stop it halfway."""
+        task = asyncio.create_task(coro, name=f"llmpool-lifecycle:{entry.name}")
+        entry.transition = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def load(self, name: str, fields: Mapping[str, Any] | None = None) -> ModelEntry:
         """Load a model (admin or startup). ``fields`` are the admin body's explicitly
         set keys. Returns the entry; raises ApiError (or the load override model's
-        ValidationError, a 422)."""
+        ValidationError, a 422). The load itself runs as a pool task and always ends
+        ``loaded`` or ``failed`` (with ``last_error``), whether or not the caller waits."""
         entry = self.entry(name)
-        fields = _typed_override(entry, dict(fields or {}))
-        async with entry.lock:
-            replicas_requested = fields.pop("replicas", None)
-            if entry.state == ModelState.UNLOADING:
-                raise ApiError(409, "model_unloading", model=name)
-            if entry.state in (ModelState.LOADED, ModelState.LOADING):
-                if fields or replicas_requested is not None:
-                    raise ApiError(400, "invalid_load_request",
-                                   "replica count and load overrides can only be applied while the model is "
-                                   "unloaded or failed; unload first", model=name)
-                return entry
-            if entry.backend is None or entry.spec is None:
-                raise ApiError(500, "model_load_failed", entry.last_error, model=name)
-            override = self._check_override(entry, fields)
-            count = replicas_requested or entry.config.replicas
-            if count > entry.config.replica_max:
+        fields = typed_override(entry, dict(fields or {}))
+        replicas_requested = fields.pop("replicas", None)
+        if entry.state == ModelState.UNLOADING:
+            raise ApiError(409, "model_unloading", model=name)
+        if entry.state in (ModelState.LOADED, ModelState.LOADING):
+            if fields or replicas_requested is not None:
                 raise ApiError(400, "invalid_load_request",
-                               f"replica count {count} exceeds replica_max {entry.config.replica_max} "
-                               f"for model '{name}'", model=name)
-            try:
-                active = self._apply_override(entry, override)
-            except (SettingsError, ValueError) as exc:
-                raise ApiError(400, "invalid_load_request", str(exc), model=name) from None
-            entry.state, entry.last_error = ModelState.LOADING, None
-            await self._load_replicas(entry, active, override, count)
-            if entry.state == ModelState.FAILED:
-                raise ApiError(500, "model_load_failed", entry.last_error, model=name)
+                               "replica count and load overrides can only be applied while the model is "
+                               "unloaded or failed; unload first", model=name)
+            if entry.state == ModelState.LOADING and entry.transition is not None:
+                await asyncio.shield(entry.transition)
+            return self._loaded_or_raise(entry)
+        if entry.backend is None or entry.spec is None:
+            raise ApiError(500, "model_load_failed", entry.last_error, model=name)
+        override = check_override(self.registry, entry, fields)
+        count = replicas_requested or entry.config.replicas
+        if count > entry.config.replica_max:
+            raise ApiError(400, "invalid_load_request",
+                           f"replica count {count} exceeds replica_max {entry.config.replica_max} "
+                           f"for model '{name}'", model=name)
+        try:
+            active = apply_override(entry, override)
+        except (SettingsError, ValueError) as exc:
+            raise ApiError(400, "invalid_load_request", str(exc), model=name) from None
+        # Set before the first await: a settings reload now sees the model as active.
+        entry.state, entry.last_error, entry.load_started_at = ModelState.LOADING, None, time.time()
+        await asyncio.shield(self._spawn(entry, self._run_load(entry, active, override, count)))
+        return self._loaded_or_raise(entry)
+
+    @staticmethod
+    def _loaded_or_raise(entry: ModelEntry) -> ModelEntry:
+        if entry.state == ModelState.FAILED:
+            raise ApiError(500, "model_load_failed", entry.last_error, model=entry.name)
         return entry
 
-    def _check_override(self, entry: ModelEntry, fields: dict[str, Any]) -> dict[str, Any]:
-        if not fields:
-            return {}
-        assert entry.spec is not None and entry.backend is not None
-        allowed = set(entry.spec.load_override_keys)
-        if not allowed:
-            raise ApiError(400, "invalid_load_request",
-                           f"load overrides are not supported for backend: '{entry.backend}'", model=entry.name)
-        unknown = sorted(set(fields) - allowed)
-        if unknown:
-            raise ApiError(400, "invalid_load_request",
-                           f"unsupported load override for {entry.backend} backend: {', '.join(unknown)}",
-                           model=entry.name)
-        override = dict(fields)
-        if "target_inflight" in override:
-            value = override["target_inflight"]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ApiError(400, "invalid_load_request", "target_inflight load override must be a positive integer",
-                               model=entry.name)
-        backend_part = {k: v for k, v in override.items() if k != "target_inflight"}
-        if backend_part:
-            try:
-                checked = self.registry.hook.llmpool_check_load_override(backend=entry.backend, override=backend_part)
-            except ValueError as exc:
-                raise ApiError(400, "invalid_load_request", str(exc), model=entry.name) from None
-            if checked is not None:
-                override = {**({"target_inflight": override["target_inflight"]} if "target_inflight" in override
-                               else {}), **checked}
-        return override
+    async def _run_load(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any], count: int) -> None:
+        """The load task: every exit path leaves the model ``loaded`` or ``failed``."""
+        try:
+            await self._load_replicas(entry, active, override, count)
+            if entry.state == ModelState.LOADED and self.entries.get(entry.name) is not entry:
+                # Replaced meanwhile (cannot happen while reload treats `loading` as active;
+                # kept so that no path ever leaves workers without an owner).
+                await self._release(entry, ModelState.UNLOADED, None)
+        except asyncio.CancelledError:
+            self._fail(entry, "load cancelled: the daemon is shutting down")
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin may raise anything
+            log.exception("model_load_crashed", model=entry.name)
+            self._fail(entry, describe(exc))
+        finally:
+            if entry.state == ModelState.LOADING:
+                self._fail(entry, entry.last_error or "load did not complete")
+            entry.load_started_at = None
 
-    def _apply_override(self, entry: ModelEntry, override: dict[str, Any]) -> ModelConfig:
-        assert entry.spec is not None and entry.backend is not None
-        base = entry.config.model_copy(update={"enabled": True})
-        if "target_inflight" in override:
-            base = base.model_copy(update={"target_inflight": override["target_inflight"]})
-        backend_part = {k: v for k, v in override.items() if k != "target_inflight"}
-        return resolve_model_options(base, entry.spec.options_model, backend=entry.backend,
-                                     requires_model_path=entry.spec.requires_model_path, override=backend_part)
+    def _fail(self, entry: ModelEntry, error: str) -> None:
+        entry.state, entry.last_error = ModelState.FAILED, error
+        entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
+        log.error("model_load_failed", model=entry.name, error=error)
 
     async def _load_replicas(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any],
                              count: int) -> None:
@@ -205,15 +212,17 @@ class Pool:
             for i in range(1, count + 1)
         ]
         gpu_before = await run_blocking(primary_gpu_used_mib)
-        results = await asyncio.gather(*(r.load() for r in replicas), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(r.load() for r in replicas), return_exceptions=True)
+        except BaseException:  # cancelled (shutdown): give back whatever did load
+            await asyncio.gather(*(r.unload() for r in replicas), return_exceptions=True)
+            raise
         errors = [f"{r.replica_id}: {res or type(res).__name__}" for r, res in zip(replicas, results, strict=True)
                   if isinstance(res, BaseException)]
         if errors:
             await asyncio.gather(*(r.unload() for r, res in zip(replicas, results, strict=True)
                                    if not isinstance(res, BaseException)), return_exceptions=True)
-            entry.state, entry.last_error = ModelState.FAILED, "; ".join(errors)
-            entry.active_config = entry.traits = None
-            log.error("model_load_failed", model=entry.name, error=entry.last_error)
+            self._fail(entry, "; ".join(errors))
             return
         gpu_after = await run_blocking(primary_gpu_used_mib)
         if gpu_before is not None and gpu_after is not None and gpu_after - gpu_before > 0:
@@ -258,27 +267,57 @@ class Pool:
 
     async def unload(self, name: str) -> ModelEntry:
         """Graceful unload: queued requests get 409 ``model_unloading``, running ones
-        finish, then every replica is released. Returns the entry."""
+        finish within ``engine.unload_drain_timeout_s`` (then they are stopped with 503
+        ``model_unloaded``), then every replica is released. Runs as a pool task that
+        always ends ``unloaded``. Returns the entry."""
         entry = self.entry(name)
         if entry.state == ModelState.LOADING:
             raise ApiError(409, "model_loading", model=name)
+        if entry.state == ModelState.UNLOADING and entry.transition is not None:
+            await asyncio.shield(entry.transition)
+            return entry
         if entry.state != ModelState.LOADED:
             return entry
         entry.state = ModelState.UNLOADING
-        scheduler = entry.scheduler
-        if scheduler is not None:
-            scheduler.begin_shutdown()
-            await scheduler.wait_idle()
-        async with entry.lock:
-            await asyncio.gather(*(r.unload() for r in entry.replicas), return_exceptions=True)
-            entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
-            entry.state, entry.last_error, entry.load_override = ModelState.UNLOADED, None, {}
-            entry.estimate, entry.estimate_error = None, None
-        log.info("model_unloaded", model=name)
+        await asyncio.shield(self._spawn(entry, self._run_unload(entry, self.settings.engine.unload_drain_timeout_s)))
         return entry
 
+    async def _run_unload(self, entry: ModelEntry, drain_timeout_s: float) -> None:
+        """The unload task: drain, stop what is left, release the replicas."""
+        try:
+            scheduler = entry.scheduler
+            if scheduler is not None:
+                scheduler.begin_shutdown()
+                if not await scheduler.wait_idle(drain_timeout_s):
+                    stopped = scheduler.abort_running(ApiError(
+                        503, "model_unloaded", f"model '{entry.name}' was unloaded while this request ran: it "
+                        f"was still running after the {drain_timeout_s:g} s drain time "
+                        "(engine.unload_drain_timeout_s)", model=entry.name))
+                    log.warning("unload_drain_timeout", model=entry.name, stopped_requests=stopped,
+                                drain_timeout_s=drain_timeout_s)
+                    await scheduler.wait_idle(ABORT_GRACE_S + self.settings.engine.workers.unload_timeout_s)
+        finally:
+            await self._release(entry, ModelState.UNLOADED, None)
+        log.info("model_unloaded", model=entry.name)
+
+    async def _release(self, entry: ModelEntry, state: ModelState, error: str | None) -> None:
+        """Give back every replica (best effort) and leave ``state``, whatever happens."""
+        replicas = entry.replicas
+        entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
+        try:
+            await asyncio.gather(*(r.unload() for r in replicas), return_exceptions=True)
+        finally:
+            entry.state, entry.last_error, entry.load_override = state, error, {}
+            entry.estimate, entry.estimate_error = None, None
+
     async def close(self) -> None:
-        """Unload everything (daemon shutdown)."""
+        """Stop loads in progress, wait for unloads, unload everything (daemon shutdown)."""
+        for task in list(self._tasks):
+            if task.get_name().startswith("llmpool-lifecycle:") and not task.done():
+                entry = self.entries.get(task.get_name().split(":", 1)[1])
+                if entry is not None and entry.state == ModelState.LOADING:
+                    task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(self.unload(name) for name, e in self.entries.items() if e.state == ModelState.LOADED),
                              return_exceptions=True)
 
@@ -336,19 +375,6 @@ class Pool:
             except Exception as exc:  # noqa: BLE001 - an estimate is advisory
                 entry.estimate_error = str(exc)
         return entry.estimate
-
-
-def _typed_override(entry: ModelEntry, fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` with the backend's override keys checked against the plugin's
-    ``load_override_model`` (types and schema bounds: a ValidationError, the seed's 422,
-    before anything else); range rules are the plugin's ``llmpool_check_load_override``."""
-    model = entry.spec.load_override_model if entry.spec is not None else None
-    typed = {k: v for k, v in fields.items() if entry.spec is not None and k in entry.spec.load_override_keys
-             and k != "target_inflight"}
-    if model is None or not typed:
-        return fields
-    checked = model.model_validate(typed)
-    return {**fields, **{k: getattr(checked, k) for k in typed}}
 
 
 def _comparable(entry_config: ModelConfig) -> dict[str, Any]:

@@ -6,17 +6,21 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from llmpoold.config import SettingsError, load_settings
 from llmpoold.entries import ModelEntry, ModelState
-from llmpoold.errors import ApiError
+from llmpoold.errors import ApiError, describe
 from llmpoold.gpu import gpu_memory
 from llmpoold.http.keys import POOL, REGISTRY, RELOAD
 from llmpoold.http.respond import parse_body, read_json
 from llmpoold.pool import Pool
 from llmpoold.replicas.bridge import run_blocking
 from llmpoold.schemas import AdminLoadRequest
+from llmpoold.types import Capabilities
+
+log = structlog.get_logger("llmpoold.admin")
 
 
 async def vram_fields(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
@@ -44,6 +48,11 @@ async def admin_entry(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
     loaded = entry.state == ModelState.LOADED
     spec = entry.spec
     estimate = await pool.memory_estimate(entry)
+    try:
+        capabilities = pool.traits(entry).capabilities.to_json()
+    except Exception as exc:  # noqa: BLE001 - a plugin's traits hook failing is shown, not a 500
+        log.warning("model_traits_failed", model=name, error=describe(exc))
+        capabilities = Capabilities().to_json()
     return {
         "name": name,
         "resolved_backend": entry.backend or pool.settings.resolved_backend(entry.config),
@@ -69,7 +78,7 @@ async def admin_entry(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
         "load_constraints": dict(spec.load_constraints) if spec else {},
         "load_recommendations": dict(spec.load_recommendations) if spec else {},
         "load_override": dict(entry.load_override),
-        "capabilities": pool.traits(entry).capabilities.to_json(),
+        "capabilities": capabilities,
         "definition": entry.config.definition(),
         "replica_info": [r.info() for r in entry.replicas],
     }
@@ -91,9 +100,30 @@ def _artifact_size(path: str) -> int:
 # ----- views ----------------------------------------------------------------------------
 
 
+async def safe_admin_entry(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
+    """:func:`admin_entry`, or the fields that need no plugin when rendering fails:
+    one model never makes the listing fail for everyone."""
+    try:
+        return await admin_entry(pool, entry)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("admin_entry_failed", model=entry.name)
+        return {"name": entry.name, "resolved_backend": entry.backend, "configured_enabled": entry.config.enabled,
+                "runtime_state": entry.state, "is_loaded": entry.state == ModelState.LOADED,
+                "replicas": len(entry.replicas) or entry.config.replicas, "replica_max": entry.config.replica_max,
+                "loaded_replicas": len(entry.replicas), "inflight_requests": entry.inflight_requests,
+                "queue_depth": 0, "runtime_inflight": 0, "configured_target_inflight": entry.config.target_inflight,
+                "effective_target_inflight": 1,
+                "fairness": {"rejected_per_key_limit": 0, "rejected_executor_limit": 0, "keys": []},
+                "last_error": entry.last_error or f"admin view failed: {describe(exc)}",
+                "vram_estimate_mib": None, "vram_estimate_replica_count": None,
+                "vram_estimate_source": "unavailable", "memory_estimate": None, "load_constraints": {},
+                "load_recommendations": {}, "load_override": dict(entry.load_override), "capabilities": {},
+                "definition": {}, "replica_info": []}
+
+
 async def admin_models(request: web.Request) -> web.Response:
     pool = request.app[POOL]
-    return web.json_response({"models": [await admin_entry(pool, entry) for entry in list(pool.entries.values())]})
+    return web.json_response({"models": [await safe_admin_entry(pool, entry) for entry in list(pool.entries.values())]})
 
 
 async def admin_plugins(request: web.Request) -> web.Response:
