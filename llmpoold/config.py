@@ -165,9 +165,37 @@ class WorkerSettings(_Strict):
     health_timeout_s: float = Field(10.0, gt=0)
 
 
+class MemorySettings(_Strict):
+    """``engine.memory``: the budget loads must fit in (see :mod:`llmpoold.memory`).
+
+    ``ram_budget_mib`` defaults to ``ram_budget_share`` of MemTotal; ``vram_budget_mib``
+    maps a GPU index to MiB, each GPU not named gets its NVML total minus
+    ``vram_reserve_mib``. A load that does not fit evicts idle, unpinned models (least
+    recently used first, none loaded less than ``min_residency_s`` ago); models with work
+    are drained (up to ``drain_timeout_s``) only with ``evict_busy``.
+    """
+
+    ram_budget_mib: int | None = Field(None, gt=0)
+    ram_budget_share: float = Field(0.8, gt=0, le=1)
+    vram_budget_mib: dict[int, int] = Field(default_factory=dict)
+    vram_reserve_mib: int = Field(512, ge=0)
+    evict_busy: bool = False
+    drain_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    min_residency_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+
+    @field_validator("vram_budget_mib", mode="after")
+    @classmethod
+    def _vram(cls, value: dict[int, int]) -> dict[int, int]:
+        for index, mib in value.items():
+            if index < 0 or mib <= 0:
+                raise ValueError("vram_budget_mib maps a GPU index (0, 1, ...) to a positive number of MiB")
+        return value
+
+
 COMMON_MODEL_KEYS = frozenset({
     "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas", "replica_max",
     "target_inflight", "modalities", "reasoning_efforts", "isolation", "queue_timeout_s",
+    "on_demand", "idle_ttl_s", "pinned",  # lifecycle (issue 14)
 })
 
 
@@ -190,6 +218,10 @@ class ModelConfig(BaseModel):
     reasoning_efforts: tuple[str, ...] = ()
     isolation: Literal["process", "inline"] | None = None
     queue_timeout_s: float | None = Field(None, gt=0)
+    # Lifecycle (issue 14): None takes engine.on_demand / engine.idle_ttl_s.
+    on_demand: bool | None = None
+    idle_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    pinned: bool = False
     # Raw backend keys as configured; ``options`` holds them validated by the plugin.
     backend_keys: dict[str, Any] = Field(default_factory=dict)
     options: Any = None
@@ -263,7 +295,8 @@ class ModelConfig(BaseModel):
         plugins keep secrets in env vars and only their names in config)."""
         common = self.model_dump(include={
             "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas",
-            "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s"})
+            "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s",
+            "on_demand", "idle_ttl_s", "pinned"})
         common["reasoning_efforts"] = list(self.reasoning_efforts)
         options = (self.options.model_dump(mode="json") if isinstance(self.options, BaseModel)
                    else dict(self.backend_keys))
@@ -280,6 +313,9 @@ class EngineSettings(_Strict):
     # An unload stops admissions, lets running requests finish for this long, then
     # cancels what still runs (those clients get 503 ``model_unloaded``).
     unload_drain_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    on_demand: bool = False  # default of each model's on_demand: load on the first request
+    idle_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # default of each model's
+    memory: MemorySettings = Field(default_factory=MemorySettings)
 
     @field_validator("backend", mode="before")
     @classmethod

@@ -117,6 +117,7 @@ class Inference:
         self._counted = False
         self._outcome: str | None = None
         self._aborted: ApiError | None = None
+        self.load_wait_ms = 0.0  # waiting for an on-demand load (in engine_queue_wait_ms too)
         self._task: asyncio.Task[Any] | None = None
 
     # ----- admission -----------------------------------------------------------------
@@ -180,18 +181,27 @@ class Inference:
         )
 
     async def start(self) -> None:
-        """Admit the request and wait for a replica slot. Raises ApiError."""
+        """Admit the request (loading an on-demand model first) and wait for a replica
+        slot. Raises ApiError."""
+        configured = self.pool.entries.get(self.body.model)
+        timeout = self.body.queue_timeout_s or (configured.current.queue_timeout_s if configured else None)
         try:
+            waited = await self.pool.lifecycle.ensure_loaded(self.body.model, timeout)
             entry = self._admit()
         except ApiError as exc:
             self.record("rejected", exc)
             raise
+        except BaseException:  # client gone while its model loaded (the load goes on)
+            self.record("cancelled")
+            raise
+        self.load_wait_ms = round(waited * 1000, 3)
+        if timeout is not None:
+            timeout = max(0.001, timeout - waited)
         self.entry = entry
         assert entry.scheduler is not None
         entry.inflight_requests += 1
         self._counted = True
         try:
-            timeout = self.body.queue_timeout_s or entry.current.queue_timeout_s
             self.lease = await entry.scheduler.acquire(Job(model=entry.name, fairness_key=self.body.fairness_key),
                                                        timeout_s=timeout)
         except ApiError as exc:
@@ -241,6 +251,7 @@ class Inference:
         if self._counted and self.entry is not None:
             self.entry.inflight_requests -= 1
             self._counted = False
+            self.pool.lifecycle.touch(self.entry)  # the idle clock counts from the end of a request
 
     # ----- generation ----------------------------------------------------------------
 
@@ -320,7 +331,7 @@ class Inference:
         engine_ms = max(_ms(self.started_at, now), backend_ms)
         m = completion.metrics
         metrics = {
-            "engine_queue_wait_ms": round(self.lease.queue_wait_ms, 3),
+            "engine_queue_wait_ms": round(self.lease.queue_wait_ms + self.load_wait_ms, 3),
             "backend_inference_wall_ms": backend_ms,
             "engine_total_wall_ms": engine_ms,
             "engine_outside_backend_wall_ms": round(max(0.0, engine_ms - backend_ms), 3),
@@ -335,6 +346,8 @@ class Inference:
             "engine_finish_reason": completion.finish_reason,
             "engine_tokens_per_second": m.tokens_per_second,
         }
+        if self.load_wait_ms:  # only for a request that waited for an on-demand load
+            metrics["engine_model_load_wait_ms"] = self.load_wait_ms
         return InferenceResult(output_text=output, reasoning_text=reasoning, finish_reason=completion.finish_reason,
                                metrics=metrics, metadata=dict(completion.metadata))
 

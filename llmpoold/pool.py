@@ -21,6 +21,8 @@ from llmpoold.entries import ACTIVE_STATES, ModelEntry, ModelState
 from llmpoold.errors import ApiError, describe, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
+from llmpoold.lifecycle import Lifecycle
+from llmpoold.memory import MemoryBudget
 from llmpoold.metrics import PoolMetrics
 from llmpoold.overrides import apply_override, check_override, typed_override
 from llmpoold.plugins import PluginRegistry
@@ -69,7 +71,11 @@ class Pool:
         self.entries: dict[str, ModelEntry] = self._build_entries(settings)
         self.startup_done = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()  # loads and unloads in progress
+        self.memory = MemoryBudget(self)
+        self.memory_lock = asyncio.Lock()
+        self.lifecycle = Lifecycle(self)
         self.metrics = PoolMetrics(lambda: self.entries)  # per pool: apps in one process do not share a registry
+        self.metrics.lifecycle.watch(self.memory)
 
     def _build_entries(self, settings: AppSettings) -> dict[str, ModelEntry]:
         resolved = validate_settings(settings, self.registry)
@@ -109,16 +115,22 @@ class Pool:
     def loaded_names(self) -> list[str]:
         return sorted(name for name, e in self.entries.items() if e.state == ModelState.LOADED)
 
+    def servable_names(self) -> list[str]:
+        """Loaded models and on-demand ones that a request would load."""
+        return sorted(name for name, e in self.entries.items() if e.state == ModelState.LOADED
+                      or (self.lifecycle.on_demand(e) and e.state != ModelState.FAILED and e.backend is not None))
+
     # ----- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
         """Load every enabled model, one after another. Any failure (a plugin raising
         anything at all) leaves that model ``failed`` and the next one still loads."""
         try:
+            await self.memory.budgets()
             for entry in list(self.entries.values()):
                 if entry.config.enabled and entry.state == ModelState.UNLOADED:
                     try:
-                        await self.load(entry.name)
+                        await self.load(entry.name, reason="startup")
                     except ApiError as exc:
                         log.error("startup_load_failed", model=entry.name, error=exc.message)
                     except Exception:  # noqa: BLE001 - one model never stops the others
@@ -135,11 +147,23 @@ class Pool:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def load(self, name: str, fields: Mapping[str, Any] | None = None) -> ModelEntry:
+    async def load(self, name: str, fields: Mapping[str, Any] | None = None, *, reason: str = "admin",
+                   force: bool = False) -> ModelEntry:
         """Load a model (admin or startup). ``fields`` are the admin body's explicitly
-        set keys. Returns the entry; raises ApiError (or the load override model's
-        ValidationError, a 422). The load itself runs as a pool task and always ends
-        ``loaded`` or ``failed`` (with ``last_error``), whether or not the caller waits."""
+        set keys; ``force`` loads even beyond the memory budget. Returns the entry; raises
+        ApiError (or the load override model's ValidationError, a 422). The load itself
+        is a pool task (:meth:`begin_load`): it ends the same whether or not the caller waits."""
+        task = self.begin_load(name, fields, reason=reason, force=force)
+        entry = self.entry(name)
+        if task is not None:
+            await asyncio.shield(task)
+        return self._loaded_or_raise(entry)
+
+    def begin_load(self, name: str, fields: Mapping[str, Any] | None = None, *, reason: str = "admin",
+                   force: bool = False) -> asyncio.Task[None] | None:
+        """Check the request and start the load task (or return the one in progress;
+        None when already loaded). Raises ApiError for a request that cannot start.
+        ``reason``: ``startup``, ``admin`` or ``on_demand`` (the loads metric's label)."""
         entry = self.entry(name)
         fields = typed_override(entry, dict(fields or {}))
         replicas_requested = fields.pop("replicas", None)
@@ -150,9 +174,7 @@ class Pool:
                 raise ApiError(400, "invalid_load_request",
                                "replica count and load overrides can only be applied while the model is "
                                "unloaded or failed; unload first", model=name)
-            if entry.state == ModelState.LOADING and entry.transition is not None:
-                await asyncio.shield(entry.transition)
-            return self._loaded_or_raise(entry)
+            return entry.transition if entry.state == ModelState.LOADING else None
         if entry.backend is None or entry.spec is None:
             raise ApiError(500, "model_load_failed", entry.last_error, model=name)
         override = check_override(self.registry, entry, fields)
@@ -166,24 +188,44 @@ class Pool:
         except (SettingsError, ValueError) as exc:
             raise ApiError(400, "invalid_load_request", str(exc), model=name) from None
         # Set before the first await: a settings reload now sees the model as active.
-        entry.state, entry.last_error, entry.load_started_at = ModelState.LOADING, None, time.time()
-        await asyncio.shield(self._spawn(entry, self._run_load(entry, active, override, count)))
-        return self._loaded_or_raise(entry)
+        entry.state, entry.last_error, entry.load_error = ModelState.LOADING, None, None
+        entry.load_started_at = time.time()
+        return self._spawn(entry, self._run_load(entry, active, override, count, reason, force))
 
     @staticmethod
     def _loaded_or_raise(entry: ModelEntry) -> ModelEntry:
+        if entry.state == ModelState.UNLOADED and entry.load_error is not None:
+            raise entry.load_error
         if entry.state == ModelState.FAILED:
             raise ApiError(500, "model_load_failed", entry.last_error, model=entry.name)
         return entry
 
-    async def _run_load(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any], count: int) -> None:
-        """The load task: every exit path leaves the model ``loaded`` or ``failed``."""
+    async def _run_load(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any], count: int,
+                        reason: str, force: bool) -> None:
+        """The load task: every exit path leaves the model ``loaded``, ``failed``, or
+        ``unloaded`` with ``load_error`` (it did not fit in memory)."""
+        started = time.perf_counter()
         try:
-            await self._load_replicas(entry, active, override, count)
+            async with self.memory_lock:  # one load at a time: each counts on the memory it found
+                try:
+                    await self.memory.make_room(entry, count, force=force)
+                except ApiError as exc:
+                    entry.state, entry.last_error, entry.load_error, entry.held = (
+                        ModelState.UNLOADED, exc.message, exc, None)
+                    log.warning("model_load_refused", model=entry.name, error=exc.message)
+                    return
+                await self._load_replicas(entry, active, override, count)
+                if entry.state == ModelState.LOADED:
+                    await self.memory.observe(entry)
             if entry.state == ModelState.LOADED and self.entries.get(entry.name) is not entry:
                 # Replaced meanwhile (cannot happen while reload treats `loading` as active;
                 # kept so that no path ever leaves workers without an owner).
                 await self._release(entry, ModelState.UNLOADED, None)
+            elif entry.state == ModelState.LOADED:
+                self.metrics.lifecycle.loaded(entry.name, reason, time.perf_counter() - started)
+                entry.loaded_at = time.monotonic()
+                self.lifecycle.touch(entry)
+                self.lifecycle.start_reaper()
         except asyncio.CancelledError:
             self._fail(entry, "load cancelled: the daemon is shutting down")
             raise
@@ -196,7 +238,7 @@ class Pool:
             entry.load_started_at = None
 
     def _fail(self, entry: ModelEntry, error: str) -> None:
-        entry.state, entry.last_error = ModelState.FAILED, error
+        entry.state, entry.last_error, entry.held = ModelState.FAILED, error, None
         entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
         log.error("model_load_failed", model=entry.name, error=error)
 
@@ -265,24 +307,34 @@ class Pool:
                 entry.replicas, entry.active_config, entry.traits, entry.state = [], None, None, ModelState.FAILED
                 log.error("model_failed", model=entry.name, error=entry.last_error)
 
-    async def unload(self, name: str) -> ModelEntry:
+    async def unload(self, name: str, *, reason: str = "admin", drain_timeout_s: float | None = None) -> ModelEntry:
         """Graceful unload: queued requests get 409 ``model_unloading``, running ones
-        finish within ``engine.unload_drain_timeout_s`` (then they are stopped with 503
-        ``model_unloaded``), then every replica is released. Runs as a pool task that
-        always ends ``unloaded``. Returns the entry."""
+        finish within ``drain_timeout_s`` (default ``engine.unload_drain_timeout_s``;
+        then they are stopped with 503 ``model_unloaded``), then every replica is
+        released. A pool task that always ends ``unloaded``. Returns the entry.
+        ``reason``: ``admin``, ``idle``, ``evicted`` or ``shutdown`` (the metric's label)."""
         entry = self.entry(name)
         if entry.state == ModelState.LOADING:
             raise ApiError(409, "model_loading", model=name)
-        if entry.state == ModelState.UNLOADING and entry.transition is not None:
-            await asyncio.shield(entry.transition)
-            return entry
-        if entry.state != ModelState.LOADED:
-            return entry
-        entry.state = ModelState.UNLOADING
-        await asyncio.shield(self._spawn(entry, self._run_unload(entry, self.settings.engine.unload_drain_timeout_s)))
+        task = self.spawn_unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
+        if task is not None:
+            await asyncio.shield(task)
         return entry
 
-    async def _run_unload(self, entry: ModelEntry, drain_timeout_s: float) -> None:
+    def spawn_unload(self, name: str, *, reason: str,
+                     drain_timeout_s: float | None = None) -> asyncio.Task[None] | None:
+        """Start unloading a loaded model (or return the unload in progress)."""
+        entry = self.entry(name)
+        if entry.state == ModelState.UNLOADING:
+            return entry.transition
+        if entry.state != ModelState.LOADED:
+            return None
+        entry.state = ModelState.UNLOADING
+        drain = drain_timeout_s if drain_timeout_s is not None else self.settings.engine.unload_drain_timeout_s
+        setting = "engine.memory.drain_timeout_s" if reason == "evicted" else "engine.unload_drain_timeout_s"
+        return self._spawn(entry, self._run_unload(entry, drain, reason, setting))
+
+    async def _run_unload(self, entry: ModelEntry, drain_timeout_s: float, reason: str, setting: str) -> None:
         """The unload task: drain, stop what is left, release the replicas."""
         try:
             scheduler = entry.scheduler
@@ -290,15 +342,16 @@ class Pool:
                 scheduler.begin_shutdown()
                 if not await scheduler.wait_idle(drain_timeout_s):
                     stopped = scheduler.abort_running(ApiError(
-                        503, "model_unloaded", f"model '{entry.name}' was unloaded while this request ran: it "
-                        f"was still running after the {drain_timeout_s:g} s drain time "
-                        "(engine.unload_drain_timeout_s)", model=entry.name))
+                        503, "model_unloaded", f"model '{entry.name}' was unloaded ({reason}) while this request "
+                        f"ran: it was still running after the {drain_timeout_s:g} s drain time ({setting})",
+                        model=entry.name))
                     log.warning("unload_drain_timeout", model=entry.name, stopped_requests=stopped,
                                 drain_timeout_s=drain_timeout_s)
                     await scheduler.wait_idle(ABORT_GRACE_S + self.settings.engine.workers.unload_timeout_s)
         finally:
             await self._release(entry, ModelState.UNLOADED, None)
-        log.info("model_unloaded", model=entry.name)
+        self.metrics.lifecycle.unloaded(entry.name, reason)
+        log.info("model_unloaded", model=entry.name, reason=reason)
 
     async def _release(self, entry: ModelEntry, state: ModelState, error: str | None) -> None:
         """Give back every replica (best effort) and leave ``state``, whatever happens."""
@@ -308,6 +361,7 @@ class Pool:
             await asyncio.gather(*(r.unload() for r in replicas), return_exceptions=True)
         finally:
             entry.state, entry.last_error, entry.load_override = state, error, {}
+            entry.held, entry.loaded_at = None, None
             entry.estimate, entry.estimate_error = None, None
 
     async def close(self) -> None:
@@ -317,9 +371,10 @@ class Pool:
                 entry = self.entries.get(task.get_name().split(":", 1)[1])
                 if entry is not None and entry.state == ModelState.LOADING:
                     task.cancel()
+        await self.lifecycle.stop()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self.unload(name) for name, e in self.entries.items() if e.state == ModelState.LOADED),
-                             return_exceptions=True)
+        await asyncio.gather(*(self.unload(name, reason="shutdown") for name, e in self.entries.items()
+                               if e.state == ModelState.LOADED), return_exceptions=True)
 
     # ----- settings reload ---------------------------------------------------------
 
