@@ -17,7 +17,7 @@ import structlog
 
 from llmpoold.backend import Backend
 from llmpoold.config import AppSettings, ModelConfig, SettingsError, resolve_model_options
-from llmpoold.entries import ACTIVE_STATES, ModelEntry, ModelState
+from llmpoold.entries import ModelEntry, ModelState
 from llmpoold.errors import ApiError, describe, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
@@ -26,6 +26,7 @@ from llmpoold.memory import MemoryBudget
 from llmpoold.metrics import PoolMetrics
 from llmpoold.overrides import apply_override, check_override, typed_override
 from llmpoold.plugins import PluginRegistry
+from llmpoold.reload import reload_pool
 from llmpoold.replicas import Replica
 from llmpoold.replicas.bridge import run_blocking
 from llmpoold.scheduler import ABORT_GRACE_S, FifoQueue, ModelScheduler, QueuePolicy
@@ -379,46 +380,9 @@ class Pool:
     # ----- settings reload ---------------------------------------------------------
 
     def reload(self, new: AppSettings) -> dict[str, list[str]]:
-        """Take ``new`` settings without loading or unloading anything (the seed's rules).
-
-        A change that would alter an active model (or the decoding/fairness defaults
-        while any model is active) is a 409 ``settings_reload_conflict`` and nothing
-        changes; an invalid model is a SettingsError. Returns the added, removed,
-        updated and unchanged model names."""
-        fresh = Pool(new, self.registry, replica_factory=self.replica_factory, queue_factory=self.queue_factory)
-        old_models, new_models = self.settings.engine.models, new.engine.models
-        active = {name for name, e in self.entries.items() if e.state in ACTIVE_STATES}
-        conflicts = [f"engine.{block}" for block in ("decoding", "fairness")
-                     if active and getattr(new.engine, block) != getattr(self.settings.engine, block)]
-        added = sorted(set(new_models) - set(old_models))
-        removed = sorted(set(old_models) - set(new_models))
-        updated: list[str] = []
-        unchanged: list[str] = []
-        for name in sorted(set(old_models) & set(new_models)):
-            same_backend = self.settings.resolved_backend(old_models[name]) == new.resolved_backend(new_models[name])
-            old_cfg, new_cfg = _comparable(old_models[name]), _comparable(new_models[name])
-            (unchanged if same_backend and old_cfg == new_cfg else updated).append(name)
-            if name in active:
-                old_cfg.pop("enabled"), new_cfg.pop("enabled")
-                if not same_backend or old_cfg != new_cfg:
-                    conflicts.append(f"engine.models.{name}")
-        conflicts += [f"engine.models.{name}" for name in removed if name in active]
-        if conflicts:
-            raise ApiError(409, "settings_reload_conflict", extra={"conflicts": sorted(set(conflicts))})
-        entries: dict[str, ModelEntry] = {}
-        for name, entry in fresh.entries.items():
-            old = self.entries.get(name)
-            if old is not None and name not in updated:
-                old.config = old.config.model_copy(update={"enabled": new_models[name].enabled})
-                entries[name] = old
-            elif old is not None and old.state in ACTIVE_STATES:
-                old.config = entry.config  # only `enabled` changed on an active model: keep its runtime
-                entries[name] = old
-            else:
-                entries[name] = entry
-        self.settings, self.entries = new, entries
-        return {"added_models": added, "removed_models": removed, "updated_models": updated,
-                "unchanged_models": unchanged}
+        """Take ``new`` settings without loading or unloading anything (the seed's rules,
+        see :func:`llmpoold.reload.reload_pool`). Returns the report."""
+        return reload_pool(self, new)
 
     # ----- estimates -----------------------------------------------------------------
 
@@ -430,7 +394,3 @@ class Pool:
             except Exception as exc:  # noqa: BLE001 - an estimate is advisory
                 entry.estimate_error = str(exc)
         return entry.estimate
-
-
-def _comparable(entry_config: ModelConfig) -> dict[str, Any]:
-    return entry_config.model_dump(exclude={"options", "name"})

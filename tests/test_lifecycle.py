@@ -196,3 +196,28 @@ def test_unload_drain_timeout_is_validated() -> None:
     for bad in (0, -1, "soon", float("inf")):
         with pytest.raises(SettingsError, match="unload_drain_timeout_s"):
             settings_from({"engine": {"unload_drain_timeout_s": bad}})
+
+
+async def test_on_demand_wait_counts_against_queue_timeout_and_the_load_goes_on(make_client: Any) -> None:
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "lazy": {"enabled": False, "on_demand": True, "echo_load_delay_s": 1.0},
+        "manual": {"enabled": False}}}})
+    resp = await client.post("/v1/responses", json={"model": "lazy", "input": "hi", "queue_timeout_s": 0.3})
+    assert resp.status == 503 and (await resp.json())["detail"]["code"] == "queue_timeout"
+    entry = await _admin_model(client, "lazy")
+    assert entry["runtime_state"] == "loading" and entry["loading_since"] and entry["on_demand"] is True
+    await _wait_state(client, "lazy", "loaded")
+    resp = await client.post("/v1/responses", json={"model": "lazy", "input": "now fast"})
+    assert (await resp.json())["output_text"] == "now fast"
+    # Not on demand (the default): the seed's 409 stays.
+    resp = await client.post("/v1/responses", json={"model": "manual", "input": "hi"})
+    assert resp.status == 409 and (await resp.json())["detail"]["code"] == "model_not_loaded"
+
+
+def test_lifecycle_settings_are_validated() -> None:
+    for engine in ({"idle_ttl_s": 0}, {"memory": {"ram_budget_mib": -5}}, {"memory": {"vram_budget_mib": {"0": 0}}},
+                   {"memory": {"min_residency_s": -1}}, {"memory": {"drain_timeout_s": 0}},
+                   {"memory": {"evict_busy": "sometimes"}}, {"models": {"m": {"idle_ttl_s": -1}}},
+                   {"models": {"m": {"pinned": "yes please"}}}):
+        with pytest.raises(SettingsError):
+            settings_from({"engine": {"backend": "echo", **engine}})
