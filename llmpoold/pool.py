@@ -1,8 +1,11 @@
 """The pool: configured models, their lifecycle, replicas and admin views.
 
 States: ``unloaded, loading, loaded, unloading, failed``; only ``loaded`` serves.
-Loads are all-or-nothing across replicas (``name#1..N``). Nothing is ever written
-back to the settings files.
+Loads are all-or-nothing across replicas (``name#1..N``). Loads and unloads run as the
+pool's own tasks (a caller that leaves does not stop them) and always settle in
+``loaded``, ``failed`` or ``unloaded``. Each load first fits in the memory budget
+(:mod:`llmpoold.memory`); on-demand loads and the idle reaper are in
+:mod:`llmpoold.lifecycle`. Nothing is ever written back to the settings files.
 """
 
 from __future__ import annotations

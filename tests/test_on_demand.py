@@ -123,6 +123,24 @@ async def test_a_streaming_model_is_not_evicted(aiohttp_client: Any, gguf_path: 
     assert models["a"]["runtime_state"] == "loaded" and models["b"]["runtime_state"] == "loaded"
 
 
+async def test_evict_busy_drains_the_streaming_model(aiohttp_client: Any, gguf_path: str) -> None:
+    """With engine.memory.evict_busy the busy model is drained for drain_timeout_s, then
+    its stream ends with 503 model_unloaded and the new model loads."""
+    client = await start(aiohttp_client, {"a": gguf(gguf_path), "b": gguf(gguf_path)},
+                         memory={"evict_busy": True, "drain_timeout_s": 0.5})
+    stream = await client.post("/v1/responses", json={"model": "a", "input": COUNT, "stream": True,
+                                                      "decoding": {"max_tokens": 400, "temperature": 0.0}})
+    assert stream.status == 200
+    while b"output_text.delta" not in await stream.content.readline():
+        pass
+    resp = await ask(client, "b")
+    assert resp.status == 200, await resp.text()
+    rest = (await stream.read()).decode()
+    assert "event: error" in rest and "model_unloaded" in rest and "engine.memory.drain_timeout_s" in rest
+    models = await states(client)
+    assert models["a"]["runtime_state"] == "unloaded" and models["b"]["runtime_state"] == "loaded"
+
+
 async def test_eight_concurrent_cold_requests_cause_one_load(aiohttp_client: Any, gguf_path: str) -> None:
     client = await start(aiohttp_client, {"a": gguf(gguf_path)})
     answers = await asyncio.gather(*(ask(client, "a") for _ in range(8)))
