@@ -197,6 +197,33 @@ class WorkerSettings(_Strict):
         return value
 
 
+class MemorySettings(_Strict):
+    """``engine.memory``: the budget loads must fit in (see :mod:`llmpoold.memory`).
+
+    ``ram_budget_mib`` defaults to ``ram_budget_share`` of MemTotal; ``vram_budget_mib``
+    maps a GPU index to MiB, each GPU not named gets its NVML total minus
+    ``vram_reserve_mib``. A load that does not fit evicts idle, unpinned models (least
+    recently used first, none loaded less than ``min_residency_s`` ago); models with work
+    are drained (up to ``drain_timeout_s``) only with ``evict_busy``.
+    """
+
+    ram_budget_mib: int | None = Field(None, gt=0)
+    ram_budget_share: float = Field(0.8, gt=0, le=1)
+    vram_budget_mib: dict[int, int] = Field(default_factory=dict)
+    vram_reserve_mib: int = Field(512, ge=0)
+    evict_busy: bool = False
+    drain_timeout_s: float = Field(30.0, gt=0, allow_inf_nan=False)
+    min_residency_s: float = Field(30.0, ge=0, allow_inf_nan=False)
+
+    @field_validator("vram_budget_mib", mode="after")
+    @classmethod
+    def _vram(cls, value: dict[int, int]) -> dict[int, int]:
+        for index, mib in value.items():
+            if index < 0 or mib <= 0:
+                raise ValueError("vram_budget_mib maps a GPU index (0, 1, ...) to a positive number of MiB")
+        return value
+
+
 class EngineSettings(_Strict):
     """``engine``: models and their defaults. ``state_dir`` holds what must survive a
     restart (the API keys' remote spend, :mod:`llmpoold.usage`); read at start."""
@@ -209,6 +236,13 @@ class EngineSettings(_Strict):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     # Names of ``engine.models`` entries that are not objects (skipped, as the seed does).
     skipped_models: tuple[str, ...] = ()
+    # ----- lifecycle (issues 14, 18) -----
+    # An unload stops admissions, lets running requests finish for this long, then
+    # cancels what still runs (those clients get 503 ``model_unloaded``).
+    unload_drain_timeout_s: float = Field(120.0, gt=0, allow_inf_nan=False)
+    on_demand: bool = False  # default of each model's on_demand: load on the first request
+    idle_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)  # default of each model's
+    memory: MemorySettings = Field(default_factory=MemorySettings)
 
     @field_validator("backend", mode="before")
     @classmethod

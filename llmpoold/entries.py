@@ -12,6 +12,8 @@ from llmpoold.hookspecs import BackendSpec
 from llmpoold.types import MemoryEstimate, ModelTraits
 
 if TYPE_CHECKING:
+    from llmpoold.errors import ApiError
+    from llmpoold.memory import Cost
     from llmpoold.replicas import Replica
     from llmpoold.scheduler import ModelScheduler
 
@@ -48,7 +50,15 @@ class ModelEntry:
     estimate: MemoryEstimate | None = None
     estimate_error: str | None = None
     traits: ModelTraits | None = None  # asked of the plugin once per load, while loaded
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The pool-owned load or unload in progress (a client leaving does not cancel it).
+    transition: asyncio.Task[None] | None = None
+    load_started_at: float | None = None  # wall clock, while ``loading``
+    load_error: ApiError | None = None  # why the last load did not happen (insufficient_memory)
+    # Memory and idleness (issue 14, llmpoold.memory / llmpoold.lifecycle)
+    held: Cost | None = None  # what the model holds while loading/loaded/unloading
+    observed_cost: Cost | None = None  # per replica, measured at the last load (kept after unload)
+    loaded_at: float | None = None  # monotonic
+    last_used_at: float | None = None  # wall clock: end of the last request (or the load)
 
     @property
     def name(self) -> str:

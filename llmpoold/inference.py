@@ -14,6 +14,7 @@ the ``inference`` log line together (:meth:`Inference.record`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -27,7 +28,7 @@ from llmpoold.config import DecodingDefaults
 from llmpoold.entries import ModelEntry, ModelState
 from llmpoold.errors import QUOTE_CHARS, ApiError, WorkerError, clip, describe, internal_error, model_state_error
 from llmpoold.pool import Pool
-from llmpoold.scheduler import Job, Lease
+from llmpoold.scheduler import ABORT_GRACE_S, Job, Lease
 from llmpoold.schemas import ResponseRequest
 from llmpoold.tenants import Admission, Tenant
 from llmpoold.types import DEFAULT_INSTRUCTIONS, Completion, Decoding, GenerationRequest, Message, TextDelta
@@ -121,6 +122,9 @@ class Inference:
         self._counted = False
         self._outcome: str | None = None
         self.admission = Admission(tenant, pool, body)  # the API key's rules (llmpoold.tenants)
+        self._aborted: ApiError | None = None
+        self.load_wait_ms = 0.0  # waiting for an on-demand load (in engine_queue_wait_ms too)
+        self._task: asyncio.Task[Any] | None = None
 
     # ----- admission -----------------------------------------------------------------
 
@@ -183,22 +187,28 @@ class Inference:
         )
 
     async def start(self) -> None:
-        """Admit the request and wait for a replica slot. Raises ApiError."""
+        """Admit the request (loading an on-demand model first) and wait for a replica
+        slot. Raises ApiError."""
+        configured = self.pool.entries.get(self.body.model)
+        timeout = self.body.queue_timeout_s or (configured.current.queue_timeout_s if configured else None)
         try:
             await self.admission.enter()  # the key's models, limits and places, before the model's own checks
+            waited = await self.pool.lifecycle.ensure_loaded(self.body.model, timeout)
             entry = self._admit()
         except ApiError as exc:
             self.record("rejected", exc)
             raise
-        except BaseException:  # client gone while waiting for a place of its key
+        except BaseException:  # client gone while waiting for its key's place or its model's load (which goes on)
             self.record("cancelled")
             raise
+        self.load_wait_ms = round(waited * 1000, 3)
+        if timeout is not None:
+            timeout = max(0.001, timeout - waited)
         self.entry = entry
         assert entry.scheduler is not None
         entry.inflight_requests += 1
         self._counted = True
         try:
-            timeout = self.body.queue_timeout_s or entry.current.queue_timeout_s
             adm = self.admission
             job = Job(model=entry.name, fairness_key=adm.fairness_key, fairness_group=adm.fairness_group,
                       fairness_weight=adm.fairness_weight)
@@ -213,6 +223,21 @@ class Inference:
             raise
         self.pool.metrics.queue_wait.labels(entry.name).observe(self.lease.queue_wait_ms / 1000)
         self.request = self._generation_request(entry, self.lease.replica.replica_id)
+        self._task = asyncio.current_task()
+        self.lease.on_abort = self._abort
+
+    def _abort(self, error: ApiError) -> None:
+        """The model is being unloaded and its drain time is over: stop with ``error``."""
+        if self._aborted is not None:
+            return
+        self._aborted = error
+        if self.request is not None:
+            self.request.cancel.set()
+        asyncio.get_running_loop().call_later(ABORT_GRACE_S, self._cut)
+
+    def _cut(self) -> None:
+        if self.lease is not None and not self.lease.released and self._task is not None:
+            self._task.cancel()
 
     def record(self, outcome: str, error: ApiError | None = None) -> None:
         """Record the request's outcome once: the metric (under a configured model name
@@ -238,6 +263,7 @@ class Inference:
         if self._counted and self.entry is not None:
             self.entry.inflight_requests -= 1
             self._counted = False
+            self.pool.lifecycle.touch(self.entry)  # the idle clock counts from the end of a request
 
     # ----- generation ----------------------------------------------------------------
 
@@ -257,6 +283,8 @@ class Inference:
         failure: ApiError | None = None
         try:
             async for item in stream:
+                if self._aborted is not None:
+                    break
                 if isinstance(item, Completion):
                     completion = item
                     continue
@@ -267,12 +295,22 @@ class Inference:
                         metrics.ttft.labels(self.entry.name).observe(time.perf_counter() - self.started_at)
                     texts[item.channel].append(text)
                     yield TextDelta(text, channel=item.channel)
+            if self._aborted is not None:
+                raise self._aborted
             if completion is None:
                 raise ApiError(502, "backend_protocol_error",
                                f"backend '{self.entry.backend}' ended the stream without a completion",
                                model=self.entry.name)
         except ApiError as exc:
             failure = exc.with_model(self.entry.name)
+            raise failure from None
+        except asyncio.CancelledError:
+            if self._aborted is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own cut, not the client leaving: answer with the reason
+            failure = self._aborted
             raise failure from None
         except Exception as exc:  # noqa: BLE001 - plugin failure: the log has it, the client an id
             log.error("backend_error", model=self.entry.name, backend=self.entry.backend, error=describe(exc),
@@ -307,7 +345,7 @@ class Inference:
         engine_ms = max(_ms(self.started_at, now), backend_ms)
         m = completion.metrics
         metrics = {
-            "engine_queue_wait_ms": round(self.lease.queue_wait_ms, 3),
+            "engine_queue_wait_ms": round(self.lease.queue_wait_ms + self.load_wait_ms, 3),
             "backend_inference_wall_ms": backend_ms,
             "engine_total_wall_ms": engine_ms,
             "engine_outside_backend_wall_ms": round(max(0.0, engine_ms - backend_ms), 3),
@@ -322,6 +360,8 @@ class Inference:
             "engine_finish_reason": completion.finish_reason,
             "engine_tokens_per_second": m.tokens_per_second,
         }
+        if self.load_wait_ms:  # only for a request that waited for an on-demand load
+            metrics["engine_model_load_wait_ms"] = self.load_wait_ms
         return InferenceResult(output_text=output, reasoning_text=reasoning, finish_reason=completion.finish_reason,
                                metrics=metrics, metadata=dict(completion.metadata))
 

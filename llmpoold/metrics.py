@@ -25,12 +25,20 @@ fairness keys or anything from a request body, so the label sets stay small.
 ``llmpool_replica_inflight{model,replica}``     gauge, running on each replica
 ``llmpool_replica_slots{model,replica}``        gauge, effective concurrency of each replica
 ``llmpool_model_state{model,state}``            1 for the model's current state, else 0
+``llmpool_model_loads_total{model,reason}``     loads that succeeded: ``startup``, ``admin``,
+                                                ``on_demand``
+``llmpool_model_unloads_total{model,reason}``   ``admin``, ``idle``, ``evicted``, ``shutdown``
+``llmpool_model_load_seconds{model}``           histogram, load start → loaded (memory wait
+                                                and evictions included)
+``llmpool_memory_budget_bytes{device}``         each device's budget (``ram``, ``gpu0``...)
+``llmpool_memory_held_bytes{device,model}``     what each model holds (observed or estimate)
 =============================================== ======================================
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -92,6 +100,7 @@ class PoolMetrics:
         self.output_tokens = Counter("llmpool_output_tokens", "Output tokens reported by the runtimes", ["model"],
                                      registry=r)
         r.register(_PoolCollector(entries))
+        self.lifecycle = LifecycleMetrics(r, entries)
 
     def outcome(self, model: str, outcome: str, *, reason: str | None = None) -> None:
         self.requests.labels(model, outcome).inc()
@@ -101,3 +110,54 @@ class PoolMetrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+# ----- lifecycle and memory (issue 14) ---------------------------------------------------------
+
+
+class _MemoryCollector(Collector):
+    """Budgets and holdings, read from the pool at scrape time."""
+
+    def __init__(self, memory: Any, entries: Entries) -> None:
+        self.memory = memory
+        self.entries = entries
+
+    def collect(self) -> Iterator[Metric]:
+        budget = GaugeMetricFamily("llmpool_memory_budget_bytes", "Memory budget of the device", labels=["device"])
+        held = GaugeMetricFamily("llmpool_memory_held_bytes", "Memory the model holds on the device",
+                                 labels=["device", "model"])
+        for device, mib in self.memory.cached_budgets().items():
+            budget.add_metric([device], mib * 2**20)
+        for name, entry in list(self.entries().items()):
+            if entry.held is not None and entry.state in _HOLDING:
+                held.add_metric([entry.held.device, name], entry.held.mib * 2**20)
+        yield from (budget, held)
+
+
+_HOLDING = frozenset({ModelState.LOADING, ModelState.LOADED, ModelState.UNLOADING})
+
+
+class LifecycleMetrics:
+    """Loads, unloads and memory (see the table above)."""
+
+    def __init__(self, registry: CollectorRegistry, entries: Entries) -> None:
+        self.registry = registry
+        self.entries = entries
+        self.loads = Counter("llmpool_model_loads", "Successful model loads by reason", ["model", "reason"],
+                             registry=registry)
+        self.unloads = Counter("llmpool_model_unloads", "Model unloads by reason", ["model", "reason"],
+                               registry=registry)
+        self.load_seconds = Histogram("llmpool_model_load_seconds", "Time from load start to loaded", ["model"],
+                                      buckets=(0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0),
+                                      registry=registry)
+
+    def watch(self, memory: Any) -> None:
+        """Export ``memory``'s budgets and holdings (a :class:`llmpoold.memory.MemoryBudget`)."""
+        self.registry.register(_MemoryCollector(memory, self.entries))
+
+    def loaded(self, model: str, reason: str, seconds: float) -> None:
+        self.loads.labels(model, reason).inc()
+        self.load_seconds.labels(model).observe(seconds)
+
+    def unloaded(self, model: str, reason: str) -> None:
+        self.unloads.labels(model, reason).inc()

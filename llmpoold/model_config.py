@@ -22,6 +22,7 @@ COMMON_MODEL_KEYS = frozenset({
     "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas", "replica_max",
     "target_inflight", "modalities", "reasoning_efforts", "isolation", "queue_timeout_s",
     "thinking_token_budget_max",
+    "on_demand", "idle_ttl_s", "pinned",  # lifecycle (issue 14)
 })
 MAX_THINKING_TOKEN_BUDGET = 4096
 # The seed lowercases these remote keys (``"Disabled"`` means ``"disabled"``); a blank
@@ -76,6 +77,10 @@ class ModelConfig(BaseModel):
     reasoning_efforts: tuple[str, ...] = ()
     isolation: Literal["process", "inline"] | None = None
     queue_timeout_s: float | None = Field(None, gt=0)
+    # Lifecycle (issue 14): None takes engine.on_demand / engine.idle_ttl_s.
+    on_demand: bool | None = None
+    idle_ttl_s: float | None = Field(None, gt=0, allow_inf_nan=False)
+    pinned: bool = False
     # Recorded and shown; the per-request ``thinking_token_budget`` admission uses it.
     thinking_token_budget_max: int | None = Field(None, ge=1)
     # Why this entry could not be validated (the pool lists the model as ``failed``).
@@ -178,7 +183,8 @@ class ModelConfig(BaseModel):
         secret-looking ones (:func:`secret_field`: the seed's ``llama_server_api_key``...)."""
         common = self.model_dump(include={
             "model_path", "backend", "prompt_format", "enable_thinking", "enabled", "replicas",
-            "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s"})
+            "replica_max", "target_inflight", "reasoning_efforts", "isolation", "queue_timeout_s",
+            "on_demand", "idle_ttl_s", "pinned"})
         common["reasoning_efforts"] = list(self.reasoning_efforts)
         if self.thinking_token_budget_max is not None:
             common["thinking_token_budget_max"] = self.thinking_token_budget_max

@@ -1,31 +1,39 @@
 """The pool: configured models, their lifecycle, replicas and admin views.
 
 States: ``unloaded, loading, loaded, unloading, failed``; only ``loaded`` serves.
-Loads are all-or-nothing across replicas (``name#1..N``). Nothing is ever written
-back to the settings files.
+Loads are all-or-nothing across replicas (``name#1..N``). Loads and unloads run as the
+pool's own tasks (a caller that leaves does not stop them) and always settle in
+``loaded``, ``failed`` or ``unloaded``. Each load first fits in the memory budget
+(:mod:`llmpoold.memory`); on-demand loads and the idle reaper are in
+:mod:`llmpoold.lifecycle`. Nothing is ever written back to the settings files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 import structlog
 
 from llmpoold.backend import Backend
-from llmpoold.config import AppSettings, ModelConfig, SettingsError, resolve_model_options
-from llmpoold.entries import ACTIVE_STATES, ModelEntry, ModelState
-from llmpoold.errors import ApiError, unknown_model
+from llmpoold.config import AppSettings, ModelConfig, SettingsError
+from llmpoold.entries import ModelEntry, ModelState
+from llmpoold.errors import ApiError, describe, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
+from llmpoold.lifecycle import Lifecycle
+from llmpoold.memory import MemoryBudget
 from llmpoold.metrics import PoolMetrics
 from llmpoold.model_settings import resolve_catalog
+from llmpoold.overrides import apply_override, check_override, typed_override
 from llmpoold.plugins import PluginRegistry
+from llmpoold.reload import reload_pool
 from llmpoold.replicas import Replica
 from llmpoold.replicas.bridge import run_blocking
-from llmpoold.scheduler import FifoQueue, ModelScheduler, QueuePolicy
+from llmpoold.scheduler import ABORT_GRACE_S, FifoQueue, ModelScheduler, QueuePolicy
 from llmpoold.types import MemoryEstimate, ModelTraits
 
 log = structlog.get_logger("llmpoold.pool")
@@ -57,8 +65,13 @@ class Pool:
         self.queue_factory = queue_factory
         self.entries: dict[str, ModelEntry] = self._build_entries()
         self.startup_done = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()  # loads and unloads in progress
         self._retries: set[asyncio.Task[None]] = set()  # models retried after every replica gave up
+        self.memory = MemoryBudget(self)
+        self.memory_lock = asyncio.Lock()
+        self.lifecycle = Lifecycle(self)
         self.metrics = PoolMetrics(lambda: self.entries)  # per pool: apps in one process do not share a registry
+        self.metrics.lifecycle.watch(self.memory)
 
     def _build_entries(self) -> dict[str, ModelEntry]:
         entries: dict[str, ModelEntry] = {}
@@ -89,93 +102,133 @@ class Pool:
     def loaded_names(self) -> list[str]:
         return sorted(name for name, e in self.entries.items() if e.state == ModelState.LOADED)
 
+    def servable_names(self) -> list[str]:
+        """Loaded models and on-demand ones that a request would load."""
+        return sorted(name for name, e in self.entries.items() if e.state == ModelState.LOADED
+                      or (self.lifecycle.on_demand(e) and e.state != ModelState.FAILED and e.backend is not None))
+
     # ----- lifecycle -----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load every enabled model, one after another; failures leave it ``failed``."""
+        """Load every enabled model, one after another. Any failure (a plugin raising
+        anything at all) leaves that model ``failed`` and the next one still loads."""
         try:
+            await self.memory.budgets()
             for entry in list(self.entries.values()):
                 if entry.config.enabled and entry.state == ModelState.UNLOADED:
                     try:
-                        await self.load(entry.name)
+                        await self.load(entry.name, reason="startup")
                     except ApiError as exc:
                         log.error("startup_load_failed", model=entry.name, error=exc.message)
+                    except Exception:  # noqa: BLE001 - one model never stops the others
+                        log.exception("startup_load_failed", model=entry.name)
         finally:
             self.startup_done.set()
 
-    async def load(self, name: str, fields: Mapping[str, Any] | None = None) -> ModelEntry:
+    def _spawn(self, entry: ModelEntry, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a load or unload as the pool's own task: the caller awaits it shielded,
+        so a client that leaves (its handler cancelled) does not stop it halfway."""
+        task = asyncio.create_task(coro, name=f"llmpool-lifecycle:{entry.name}")
+        entry.transition = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def load(self, name: str, fields: Mapping[str, Any] | None = None, *, reason: str = "admin",
+                   force: bool = False) -> ModelEntry:
         """Load a model (admin or startup). ``fields`` are the admin body's explicitly
-        set keys. Returns the entry; raises ApiError (or the load override model's
-        ValidationError, a 422)."""
+        set keys; ``force`` loads even beyond the memory budget. Returns the entry; raises
+        ApiError (or the load override model's ValidationError, a 422). The load itself
+        is a pool task (:meth:`begin_load`): it ends the same whether or not the caller waits."""
+        task = self.begin_load(name, fields, reason=reason, force=force)
         entry = self.entry(name)
-        fields = _typed_override(entry, dict(fields or {}))
-        async with entry.lock:
-            replicas_requested = fields.pop("replicas", None)
-            if entry.state == ModelState.UNLOADING:
-                raise ApiError(409, "model_unloading", model=name)
-            if entry.state in (ModelState.LOADED, ModelState.LOADING):
-                if fields or replicas_requested is not None:
-                    raise ApiError(400, "invalid_load_request",
-                                   "replica count and load overrides can only be applied while the model is "
-                                   "unloaded or failed; unload first", model=name)
-                return entry
-            if entry.backend is None or entry.spec is None or entry.config.options is None:
-                # no plugin, or settings the plugin refused: loading says why
-                raise ApiError(500, "model_load_failed", entry.last_error, model=name)
-            override = self._check_override(entry, fields)
-            count = replicas_requested or entry.config.replicas
-            if count > entry.config.replica_max:
+        if task is not None:
+            await asyncio.shield(task)
+        return self._loaded_or_raise(entry)
+
+    def begin_load(self, name: str, fields: Mapping[str, Any] | None = None, *, reason: str = "admin",
+                   force: bool = False) -> asyncio.Task[None] | None:
+        """Check the request and start the load task (or return the one in progress;
+        None when already loaded). Raises ApiError for a request that cannot start.
+        ``reason``: ``startup``, ``admin`` or ``on_demand`` (the loads metric's label)."""
+        entry = self.entry(name)
+        fields = typed_override(entry, dict(fields or {}))
+        replicas_requested = fields.pop("replicas", None)
+        if entry.state == ModelState.UNLOADING:
+            raise ApiError(409, "model_unloading", model=name)
+        if entry.state in (ModelState.LOADED, ModelState.LOADING):
+            if fields or replicas_requested is not None:
                 raise ApiError(400, "invalid_load_request",
-                               f"replica count {count} exceeds replica_max {entry.config.replica_max} "
-                               f"for model '{name}'", model=name)
-            try:
-                active = self._apply_override(entry, override)
-            except (SettingsError, ValueError) as exc:
-                raise ApiError(400, "invalid_load_request", str(exc), model=name) from None
-            entry.state, entry.last_error = ModelState.LOADING, None
-            await self._load_replicas(entry, active, override, count)
-            if entry.state == ModelState.FAILED:
-                raise ApiError(500, "model_load_failed", entry.last_error, model=name)
+                               "replica count and load overrides can only be applied while the model is "
+                               "unloaded or failed; unload first", model=name)
+            return entry.transition if entry.state == ModelState.LOADING else None
+        if entry.backend is None or entry.spec is None or entry.config.options is None:
+            # no plugin, or settings the plugin refused: loading says why
+            raise ApiError(500, "model_load_failed", entry.last_error, model=name)
+        override = check_override(self.registry, entry, fields)
+        count = replicas_requested or entry.config.replicas
+        if count > entry.config.replica_max:
+            raise ApiError(400, "invalid_load_request",
+                           f"replica count {count} exceeds replica_max {entry.config.replica_max} "
+                           f"for model '{name}'", model=name)
+        try:
+            active = apply_override(entry, override)
+        except (SettingsError, ValueError) as exc:
+            raise ApiError(400, "invalid_load_request", str(exc), model=name) from None
+        # Set before the first await: a settings reload now sees the model as active.
+        entry.state, entry.last_error, entry.load_error = ModelState.LOADING, None, None
+        entry.load_started_at = time.time()
+        return self._spawn(entry, self._run_load(entry, active, override, count, reason, force))
+
+    @staticmethod
+    def _loaded_or_raise(entry: ModelEntry) -> ModelEntry:
+        if entry.state == ModelState.UNLOADED and entry.load_error is not None:
+            raise entry.load_error
+        if entry.state == ModelState.FAILED:
+            raise ApiError(500, "model_load_failed", entry.last_error, model=entry.name)
         return entry
 
-    def _check_override(self, entry: ModelEntry, fields: dict[str, Any]) -> dict[str, Any]:
-        if not fields:
-            return {}
-        assert entry.spec is not None and entry.backend is not None
-        allowed = set(entry.spec.load_override_keys)
-        if not allowed:
-            raise ApiError(400, "invalid_load_request",
-                           f"load overrides are not supported for backend: '{entry.backend}'", model=entry.name)
-        unknown = sorted(set(fields) - allowed)
-        if unknown:
-            raise ApiError(400, "invalid_load_request",
-                           f"unsupported load override for {entry.backend} backend: {', '.join(unknown)}",
-                           model=entry.name)
-        override = dict(fields)
-        if "target_inflight" in override:
-            value = override["target_inflight"]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ApiError(400, "invalid_load_request", "target_inflight load override must be a positive integer",
-                               model=entry.name)
-        backend_part = {k: v for k, v in override.items() if k != "target_inflight"}
-        if backend_part:
-            try:
-                checked = self.registry.hook.llmpool_check_load_override(backend=entry.backend, override=backend_part)
-            except ValueError as exc:
-                raise ApiError(400, "invalid_load_request", str(exc), model=entry.name) from None
-            if checked is not None:
-                override = {**({"target_inflight": override["target_inflight"]} if "target_inflight" in override
-                               else {}), **checked}
-        return override
+    async def _run_load(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any], count: int,
+                        reason: str, force: bool) -> None:
+        """The load task: every exit path leaves the model ``loaded``, ``failed``, or
+        ``unloaded`` with ``load_error`` (it did not fit in memory)."""
+        started = time.perf_counter()
+        try:
+            async with self.memory_lock:  # one load at a time: each counts on the memory it found
+                try:
+                    await self.memory.make_room(entry, count, force=force)
+                except ApiError as exc:
+                    entry.state, entry.last_error, entry.load_error, entry.held = (
+                        ModelState.UNLOADED, exc.message, exc, None)
+                    log.warning("model_load_refused", model=entry.name, error=exc.message)
+                    return
+                await self._load_replicas(entry, active, override, count)
+                if entry.state == ModelState.LOADED:
+                    await self.memory.observe(entry)
+            if entry.state == ModelState.LOADED and self.entries.get(entry.name) is not entry:
+                # Replaced meanwhile (cannot happen while reload treats `loading` as active;
+                # kept so that no path ever leaves workers without an owner).
+                await self._release(entry, ModelState.UNLOADED, None)
+            elif entry.state == ModelState.LOADED:
+                self.metrics.lifecycle.loaded(entry.name, reason, time.perf_counter() - started)
+                entry.loaded_at = time.monotonic()
+                self.lifecycle.touch(entry)
+                self.lifecycle.start_reaper()
+        except asyncio.CancelledError:
+            self._fail(entry, "load cancelled: the daemon is shutting down")
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin may raise anything
+            log.exception("model_load_crashed", model=entry.name)
+            self._fail(entry, describe(exc))
+        finally:
+            if entry.state == ModelState.LOADING:
+                self._fail(entry, entry.last_error or "load did not complete")
+            entry.load_started_at = None
 
-    def _apply_override(self, entry: ModelEntry, override: dict[str, Any]) -> ModelConfig:
-        assert entry.spec is not None and entry.backend is not None
-        base = entry.config.model_copy(update={"enabled": True})
-        if "target_inflight" in override:
-            base = base.model_copy(update={"target_inflight": override["target_inflight"]})
-        backend_part = {k: v for k, v in override.items() if k != "target_inflight"}
-        return resolve_model_options(base, entry.spec.options_model, backend=entry.backend,
-                                     requires_model_path=entry.spec.requires_model_path, override=backend_part)
+    def _fail(self, entry: ModelEntry, error: str) -> None:
+        entry.state, entry.last_error, entry.held = ModelState.FAILED, error, None
+        entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
+        log.error("model_load_failed", model=entry.name, error=error)
 
     async def _load_replicas(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any],
                              count: int) -> None:
@@ -189,15 +242,17 @@ class Pool:
             for i in range(1, count + 1)
         ]
         gpu_before = await run_blocking(primary_gpu_used_mib)
-        results = await asyncio.gather(*(r.load() for r in replicas), return_exceptions=True)
+        try:
+            results = await asyncio.gather(*(r.load() for r in replicas), return_exceptions=True)
+        except BaseException:  # cancelled (shutdown): give back whatever did load
+            await asyncio.gather(*(r.unload() for r in replicas), return_exceptions=True)
+            raise
         errors = [f"{r.replica_id}: {res or type(res).__name__}" for r, res in zip(replicas, results, strict=True)
                   if isinstance(res, BaseException)]
         if errors:
             await asyncio.gather(*(r.unload() for r, res in zip(replicas, results, strict=True)
                                    if not isinstance(res, BaseException)), return_exceptions=True)
-            entry.state, entry.last_error = ModelState.FAILED, "; ".join(errors)
-            entry.active_config = entry.traits = None
-            log.error("model_load_failed", model=entry.name, error=entry.last_error)
+            self._fail(entry, "; ".join(errors))
             return
         gpu_after = await run_blocking(primary_gpu_used_mib)
         if gpu_before is not None and gpu_after is not None and gpu_after - gpu_before > 0:
@@ -262,84 +317,83 @@ class Pool:
             except Exception:  # noqa: BLE001 - still failed (last_error says why): try again later
                 error = entry.last_error
 
-    async def unload(self, name: str) -> ModelEntry:
+    async def unload(self, name: str, *, reason: str = "admin", drain_timeout_s: float | None = None) -> ModelEntry:
         """Graceful unload: queued requests get 409 ``model_unloading``, running ones
-        finish, then every replica is released. Returns the entry."""
+        finish within ``drain_timeout_s`` (default ``engine.unload_drain_timeout_s``;
+        then they are stopped with 503 ``model_unloaded``), then every replica is
+        released. A pool task that always ends ``unloaded``. Returns the entry.
+        ``reason``: ``admin``, ``idle``, ``evicted`` or ``shutdown`` (the metric's label)."""
         entry = self.entry(name)
         if entry.state == ModelState.LOADING:
             raise ApiError(409, "model_loading", model=name)
-        if entry.state != ModelState.LOADED:
-            return entry
-        entry.state = ModelState.UNLOADING
-        scheduler = entry.scheduler
-        if scheduler is not None:
-            scheduler.begin_shutdown()
-            await scheduler.wait_idle()
-        async with entry.lock:
-            await asyncio.gather(*(r.unload() for r in entry.replicas), return_exceptions=True)
-            entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
-            entry.state, entry.last_error, entry.load_override = ModelState.UNLOADED, None, {}
-            entry.estimate, entry.estimate_error = None, None
-        log.info("model_unloaded", model=name)
+        task = self.spawn_unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
+        if task is not None:
+            await asyncio.shield(task)
         return entry
 
+    def spawn_unload(self, name: str, *, reason: str,
+                     drain_timeout_s: float | None = None) -> asyncio.Task[None] | None:
+        """Start unloading a loaded model (or return the unload in progress)."""
+        entry = self.entry(name)
+        if entry.state == ModelState.UNLOADING:
+            return entry.transition
+        if entry.state != ModelState.LOADED:
+            return None
+        entry.state = ModelState.UNLOADING
+        drain = drain_timeout_s if drain_timeout_s is not None else self.settings.engine.unload_drain_timeout_s
+        setting = "engine.memory.drain_timeout_s" if reason == "evicted" else "engine.unload_drain_timeout_s"
+        return self._spawn(entry, self._run_unload(entry, drain, reason, setting))
+
+    async def _run_unload(self, entry: ModelEntry, drain_timeout_s: float, reason: str, setting: str) -> None:
+        """The unload task: drain, stop what is left, release the replicas."""
+        try:
+            scheduler = entry.scheduler
+            if scheduler is not None:
+                scheduler.begin_shutdown()
+                if not await scheduler.wait_idle(drain_timeout_s):
+                    stopped = scheduler.abort_running(ApiError(
+                        503, "model_unloaded", f"model '{entry.name}' was unloaded ({reason}) while this request "
+                        f"ran: it was still running after the {drain_timeout_s:g} s drain time ({setting})",
+                        model=entry.name))
+                    log.warning("unload_drain_timeout", model=entry.name, stopped_requests=stopped,
+                                drain_timeout_s=drain_timeout_s)
+                    await scheduler.wait_idle(ABORT_GRACE_S + self.settings.engine.workers.unload_timeout_s)
+        finally:
+            await self._release(entry, ModelState.UNLOADED, None)
+        self.metrics.lifecycle.unloaded(entry.name, reason)
+        log.info("model_unloaded", model=entry.name, reason=reason)
+
+    async def _release(self, entry: ModelEntry, state: ModelState, error: str | None) -> None:
+        """Give back every replica (best effort) and leave ``state``, whatever happens."""
+        replicas = entry.replicas
+        entry.replicas, entry.scheduler, entry.active_config, entry.traits = [], None, None, None
+        try:
+            await asyncio.gather(*(r.unload() for r in replicas), return_exceptions=True)
+        finally:
+            entry.state, entry.last_error, entry.load_override = state, error, {}
+            entry.held, entry.loaded_at = None, None
+            entry.estimate, entry.estimate_error = None, None
+
     async def close(self) -> None:
-        """Unload everything (daemon shutdown)."""
+        """Stop loads in progress, wait for unloads, unload everything (daemon shutdown)."""
         for task in list(self._retries):
             task.cancel()
-        await asyncio.gather(*(self.unload(name) for name, e in self.entries.items() if e.state == ModelState.LOADED),
-                             return_exceptions=True)
+        for task in list(self._tasks):
+            if task.get_name().startswith("llmpool-lifecycle:") and not task.done():
+                entry = self.entries.get(task.get_name().split(":", 1)[1])
+                if entry is not None and entry.state == ModelState.LOADING:
+                    task.cancel()
+        await self.lifecycle.stop()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(self.unload(name, reason="shutdown") for name, e in self.entries.items()
+                               if e.state == ModelState.LOADED), return_exceptions=True)
 
     # ----- settings reload ---------------------------------------------------------
 
     def reload(self, new: AppSettings) -> dict[str, list[str]]:
-        """Take ``new`` settings without loading or unloading anything (the seed's rules).
-
-        A change that would alter an active model (or the decoding/fairness defaults
-        while any model is active) is a 409 ``settings_reload_conflict`` and nothing
-        changes; a new or changed model with no backend at all is a SettingsError (the
-        seed's "backend cannot be empty"). Returns the added, removed, updated and
-        unchanged model names."""
-        fresh = Pool(new, self.registry, replica_factory=self.replica_factory, queue_factory=self.queue_factory)
-        new = fresh.settings  # skipped models left out, as in self.settings
-        old_models, new_models = self.settings.engine.models, new.engine.models
-        active = {name for name, e in self.entries.items() if e.state in ACTIVE_STATES}
-        conflicts = [f"engine.{block}" for block in ("decoding", "fairness")
-                     if active and getattr(new.engine, block) != getattr(self.settings.engine, block)]
-        added = sorted(set(new_models) - set(old_models))
-        removed = sorted(set(old_models) - set(new_models))
-        updated: list[str] = []
-        unchanged: list[str] = []
-        runtime_changed: set[str] = set()  # changed in more than `enabled`
-        for name in sorted(set(old_models) & set(new_models)):
-            same_backend = self.settings.resolved_backend(old_models[name]) == new.resolved_backend(new_models[name])
-            old_cfg, new_cfg = _comparable(old_models[name]), _comparable(new_models[name])
-            (unchanged if same_backend and old_cfg == new_cfg else updated).append(name)
-            old_cfg.pop("enabled"), new_cfg.pop("enabled")
-            if not same_backend or old_cfg != new_cfg:
-                runtime_changed.add(name)
-                if name in active:
-                    conflicts.append(f"engine.models.{name}")
-        conflicts += [f"engine.models.{name}" for name in removed if name in active]
-        empty = [name for name in fresh.catalog.unresolved if name not in old_models or name in runtime_changed]
-        if empty:
-            raise SettingsError("; ".join(f"engine.models.{name}: backend cannot be empty (no backend and no "
-                                          "engine.backend)" for name in empty))
-        if conflicts:
-            raise ApiError(409, "settings_reload_conflict", extra={"conflicts": sorted(set(conflicts))})
-        entries: dict[str, ModelEntry] = {}
-        for name, entry in fresh.entries.items():
-            old = self.entries.get(name)
-            if old is not None and name not in runtime_changed:
-                # The seed keeps the same state object: a loaded model its runtime, a failed
-                # one its last_error and observed VRAM; only `enabled` follows the file.
-                old.config = old.config.model_copy(update={"enabled": new_models[name].enabled})
-                entries[name] = old
-            else:
-                entries[name] = entry
-        self.settings, self.entries, self.catalog = new, entries, fresh.catalog
-        return {"added_models": added, "removed_models": removed, "updated_models": updated,
-                "unchanged_models": unchanged}
+        """Take ``new`` settings without loading or unloading anything (the seed's rules,
+        see :func:`llmpoold.reload.reload_pool`). Returns the report."""
+        return reload_pool(self, new)
 
     # ----- estimates -----------------------------------------------------------------
 
@@ -351,20 +405,3 @@ class Pool:
             except Exception as exc:  # noqa: BLE001 - an estimate is advisory
                 entry.estimate_error = str(exc)
         return entry.estimate
-
-
-def _typed_override(entry: ModelEntry, fields: dict[str, Any]) -> dict[str, Any]:
-    """``fields`` with the backend's override keys checked against the plugin's
-    ``load_override_model`` (types and schema bounds: a ValidationError, the seed's 422,
-    before anything else); range rules are the plugin's ``llmpool_check_load_override``."""
-    model = entry.spec.load_override_model if entry.spec is not None else None
-    typed = {k: v for k, v in fields.items() if entry.spec is not None and k in entry.spec.load_override_keys
-             and k != "target_inflight"}
-    if model is None or not typed:
-        return fields
-    checked = model.model_validate(typed)
-    return {**fields, **{k: getattr(checked, k) for k in typed}}
-
-
-def _comparable(entry_config: ModelConfig) -> dict[str, Any]:
-    return entry_config.model_dump(exclude={"options", "name"})

@@ -17,7 +17,7 @@ import itertools
 import math
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -25,6 +25,10 @@ from llmpoold.errors import ApiError
 from llmpoold.replicas import Replica
 
 _ids = itertools.count(1)
+# A running job told to stop (:meth:`ModelScheduler.abort_running`) is asked through its
+# cancel event and cut (its task cancelled) if still running this much later: a runtime
+# may not look at the event.
+ABORT_GRACE_S = 5.0
 
 
 @dataclass(eq=False)
@@ -52,6 +56,9 @@ class Lease:
     queue_wait_ms: float
     started_at: float = field(default_factory=time.perf_counter)
     released: bool = False
+    # Called with the error when an unload's drain timeout passes while the job runs
+    # (see :meth:`ModelScheduler.abort_running`); set by whoever runs the job.
+    on_abort: Callable[[ApiError], None] | None = None
 
 
 class QueuePolicy(Protocol):
@@ -128,6 +135,7 @@ class ModelScheduler:
         self.queue: QueuePolicy = queue if queue is not None else FifoQueue(model)  # an empty queue is falsy
         self.accepting = True
         self._rr = 0
+        self.leases: set[Lease] = set()  # granted and not yet released
         self._service_ms: deque[float] = deque(maxlen=64)  # recent completed jobs, for Retry-After
         self._idle = asyncio.Event()
         self._idle.set()
@@ -195,8 +203,10 @@ class ModelScheduler:
                 continue
             self.inflight[index] += 1
             self._idle.clear()
-            job.future.set_result(Lease(job=job, replica=self.replicas[index], replica_index=index,
-                                        queue_wait_ms=max(0.0, (now - job.enqueued_at) * 1000)))
+            lease = Lease(job=job, replica=self.replicas[index], replica_index=index,
+                          queue_wait_ms=max(0.0, (now - job.enqueued_at) * 1000))
+            self.leases.add(lease)
+            job.future.set_result(lease)
 
     async def acquire(self, job: Job, *, timeout_s: float | None = None) -> Lease:
         """Wait for a replica slot. Raises ApiError: 409 while unloading, 429 when the
@@ -234,6 +244,7 @@ class ModelScheduler:
         if lease.released:
             return
         lease.released = True
+        self.leases.discard(lease)
         self.inflight[lease.replica_index] -= 1
         used = service_ms if service_ms is not None else (time.perf_counter() - lease.started_at) * 1000
         if charge:
@@ -255,8 +266,22 @@ class ModelScheduler:
                 job.future.set_exception(ApiError(409, "model_unloading", model=self.model))
         self._check_idle()
 
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
+    async def wait_idle(self, timeout_s: float | None = None) -> bool:
+        """Wait until nothing is queued or running; False if ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def abort_running(self, error: ApiError) -> int:
+        """Tell every running job to stop with ``error`` (an unload whose drain timed
+        out). Returns how many were told; each releases its slot as it stops."""
+        leases = [lease for lease in self.leases if not lease.released]
+        for lease in leases:
+            if lease.on_abort is not None:
+                lease.on_abort(error)
+        return len(leases)
 
     def snapshot(self) -> dict[str, Any]:
         return self.queue.snapshot(time.perf_counter())

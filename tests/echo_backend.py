@@ -39,6 +39,7 @@ class EchoOptions(BaseModel):
     echo_ctx: int = 128
     echo_repeat: int = 1
     echo_raw_frame: str | None = None
+    echo_fail_traits: bool = False  # fault injection: the traits hook raises (a plugin bug)
 
 
 class EchoRuntime:
@@ -75,6 +76,8 @@ def llmpool_backends() -> list[BackendSpec]:
 def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != "echo":
         return None
+    if model.options.echo_fail_traits:
+        raise RuntimeError("echo traits exploded")
     return ModelTraits(capabilities=Capabilities(modalities=model.modalities, multi_turn=True,
                                                  thinking_modes=("default", "enabled", "disabled")),
                        concurrency=model.options.echo_concurrency)

@@ -8,10 +8,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import echo_backend
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from llmpoold.errors import SettingsError
 from llmpoold.http.app import create_app
 from llmpoold.http.keys import POOL
 from llmpoold.testing import make_registry, settings_from
@@ -107,3 +109,115 @@ async def test_huge_garbage_body_is_a_clean_4xx(client: Any) -> None:
     assert resp.status == 413
     resp = await client.post("/v1/responses", data=b"\xff\xfe\x00garbage", headers={"Content-Type": "application/json"})
     assert resp.status == 400 and (await resp.json())["detail"]["code"] == "invalid_json"
+
+
+# ----- a lifecycle that always settles (issue 18) --------------------------------------------
+
+
+async def _admin_model(client: Any, name: str) -> dict[str, Any]:
+    resp = await client.get("/v1/admin/models")
+    assert resp.status == 200, await resp.text()
+    return next(m for m in (await resp.json())["models"] if m["name"] == name)
+
+
+async def _wait_state(client: Any, name: str, state: str, within_s: float = 10.0) -> dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while True:
+        entry = await _admin_model(client, name)
+        if entry["runtime_state"] == state or loop.time() > deadline:
+            assert entry["runtime_state"] == state, entry
+            return entry
+        await asyncio.sleep(0.05)
+
+
+async def test_load_finishes_when_the_client_gives_up(make_client: Any) -> None:
+    """POST .../load with a 0.3 s client timeout: the load goes on and settles `loaded`
+    (it used to be cancelled with the handler and stay `loading` for good)."""
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "later": {"enabled": False, "echo_load_delay_s": 1.0}}}})
+    with pytest.raises(TimeoutError):
+        await client.post("/v1/admin/models/later/load", timeout=aiohttp.ClientTimeout(total=0.3))
+    assert (await _admin_model(client, "later"))["runtime_state"] == "loading"
+    await _wait_state(client, "later", "loaded")
+    resp = await client.post("/v1/responses", json={"model": "later", "input": "here now"})
+    assert (await resp.json())["output_text"] == "here now"
+
+
+async def test_failed_load_settles_failed_when_the_client_gives_up(make_client: Any) -> None:
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "broken": {"enabled": False, "echo_load_delay_s": 0.6, "echo_fail_load": "weights are corrupt"}}}})
+    with pytest.raises(TimeoutError):
+        await client.post("/v1/admin/models/broken/load", timeout=aiohttp.ClientTimeout(total=0.3))
+    entry = await _wait_state(client, "broken", "failed")
+    assert "weights are corrupt" in entry["last_error"]
+
+
+async def test_unload_drains_with_a_timeout_then_stops_what_runs(make_client: Any) -> None:
+    """The unload goes on when its client leaves; requests still running after
+    engine.unload_drain_timeout_s are stopped with 503 model_unloaded (JSON and SSE)."""
+    client = await make_client({"engine": {"backend": "echo", "unload_drain_timeout_s": 0.5, "models": {
+        "slow": {"echo_delay_s": 0.2, "echo_concurrency": 2, "target_inflight": 2}}}})
+    words = " ".join(f"w{i}" for i in range(40))  # ~8 s of output
+    plain = asyncio.create_task(client.post("/v1/responses", json={"model": "slow", "input": words}))
+    streamed = asyncio.create_task(client.post("/v1/responses", json={"model": "slow", "input": words,
+                                                                       "stream": True}))
+    await asyncio.sleep(0.3)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(TimeoutError):
+        await client.post("/v1/admin/models/slow/unload", timeout=aiohttp.ClientTimeout(total=0.3))
+    await _wait_state(client, "slow", "unloaded", within_s=5.0)
+    assert asyncio.get_running_loop().time() - started < 4.0
+    resp = await plain
+    assert resp.status == 503
+    detail = (await resp.json())["detail"]
+    assert detail["code"] == "model_unloaded" and "engine.unload_drain_timeout_s" in detail["message"]
+    stream = await (await streamed).text()
+    assert "event: error" in stream and "model_unloaded" in stream
+    assert "response.completed" not in stream
+
+
+async def test_one_model_raising_anything_fails_alone(make_client: Any) -> None:
+    """A plugin raising a plain exception for one model at start: that model is `failed`
+    with the reason, the next one still loads, and the admin listing answers."""
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "bad": {"echo_fail_traits": True}, "good": {}}}})
+    resp = await client.get("/v1/admin/models")
+    assert resp.status == 200, await resp.text()
+    models = {m["name"]: m for m in (await resp.json())["models"]}
+    assert models["bad"]["runtime_state"] == "failed"
+    assert "echo traits exploded" in models["bad"]["last_error"]
+    assert models["good"]["runtime_state"] == "loaded"
+    resp = await client.post("/v1/responses", json={"model": "good", "input": "still fine"})
+    assert (await resp.json())["output_text"] == "still fine"
+
+
+def test_unload_drain_timeout_is_validated() -> None:
+    for bad in (0, -1, "soon", float("inf")):
+        with pytest.raises(SettingsError, match="unload_drain_timeout_s"):
+            settings_from({"engine": {"unload_drain_timeout_s": bad}})
+
+
+async def test_on_demand_wait_counts_against_queue_timeout_and_the_load_goes_on(make_client: Any) -> None:
+    client = await make_client({"engine": {"backend": "echo", "models": {
+        "lazy": {"enabled": False, "on_demand": True, "echo_load_delay_s": 1.0},
+        "manual": {"enabled": False}}}})
+    resp = await client.post("/v1/responses", json={"model": "lazy", "input": "hi", "queue_timeout_s": 0.3})
+    assert resp.status == 503 and (await resp.json())["detail"]["code"] == "queue_timeout"
+    entry = await _admin_model(client, "lazy")
+    assert entry["runtime_state"] == "loading" and entry["loading_since"] and entry["on_demand"] is True
+    await _wait_state(client, "lazy", "loaded")
+    resp = await client.post("/v1/responses", json={"model": "lazy", "input": "now fast"})
+    assert (await resp.json())["output_text"] == "now fast"
+    # Not on demand (the default): the seed's 409 stays.
+    resp = await client.post("/v1/responses", json={"model": "manual", "input": "hi"})
+    assert resp.status == 409 and (await resp.json())["detail"]["code"] == "model_not_loaded"
+
+
+def test_lifecycle_settings_are_validated() -> None:
+    for engine in ({"idle_ttl_s": 0}, {"memory": {"ram_budget_mib": -5}}, {"memory": {"vram_budget_mib": {"0": 0}}},
+                   {"memory": {"min_residency_s": -1}}, {"memory": {"drain_timeout_s": 0}},
+                   {"memory": {"evict_busy": "sometimes"}}, {"models": {"m": {"idle_ttl_s": -1}}},
+                   {"models": {"m": {"pinned": "yes please"}}}):
+        with pytest.raises(SettingsError):
+            settings_from({"engine": {"backend": "echo", **engine}})

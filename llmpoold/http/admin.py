@@ -4,19 +4,25 @@ admin rendering of a model entry."""
 from __future__ import annotations
 
 import os
+from datetime import UTC, datetime
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from llmpoold.config import SettingsError, load_settings
 from llmpoold.entries import ModelEntry, ModelState
-from llmpoold.errors import ApiError
+from llmpoold.errors import ApiError, describe
 from llmpoold.gpu import gpu_memory
 from llmpoold.http.keys import POOL, REGISTRY, RELOAD, TENANTS
 from llmpoold.http.respond import parse_body, read_json
+from llmpoold.memory import HOLDING
 from llmpoold.pool import Pool
 from llmpoold.replicas.bridge import run_blocking
 from llmpoold.schemas import AdminLoadRequest
+from llmpoold.types import Capabilities
+
+log = structlog.get_logger("llmpoold.admin")
 
 
 async def vram_fields(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
@@ -44,6 +50,11 @@ async def admin_entry(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
     loaded = entry.state == ModelState.LOADED
     spec = entry.spec
     estimate = await pool.memory_estimate(entry)
+    try:
+        capabilities = pool.traits(entry).capabilities.to_json()
+    except Exception as exc:  # noqa: BLE001 - a plugin's traits hook failing is shown, not a 500
+        log.warning("model_traits_failed", model=name, error=describe(exc))
+        capabilities = Capabilities().to_json()
     return {
         "name": name,
         "resolved_backend": entry.backend or pool.settings.resolved_backend(entry.config),
@@ -69,10 +80,24 @@ async def admin_entry(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
         "load_constraints": dict(spec.load_constraints) if spec else {},
         "load_recommendations": dict(spec.load_recommendations) if spec else {},
         "load_override": dict(entry.load_override),
-        "capabilities": pool.traits(entry).capabilities.to_json(),
+        "capabilities": capabilities,
         "definition": entry.config.definition(),
         "replica_info": [r.info() for r in entry.replicas],
+        **lifecycle_fields(pool, entry),
     }
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")
+
+
+def lifecycle_fields(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
+    """On demand, idle TTL and memory (issue 14); times are ISO 8601 UTC."""
+    lifecycle = pool.lifecycle
+    return {"on_demand": lifecycle.on_demand(entry), "pinned": entry.config.pinned,
+            "idle_ttl_s": lifecycle.idle_ttl_s(entry), "loading_since": _iso(entry.load_started_at),
+            "last_used_at": _iso(entry.last_used_at), "idle_unload_at": _iso(lifecycle.idle_unload_at(entry)),
+            "memory_held": entry.held.to_json() if entry.held and entry.state in HOLDING else None}
 
 
 def _artifact_size(path: str) -> int:
@@ -91,9 +116,30 @@ def _artifact_size(path: str) -> int:
 # ----- views ----------------------------------------------------------------------------
 
 
+async def safe_admin_entry(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
+    """:func:`admin_entry`, or the fields that need no plugin when rendering fails:
+    one model never makes the listing fail for everyone."""
+    try:
+        return await admin_entry(pool, entry)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("admin_entry_failed", model=entry.name)
+        return {"name": entry.name, "resolved_backend": entry.backend, "configured_enabled": entry.config.enabled,
+                "runtime_state": entry.state, "is_loaded": entry.state == ModelState.LOADED,
+                "replicas": len(entry.replicas) or entry.config.replicas, "replica_max": entry.config.replica_max,
+                "loaded_replicas": len(entry.replicas), "inflight_requests": entry.inflight_requests,
+                "queue_depth": 0, "runtime_inflight": 0, "configured_target_inflight": entry.config.target_inflight,
+                "effective_target_inflight": 1,
+                "fairness": {"rejected_per_key_limit": 0, "rejected_executor_limit": 0, "keys": []},
+                "last_error": entry.last_error or f"admin view failed: {describe(exc)}",
+                "vram_estimate_mib": None, "vram_estimate_replica_count": None,
+                "vram_estimate_source": "unavailable", "memory_estimate": None, "load_constraints": {},
+                "load_recommendations": {}, "load_override": dict(entry.load_override), "capabilities": {},
+                "definition": {}, "replica_info": [], **lifecycle_fields(pool, entry)}
+
+
 async def admin_models(request: web.Request) -> web.Response:
     pool = request.app[POOL]
-    return web.json_response({"models": [await admin_entry(pool, entry) for entry in list(pool.entries.values())]})
+    return web.json_response({"models": [await safe_admin_entry(pool, entry) for entry in list(pool.entries.values())]})
 
 
 async def admin_plugins(request: web.Request) -> web.Response:
@@ -108,12 +154,19 @@ async def admin_load(request: web.Request) -> web.Response:
     name = request.match_info["model_name"]
     data = await read_json(request) if request.can_read_body else None
     fields: dict[str, Any] = {}
+    force = request.query.get("force", "").lower() in {"1", "true", "yes"}
+    if isinstance(data, dict) and "force" in data:  # not a load override: beyond the memory budget
+        data = dict(data)
+        value = data.pop("force")
+        if not isinstance(value, bool):
+            raise ApiError(400, "invalid_load_request", "force must be true or false", model=name)
+        force = force or value
     if data is not None:
         parsed = parse_body(AdminLoadRequest, data)
         fields = {key: getattr(parsed, key) for key in parsed.model_fields_set}
         fields.update(parsed.model_extra or {})
     pool = request.app[POOL]
-    return web.json_response(await admin_entry(pool, await pool.load(name, fields)))
+    return web.json_response(await admin_entry(pool, await pool.load(name, fields, force=force)))
 
 
 async def admin_unload(request: web.Request) -> web.Response:
@@ -133,6 +186,11 @@ async def admin_gpu_memory(request: web.Request) -> web.Response:
                        **(await vram_fields(pool, entry)),
                        "replica_info": [r.info() for r in entry.replicas]})
     return web.json_response({"gpus": gpus, "models": models, "error": error})
+
+
+async def admin_memory(request: web.Request) -> web.Response:
+    """Budgets, what each model holds, and estimate vs observed (see llmpoold.memory)."""
+    return web.json_response(await request.app[POOL].memory.snapshot())
 
 
 _LIVE_KEYS = {"api_keys", "api_key_envs", "admin_api_key", "admin_api_key_env"}
@@ -170,3 +228,4 @@ def setup(app: web.Application) -> None:
     app.router.add_post("/v1/admin/settings/reload", admin_reload)
     app.router.add_get("/v1/admin/gpu-memory", admin_gpu_memory)
     app.router.add_get("/v1/admin/usage", admin_usage)
+    app.router.add_get("/v1/admin/memory", admin_memory)

@@ -126,6 +126,13 @@ class AdminModel(_Answer):
     capabilities: dict[str, Any]
     definition: dict[str, Any]
     replica_info: list[ReplicaInfo]
+    on_demand: bool
+    pinned: bool
+    idle_ttl_s: float | None
+    loading_since: str | None
+    last_used_at: str | None
+    idle_unload_at: str | None
+    memory_held: dict[str, Any] | None
 
 
 class AdminModels(_Answer):
@@ -154,6 +161,40 @@ class GpuMemory(_Answer):
     gpus: list[dict[str, Any]]
     models: list[GpuModel]
     error: str | None
+
+
+class MemoryHolding(_Answer):
+    model: str
+    device: str
+    mib: float
+    source: str
+    state: State
+
+
+class MemoryDevice(_Answer):
+    device: str
+    budget_mib: float | None
+    held_mib: float
+    held_by: list[MemoryHolding]
+
+
+class MemoryModel(_Answer):
+    name: str
+    runtime_state: State
+    pinned: bool
+    held: dict[str, Any] | None
+    estimate: dict[str, Any] | None
+    observed_per_replica: dict[str, Any] | None
+
+
+class Memory(_Answer):
+    """``GET /v1/admin/memory``: each device's budget and who holds what (MiB)."""
+
+    devices: list[MemoryDevice]
+    models: list[MemoryModel]
+    evict_busy: bool
+    drain_timeout_s: float
+    min_residency_s: float
 
 
 class Reload(_Answer):

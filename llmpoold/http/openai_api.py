@@ -66,12 +66,12 @@ def _model(request: web.Request, name: str) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list",
-                              "data": [_model(request, name) for name in request.app[POOL].loaded_names()]})
+                              "data": [_model(request, name) for name in request.app[POOL].servable_names()]})
 
 
 async def retrieve_model(request: web.Request) -> web.Response:
     name = request.match_info["model"]
-    if name not in request.app[POOL].loaded_names():
+    if name not in request.app[POOL].servable_names():
         raise ApiError(404, "model_not_found", f"model {clip(name)} is not loaded or not configured",
                        extra={"param": "model"})
     return web.json_response(_model(request, name))
