@@ -217,7 +217,11 @@ async def test_on_demand_wait_counts_against_queue_timeout_and_the_load_goes_on(
 def test_lifecycle_settings_are_validated() -> None:
     for engine in ({"idle_ttl_s": 0}, {"memory": {"ram_budget_mib": -5}}, {"memory": {"vram_budget_mib": {"0": 0}}},
                    {"memory": {"min_residency_s": -1}}, {"memory": {"drain_timeout_s": 0}},
-                   {"memory": {"evict_busy": "sometimes"}}, {"models": {"m": {"idle_ttl_s": -1}}},
-                   {"models": {"m": {"pinned": "yes please"}}}):
+                   {"memory": {"evict_busy": "sometimes"}}):
         with pytest.raises(SettingsError):
             settings_from({"engine": {"backend": "echo", **engine}})
+    # A bad per-model key fails only that model (issue 13), naming the key.
+    for key, value in (("idle_ttl_s", -1), ("pinned", "yes please")):
+        models = settings_from({"engine": {"backend": "echo", "models": {"m": {key: value}, "ok": {}}}}).engine.models
+        assert models["m"].error is not None and f"engine.models.m.{key}" in models["m"].error
+        assert models["ok"].error is None
