@@ -28,8 +28,16 @@ from llmpoold.entries import ModelEntry, ModelState
 from llmpoold.errors import QUOTE_CHARS, ApiError, WorkerError, clip, describe, internal_error, model_state_error
 from llmpoold.pool import Pool
 from llmpoold.scheduler import Job, Lease
-from llmpoold.schemas import ResponseRequest
-from llmpoold.types import DEFAULT_INSTRUCTIONS, Completion, Decoding, GenerationRequest, Message, TextDelta
+from llmpoold.schemas import ResponseRequest, response_format_json
+from llmpoold.types import (
+    DEFAULT_INSTRUCTIONS,
+    Capabilities,
+    Completion,
+    Decoding,
+    GenerationRequest,
+    Message,
+    TextDelta,
+)
 
 log = structlog.get_logger("llmpoold.http")
 
@@ -88,6 +96,30 @@ def resolve_decoding(defaults: DecodingDefaults, body: ResponseRequest) -> Decod
     values = {**defaults.model_dump(), **body.decoding.model_dump(exclude_none=True)}
     values["stop"] = tuple(s for s in (body.decoding.stop or defaults.stop) if s)
     return Decoding(**values)
+
+
+def check_budget_and_format(body: ResponseRequest, caps: Capabilities, name: str, default_max_tokens: int) -> None:
+    """The seed's ``thinking_token_budget`` and ``response_format`` admission, in its
+    order (after the reasoning controls): ApiError 400 when the model cannot honour them."""
+    budget = body.thinking_token_budget
+    if budget is not None:
+        effort = body.reasoning_effort
+        refusal = (
+            ("unsupported", f"model '{name}' does not support thinking_token_budget")
+            if caps.thinking_token_budget is None else
+            ("out_of_range", f"thinking_token_budget must be at most {caps.thinking_token_budget} for model '{name}'")
+            if budget > caps.thinking_token_budget else
+            ("requires_thinking", "thinking_token_budget requires enabled thinking")
+            if not (body.thinking == "enabled" or (effort is not None and effort != "none")) else
+            ("exhausts_output", "thinking_token_budget must be lower than decoding.max_tokens")
+            if budget >= (body.decoding.max_tokens or default_max_tokens) else None)
+        if refusal is not None:
+            raise ApiError(400, f"thinking_token_budget_{refusal[0]}", refusal[1], model=name,
+                           param="thinking_token_budget")
+    fmt = body.response_format
+    if fmt is not None and fmt.type not in caps.response_formats:
+        raise ApiError(400, "response_format_unsupported", f"model '{name}' does not support response_format",
+                       model=name, param="response_format")
 
 
 def _content(value: Any) -> str | tuple[dict[str, Any], ...]:
@@ -155,6 +187,7 @@ class Inference:
             if effort != "none" and body.thinking == "disabled":
                 raise ApiError(400, "reasoning_control_conflict",
                                "a non-'none' reasoning_effort conflicts with thinking='disabled'", model=name)
+        check_budget_and_format(body, caps, name, self.pool.settings.engine.decoding.max_tokens)
         return entry
 
     def _generation_request(self, entry: ModelEntry, replica_id: str) -> GenerationRequest:
@@ -177,6 +210,8 @@ class Inference:
             multi_turn=body.messages is not None, thinking=thinking, thinking_mode=body.thinking,
             reasoning_effort=body.reasoning_effort, source_lang_code=body.source_lang_code,
             target_lang_code=body.target_lang_code, prompt_cache_key=body.prompt_cache_key,
+            response_format=response_format_json(body.response_format),
+            thinking_token_budget=body.thinking_token_budget,
         )
 
     async def start(self) -> None:

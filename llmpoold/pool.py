@@ -17,7 +17,7 @@ import structlog
 from llmpoold.backend import Backend
 from llmpoold.config import AppSettings, ModelConfig, SettingsError, resolve_model_options
 from llmpoold.entries import ACTIVE_STATES, ModelEntry, ModelState
-from llmpoold.errors import ApiError, unknown_model
+from llmpoold.errors import ApiError, load_error_text, model_state_error, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
 from llmpoold.metrics import PoolMetrics
@@ -107,11 +107,12 @@ class Pool:
         set keys. Returns the entry; raises ApiError (or the load override model's
         ValidationError, a 422)."""
         entry = self.entry(name)
+        sent = {k: v for k, v in (fields or {}).items() if k != "replicas"}  # echoed as load_override
         fields = _typed_override(entry, dict(fields or {}))
         async with entry.lock:
             replicas_requested = fields.pop("replicas", None)
             if entry.state == ModelState.UNLOADING:
-                raise ApiError(409, "model_unloading", model=name)
+                raise model_state_error(name, entry.state)
             if entry.state in (ModelState.LOADED, ModelState.LOADING):
                 if fields or replicas_requested is not None:
                     raise ApiError(400, "invalid_load_request",
@@ -135,6 +136,9 @@ class Pool:
             await self._load_replicas(entry, active, override, count)
             if entry.state == ModelState.FAILED:
                 raise ApiError(500, "model_load_failed", entry.last_error, model=name)
+            # The seed shows the override as sent, not as normalised ("Q8_0" stays); only a key
+            # the check introduced (exllama_cache_quant from the bit pair) has its value.
+            entry.load_override = {key: sent.get(key, value) for key, value in override.items()}
         return entry
 
     def _check_override(self, entry: ModelEntry, fields: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +193,7 @@ class Pool:
         ]
         gpu_before = await run_blocking(primary_gpu_used_mib)
         results = await asyncio.gather(*(r.load() for r in replicas), return_exceptions=True)
-        errors = [f"{r.replica_id}: {res or type(res).__name__}" for r, res in zip(replicas, results, strict=True)
+        errors = [f"{r.replica_id}: {load_error_text(res)}" for r, res in zip(replicas, results, strict=True)
                   if isinstance(res, BaseException)]
         if errors:
             await asyncio.gather(*(r.unload() for r, res in zip(replicas, results, strict=True)
@@ -244,7 +248,7 @@ class Pool:
         finish, then every replica is released. Returns the entry."""
         entry = self.entry(name)
         if entry.state == ModelState.LOADING:
-            raise ApiError(409, "model_loading", model=name)
+            raise model_state_error(name, entry.state)
         if entry.state != ModelState.LOADED:
             return entry
         entry.state = ModelState.UNLOADING

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from llmpoold.config import (
     MAX_FAIRNESS_KEY_LENGTH,
+    MAX_OUTPUT_TOKENS,
     BeamSize,
     MaxTokens,
     RepetitionPenalty,
@@ -101,6 +102,45 @@ class ChatTurn(_Body):
     content: Content
 
 
+class JsonSchemaSpec(BaseModel):
+    """The seed's ``json_schema`` object (extra keys refused, as the seed does); the JSON
+    key is ``schema``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    description: str | None = Field(None, max_length=MAX_INSTRUCTIONS_CHARS)
+    schema_definition: dict[str, Any] = Field(alias="schema")
+    strict: bool = True
+
+
+class JsonSchemaFormat(BaseModel):
+    """``{"type": "json_schema", "json_schema": {...}}``: the seed's ``response_format``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+class JsonObjectFormat(BaseModel):
+    """``{"type": "json_object"}`` (any JSON object): llmpool's addition, the OpenAI
+    surfaces map their ``json_object`` onto it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+ResponseFormat = Annotated[JsonSchemaFormat | JsonObjectFormat, Field(discriminator="type")]
+
+
+def response_format_json(value: JsonSchemaFormat | JsonObjectFormat | None) -> dict[str, Any] | None:
+    """The format as backends get it (``GenerationRequest.response_format``): the JSON
+    the client sent, ``schema`` under its own key."""
+    return None if value is None else value.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 class ResponseRequest(_Body):
     """``POST /v1/responses``."""
 
@@ -116,6 +156,8 @@ class ResponseRequest(_Body):
     stream: bool = False
     thinking: Literal["default", "enabled", "disabled"] = "default"
     reasoning_effort: str | None = Field(None, min_length=1, max_length=32)
+    thinking_token_budget: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
+    response_format: ResponseFormat | None = None
     queue_timeout_s: float | None = Field(None, gt=0, le=3600)
     decoding: DecodingParams = Field(default_factory=lambda: DecodingParams())
 
@@ -150,6 +192,8 @@ class ResponseRequest(_Body):
 
     @model_validator(mode="after")
     def _shape(self) -> ResponseRequest:
+        if self.response_format is not None and self.stream:
+            raise ValueError("response_format is not supported with stream=true")
         if self.messages is not None:
             if not self.messages:
                 raise ValueError("messages must not be empty")

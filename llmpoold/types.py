@@ -83,6 +83,13 @@ class GenerationRequest:
     source_lang_code: str | None = None
     target_lang_code: str | None = None
     prompt_cache_key: str | None = None
+    # The seed's ``response_format`` ({"type": "json_schema", "json_schema": {"name",
+    # "schema", "strict", ...}} or {"type": "json_object"}); None: free text. Admission
+    # lets it through only to a model whose Capabilities.response_formats has its type.
+    response_format: Mapping[str, Any] | None = None
+    # At most this many reasoning tokens (admitted only where
+    # Capabilities.thinking_token_budget is set, and with thinking enabled).
+    thinking_token_budget: int | None = None
     cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
 
 
@@ -136,7 +143,12 @@ class Capabilities:
     multi_turn: bool = False
     thinking_modes: tuple[str, ...] = ("default",)
     reasoning_efforts: tuple[str, ...] = ()
+    # ``response_format`` types the backend enforces: "text" always; "json_schema" and
+    # "json_object" only where the runtime constrains its output (or an upstream does).
     response_formats: tuple[str, ...] = ("text",)
+    # The largest ``thinking_token_budget`` the backend honours for this model (its
+    # ``thinking_token_budget_max``); None: the request field is refused.
+    thinking_token_budget: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -145,7 +157,8 @@ class Capabilities:
             "multi_turn": self.multi_turn,
             "thinking_modes": list(self.thinking_modes),
             "reasoning_efforts": list(self.reasoning_efforts),
-            "thinking_token_budget": None,
+            "thinking_token_budget": (None if self.thinking_token_budget is None
+                                      else {"minimum": 1, "maximum": self.thinking_token_budget}),
             "response_formats": list(self.response_formats),
         }
 

@@ -145,7 +145,7 @@ async def test_multi_turn_and_content_parts(clients: Any) -> None:
     completion = await aio.chat.completions.create(model="echo", messages=[
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
         {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "two"}]}])
-    assert completion.choices[0].message.content == "part one two"
+    assert completion.choices[0].message.content == "part onetwo"  # text parts concatenate, as the seed does
 
 
 # ----- responses ------------------------------------------------------------------------

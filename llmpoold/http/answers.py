@@ -112,13 +112,13 @@ class AdminModel(_Answer):
     inflight_requests: int
     queue_depth: int
     runtime_inflight: int
-    configured_target_inflight: int
+    configured_target_inflight: int | None
     effective_target_inflight: int
     fairness: Fairness
     last_error: str | None
     vram_estimate_mib: float | None
     vram_estimate_replica_count: int | None
-    vram_estimate_source: str
+    vram_estimate_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
     memory_estimate: dict[str, Any] | None
     load_constraints: dict[str, Any]
     load_recommendations: dict[str, Any]

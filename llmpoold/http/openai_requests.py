@@ -143,7 +143,7 @@ def _content(content: str | list[_Part] | None, param: str) -> str | list[dict[s
         return content
     items = [_content_item(p, f"{param}[{i}]") for i, p in enumerate(content)]
     if all(item["type"] == "text" for item in items):
-        return "\n".join(item["text"] for item in items)
+        return "".join(item["text"] for item in items)  # the seed concatenates text items
     return items
 
 

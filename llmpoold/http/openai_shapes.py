@@ -25,7 +25,7 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     message = exc.message or exc.code.replace("_", " ")
     if exc.model is not None and f"'{exc.model}'" not in message:
         message = f"{message}: '{exc.model}'" if exc.message is None else f"{message} (model '{exc.model}')"
-    param = exc.extra.get("param", "model" if exc.code == "unknown_model" else None)
+    param = exc.param or exc.extra.get("param", "model" if exc.code == "unknown_model" else None)
     kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "code": exc.code, "param": param}}
 

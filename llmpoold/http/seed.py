@@ -21,9 +21,10 @@ def error_response(exc: ApiError) -> web.Response:
 
 
 def validation_response(exc: ValidationError) -> web.Response:
-    """FastAPI's 422 shape: ``{"detail": [{"loc", "msg", "type"}]}``."""
+    """FastAPI's 422 shape: ``{"detail": [{"loc", "msg", "type"}]}``; ``msg`` is pydantic's
+    as FastAPI passes it on (``"Value error, messages must not be empty"``)."""
     details = [{"loc": ["body", *(cut(p) if isinstance(p, str) else p for p in err["loc"])],
-                "msg": cut(str(err["msg"]).removeprefix("Value error, ")), "type": err["type"]}
+                "msg": cut(str(err["msg"])), "type": err["type"]}
                for err in exc.errors(include_input=False, include_url=False)]
     return web.json_response({"detail": details}, status=422)
 

@@ -55,10 +55,15 @@ def llmpool_backends() -> list[BackendSpec]:
 def llmpool_model_traits(backend: str, model: ModelConfig) -> ModelTraits | None:
     if backend != BACKEND:
         return None
+    options: RemoteOptions = model.options
+    # Thinking switches only where remote_thinking is configured (the seed's rule);
+    # response_format is relayed upstream, which enforces it.
+    thinking = ("default", "enabled", "disabled") if options.remote_thinking is not None else ("default",)
     return ModelTraits(capabilities=Capabilities(modalities=model.modalities, multi_turn=True,
-                                                 thinking_modes=("default", "enabled", "disabled"),
+                                                 thinking_modes=thinking,
                                                  reasoning_efforts=model.reasoning_efforts,
-                                                 file_inputs=model.options.remote_file_mode is not None),
+                                                 response_formats=("text", "json_schema", "json_object"),
+                                                 file_inputs=options.remote_file_mode is not None),
                        concurrency=model.target_inflight)
 
 

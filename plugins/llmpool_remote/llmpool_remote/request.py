@@ -47,6 +47,11 @@ def decode_file(file: Mapping[str, Any]) -> tuple[str, bytes]:
 
 
 def resolved_thinking(options: RemoteOptions, request: GenerationRequest) -> str | None:
+    """The ``thinking.type`` to send: the request's switch over ``remote_thinking``;
+    None (nothing sent) for a model without ``remote_thinking``, as the seed offers
+    request-level thinking only on those (admission refuses ``thinking`` elsewhere)."""
+    if options.remote_thinking is None:
+        return None
     if request.reasoning_effort is not None:
         return "disabled" if request.reasoning_effort == "none" else "enabled"
     if request.thinking_mode in ("enabled", "disabled"):
@@ -65,13 +70,21 @@ def build_body(runtime: RemoteRuntime, request: GenerationRequest, *, stream: bo
     messages += [{"role": "system", "content": text} for text in file_texts]
     messages += [{"role": m.role, "content": message_content(m.content, drop_files=drop_files)}
                  for m in request.messages]
-    body: dict[str, Any] = {"model": options.remote_model, "messages": messages, "max_tokens": d.max_tokens,
-                            "temperature": d.temperature, "top_p": d.top_p}
+    body: dict[str, Any] = {"model": options.remote_model, "messages": messages, "max_tokens": d.max_tokens}
+    thinking = resolved_thinking(options, request)
+    kimi = options.remote_model.strip().lower().startswith("kimi-")
+    # The seed's Kimi rule: Kimi models accept only their fixed sampling values
+    # (temperature 0.6 with thinking disabled, else 1.0; top_p 0.95), so others are omitted.
+    if not kimi or d.temperature == (0.6 if thinking == "disabled" else 1.0):
+        body["temperature"] = d.temperature
+    if not kimi or d.top_p == 0.95:
+        body["top_p"] = d.top_p
     if d.stop:
         body["stop"] = list(d.stop)
-    thinking = resolved_thinking(options, request)
     if thinking is not None:
         body["thinking"] = {"type": thinking}
+    if request.response_format is not None:
+        body["response_format"] = dict(request.response_format)
     if request.reasoning_effort is not None:
         body["reasoning_effort"] = request.reasoning_effort
     if options.remote_prompt_cache_key_enabled and request.prompt_cache_key:
