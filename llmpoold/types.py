@@ -34,6 +34,11 @@ class Message:
 
     role: str
     content: str | tuple[Mapping[str, Any], ...]
+    # Tool calling (OpenAI surfaces, backends with Capabilities.tools): an assistant
+    # turn's calls ({"id", "type": "function", "function": {"name", "arguments"}}), and
+    # on a ``tool`` turn the id of the call it answers.
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    tool_call_id: str | None = None
 
 
 class CancelToken:
@@ -90,6 +95,11 @@ class GenerationRequest:
     # At most this many reasoning tokens (admitted only where
     # Capabilities.thinking_token_budget is set, and with thinking enabled).
     thinking_token_budget: int | None = None
+    # OpenAI function tools ({"type": "function", "function": {"name", "description",
+    # "parameters", "strict"}}) and ``tool_choice`` ("auto", "none", "required" or
+    # {"type": "function", "function": {"name"}}); only for Capabilities.tools.
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: str | Mapping[str, Any] | None = None
     cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
 
 
@@ -131,7 +141,19 @@ class Completion:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
-StreamItem = TextDelta | Completion
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call, in order: the first piece of call ``index`` has its ``id``
+    and ``name``; ``arguments`` pieces concatenate to the call's JSON arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    channel: Literal["tool"] = "tool"
+
+
+StreamItem = TextDelta | ToolCallDelta | Completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +171,11 @@ class Capabilities:
     # The largest ``thinking_token_budget`` the backend honours for this model (its
     # ``thinking_token_budget_max``); None: the request field is refused.
     thinking_token_budget: int | None = None
+    # Function tools: ``tools``, ``tool_choice``, tool turns and ToolCallDelta output.
+    tools: bool = False
+    # Raw prompts (legacy text completions, rendered with the ``raw`` format): every
+    # local text backend; an upstream chat API cannot continue a raw prompt.
+    raw_prompt: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,6 +187,8 @@ class Capabilities:
             "thinking_token_budget": (None if self.thinking_token_budget is None
                                       else {"minimum": 1, "maximum": self.thinking_token_budget}),
             "response_formats": list(self.response_formats),
+            "tools": self.tools,
+            "raw_prompt": self.raw_prompt,
         }
 
 

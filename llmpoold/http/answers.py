@@ -189,15 +189,16 @@ class OpenAIModelList(_Answer):
 
 class ChatMessage(_Answer):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the model only calls tools
     refusal: None = None
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(_Answer):
     index: int
     message: ChatMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -217,6 +218,25 @@ class ChatCompletion(_Answer):
     choices: list[ChatChoice] = Field(min_length=1, max_length=1)
     usage: ChatUsage
     metrics: dict[str, Any]
+
+
+class TextChoice(_Answer):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class TextCompletion(_Answer):
+    """``text_completion``: one choice per prompt; streamed as ``text_completion`` chunks
+    ending in ``[DONE]``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice] = Field(min_length=1, max_length=16)
+    usage: ChatUsage
 
 
 class OpenAIResponse(_Answer):

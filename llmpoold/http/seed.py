@@ -12,7 +12,7 @@ from llmpoold.http.keys import POOL
 from llmpoold.http.respond import Event, Parsed, parse_body, respond
 from llmpoold.inference import InferenceResult
 from llmpoold.schemas import ResponseRequest
-from llmpoold.types import TextDelta
+from llmpoold.types import TextDelta, ToolCallDelta
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -50,7 +50,9 @@ class SeedShape:
     def opening(self) -> list[Event]:
         return [("response.created", {"id": self.id, "model": self.model, "object": "response"})]
 
-    def delta(self, delta: TextDelta) -> list[Event]:
+    def delta(self, delta: TextDelta | ToolCallDelta) -> list[Event]:
+        if isinstance(delta, ToolCallDelta):
+            return []  # the seed's surface has no tools; an upstream's unasked call is not text
         reasoning = delta.channel == "reasoning"
         self.sent_output |= not reasoning
         name = "response.reasoning_text.delta" if reasoning else "response.output_text.delta"

@@ -14,7 +14,7 @@ from typing import Any
 from llmpool_remote.options import RemoteOptions
 from llmpool_remote.runtime import RemoteRuntime
 from llmpoold.errors import BackendError
-from llmpoold.types import GenerationRequest
+from llmpoold.types import GenerationRequest, Message
 
 DATA_URL = re.compile(r"data:[^;,]*;base64,(.*)", re.DOTALL)
 
@@ -24,6 +24,18 @@ def message_content(content: Any, *, drop_files: bool = False) -> Any:
         return content
     return [{k: v for k, v in dict(item).items() if v is not None} for item in content
             if not (drop_files and item.get("type") == "file")]
+
+
+def upstream_message(message: Message, *, drop_files: bool = False) -> dict[str, Any]:
+    """One conversation turn in Chat Completions' shape, tool calls and results included
+    (an assistant turn that only calls tools has ``content: null``)."""
+    out: dict[str, Any] = {"role": message.role, "content": message_content(message.content, drop_files=drop_files)}
+    if message.tool_calls:
+        out["tool_calls"] = [dict(call) for call in message.tool_calls]
+        out["content"] = out["content"] or None
+    if message.tool_call_id is not None:
+        out["tool_call_id"] = message.tool_call_id
+    return out
 
 
 def file_items(request: GenerationRequest) -> list[Mapping[str, Any]]:
@@ -68,8 +80,7 @@ def build_body(runtime: RemoteRuntime, request: GenerationRequest, *, stream: bo
     drop_files = options.remote_file_mode == "files_extract"
     messages: list[dict[str, Any]] = [{"role": "system", "content": request.instructions}]
     messages += [{"role": "system", "content": text} for text in file_texts]
-    messages += [{"role": m.role, "content": message_content(m.content, drop_files=drop_files)}
-                 for m in request.messages]
+    messages += [upstream_message(m, drop_files=drop_files) for m in request.messages]
     body: dict[str, Any] = {"model": options.remote_model, "messages": messages, "max_tokens": d.max_tokens}
     thinking = resolved_thinking(options, request)
     kimi = options.remote_model.strip().lower().startswith("kimi-")
@@ -85,6 +96,10 @@ def build_body(runtime: RemoteRuntime, request: GenerationRequest, *, stream: bo
         body["thinking"] = {"type": thinking}
     if request.response_format is not None:
         body["response_format"] = dict(request.response_format)
+    if request.tools:
+        body["tools"] = [dict(tool) for tool in request.tools]
+    if request.tool_choice is not None:
+        body["tool_choice"] = request.tool_choice if isinstance(request.tool_choice, str) else dict(request.tool_choice)
     if request.reasoning_effort is not None:
         body["reasoning_effort"] = request.reasoning_effort
     if options.remote_prompt_cache_key_enabled and request.prompt_cache_key:
