@@ -155,3 +155,24 @@ async def test_sync_sdk_completions(client: Any) -> None:
     sync = openai.OpenAI(base_url=str(client.make_url("/openai/v1")), api_key="x", max_retries=0)
     done = await asyncio.to_thread(sync.completions.create, model="echo", prompt="sync works")
     assert done.choices[0].text == "sync works"
+
+
+def test_tool_fields_cross_the_worker_wire() -> None:
+    """A worker process gets the tools, the tool turns and the format, and sends tool call
+    pieces back (llmpoold.replicas.wire)."""
+    import dataclasses
+    import json
+
+    from llmpoold.replicas.wire import item_from_wire, item_to_wire, request_from_wire, request_to_wire
+    from llmpoold.testing import make_request
+    from llmpoold.types import Message, ToolCallDelta
+
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    request = dataclasses.replace(
+        make_request(), tools=(TOOL,), tool_choice={"type": "function", "function": {"name": "lookup"}},
+        response_format={"type": "json_object"}, thinking_token_budget=9,
+        messages=(Message("user", "q"), Message("assistant", "", tool_calls=(call,)),
+                  Message("tool", "42", tool_call_id="c1")))
+    assert request_from_wire(json.loads(json.dumps(request_to_wire(request)))) == request
+    piece = ToolCallDelta(0, id="c1", name="lookup", arguments='{"a"')
+    assert item_from_wire(json.loads(json.dumps(item_to_wire(piece)))) == piece
