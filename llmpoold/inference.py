@@ -111,7 +111,7 @@ def resolve_decoding(defaults: DecodingDefaults, body: ResponseRequest) -> Decod
     return Decoding(**values)
 
 
-def check_budget_and_format(body: ResponseRequest, caps: Capabilities, name: str, default_max_tokens: int) -> None:
+def check_requested_features(body: ResponseRequest, caps: Capabilities, name: str, default_max_tokens: int) -> None:
     """The seed's ``thinking_token_budget`` and ``response_format`` admission, in its
     order (after the reasoning controls), then the OpenAI surfaces' tools: ApiError 400
     when the model cannot honour them (the backend is never called)."""
@@ -209,7 +209,7 @@ class Inference:
             if effort != "none" and body.thinking == "disabled":
                 raise ApiError(400, "reasoning_control_conflict",
                                "a non-'none' reasoning_effort conflicts with thinking='disabled'", model=name)
-        check_budget_and_format(body, caps, name, self.pool.settings.engine.decoding.max_tokens)
+        check_requested_features(body, caps, name, self.pool.settings.engine.decoding.max_tokens)
         return entry
 
     def _generation_request(self, entry: ModelEntry, replica_id: str) -> GenerationRequest:
