@@ -239,6 +239,7 @@ class Inference:
             thinking_token_budget=body.thinking_token_budget,
             tools=agent.tools if agent is not None else (),
             tool_choice=agent.tool_choice if agent is not None else None,
+            parallel_tool_calls=agent.parallel_tool_calls if agent is not None else None,
         )
 
     async def start(self) -> None:

@@ -152,6 +152,7 @@ class AgentFields:
 
     tools: tuple[dict[str, Any], ...] = ()
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     messages: tuple[Message, ...] | None = None
     # A response_format on a streamed OpenAI request (the seed refuses the pair; the
     # OpenAI APIs allow it).

@@ -100,6 +100,7 @@ class GenerationRequest:
     # {"type": "function", "function": {"name"}}); only for Capabilities.tools.
     tools: tuple[Mapping[str, Any], ...] = ()
     tool_choice: str | Mapping[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # None: the runtime's default
     cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
 
 

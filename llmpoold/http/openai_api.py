@@ -51,7 +51,7 @@ def _chat(data: Any) -> Parsed:
 def _responses(data: Any) -> Parsed:
     body, seed = responses_request(data)
     echo = body.model_dump(include={"instructions", "temperature", "top_p", "max_output_tokens", "metadata",
-                                    "tools", "tool_choice", "text"})
+                                    "tools", "tool_choice", "parallel_tool_calls", "text"})
     return seed, lambda response_id: ResponsesShape(response_id=response_id, model=seed.model, echo=echo)
 
 

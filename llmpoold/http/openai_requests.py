@@ -253,6 +253,7 @@ def seed_request_of(body: OpenAIExtras, conversation: dict[str, Any], *, convers
     tools = openai_tools.tools(body.tools, "tools", flat=flat)
     agent = AgentFields(tools=tools, tool_choice=openai_tools.tool_choice(body.tool_choice, tools, "tool_choice",
                                                                           flat=flat),
+                        parallel_tool_calls=body.parallel_tool_calls if tools else None,
                         messages=conversation.pop("agent_messages", None),
                         response_format=openai_tools.response_format(response_format, fmt_param, flat=flat))
     decoding = dict(body.decoding or {})

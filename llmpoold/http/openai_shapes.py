@@ -131,7 +131,7 @@ class ResponsesShape:
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "model": self.model, "output": list(self.items), "instructions": echo.get("instructions"),
             "error": None, "incomplete_details": None, "metadata": echo.get("metadata") or {},
-            "parallel_tool_calls": bool(echo.get("tools")), "tool_choice": echo.get("tool_choice") or "auto",
+            "parallel_tool_calls": bool(echo.get("tools")) and echo.get("parallel_tool_calls") is not False, "tool_choice": echo.get("tool_choice") or "auto",
             "tools": echo.get("tools") or [], "temperature": echo.get("temperature"),
             "top_p": echo.get("top_p"), "max_output_tokens": echo.get("max_output_tokens"),
             "text": echo.get("text") or {"format": {"type": "text"}}, "usage": None,

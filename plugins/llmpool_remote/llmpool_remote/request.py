@@ -98,6 +98,8 @@ def build_body(runtime: RemoteRuntime, request: GenerationRequest, *, stream: bo
         body["response_format"] = dict(request.response_format)
     if request.tools:
         body["tools"] = [dict(tool) for tool in request.tools]
+    if request.parallel_tool_calls is not None:
+        body["parallel_tool_calls"] = request.parallel_tool_calls
     if request.tool_choice is not None:
         body["tool_choice"] = request.tool_choice if isinstance(request.tool_choice, str) else dict(request.tool_choice)
     if request.reasoning_effort is not None:

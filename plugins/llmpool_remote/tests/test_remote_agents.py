@@ -32,9 +32,9 @@ async def test_chat_tool_call_relayed_json_and_stream(aio: openai.AsyncOpenAI, f
     fake_upstream.script = ["tool_call"]
     completion = await aio.chat.completions.create(
         model="r", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
-        tool_choice="required", extra_body=REMOTE)
+        tool_choice="required", parallel_tool_calls=False, extra_body=REMOTE)
     sent = fake_upstream.calls[-1].body
-    assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "required"
+    assert sent["tools"] == [WEATHER] and sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False
     choice = completion.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     call = choice.message.tool_calls[0]
@@ -50,7 +50,9 @@ async def test_chat_tool_call_relayed_json_and_stream(aio: openai.AsyncOpenAI, f
     assert len(pieces) == 3 and pieces[0].id == "call_fake1" and pieces[0].function.name == "get_weather"
     assert json.loads("".join(p.function.arguments or "" for p in pieces)) == {"city": "Paris", "days": 3}
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
-    assert fake_upstream.calls[-1].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    sent = fake_upstream.calls[-1].body
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert "parallel_tool_calls" not in sent  # not sent: the upstream's default
 
 
 async def test_tool_results_go_back_upstream(aio: openai.AsyncOpenAI, fake_upstream: Any) -> None:
