@@ -34,7 +34,10 @@ class ApiError(Exception):
         model: str | None = None,
         headers: dict[str, str] | None = None,
         extra: dict[str, Any] | None = None,
+        param: str | None = None,
     ) -> None:
+        """``param``: the request field at fault, for OpenAI's error shape (the seed's
+        envelope does not carry it)."""
         super().__init__(message or code)
         self.status = status
         self.code = code
@@ -42,6 +45,7 @@ class ApiError(Exception):
         self.model = model
         self.headers = headers or {}
         self.extra = extra or {}
+        self.param = param
 
     def detail(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code}
@@ -87,6 +91,11 @@ def describe(exc: BaseException) -> str:
     return f"{name}: {exc}" if str(exc) else name
 
 
+def load_error_text(exc: BaseException) -> str:
+    """A load failure's message, or its class name when it has none (the seed's rule)."""
+    return str(exc).strip() or (exc.type_name if isinstance(exc, WorkerError) else type(exc).__name__)
+
+
 def cut(text: str, limit: int = 2 * QUOTE_CHARS) -> str:
     """``text`` (a message that may embed client input) cut to about ``limit`` characters."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
@@ -98,15 +107,24 @@ def internal_error(request_id: str, *, code: str = "internal_error", model: str 
     return ApiError(500, code, f"internal error (request id {request_id})", model=model)
 
 
+STATE_MESSAGES = {
+    "model_not_loaded": "model '{model}' is not loaded; load it first",
+    "model_loading": "model '{model}' is loading; retry when it is loaded",
+    "model_unloading": "model '{model}' is unloading",
+    "model_failed": "model '{model}' failed to load; see last_error in /v1/admin/models",
+}
+
+
 def model_state_error(model: str, state: str) -> ApiError:
-    """409 for a model that exists but cannot take requests in its current state."""
+    """409 for a model that exists but cannot take requests (or this admin call) in its
+    current state; the seed's code, with a message saying what to do."""
     code = {
         "unloaded": "model_not_loaded",
         "loading": "model_loading",
         "unloading": "model_unloading",
         "failed": "model_failed",
     }.get(state, "model_not_loaded")
-    return ApiError(409, code, model=model)
+    return ApiError(409, code, STATE_MESSAGES[code].format(model=model), model=model)
 
 
 def unknown_model(model: str) -> ApiError:

@@ -169,7 +169,10 @@ def llmpool_stream(
     backend: str, runtime: Any, request: GenerationRequest
 ) -> Iterator[StreamItem] | AsyncIterator[StreamItem] | None:
     """Generate for one request, yielding :class:`TextDelta` items as the runtime
-    produces them, then exactly one :class:`Completion`.
+    produces them, then exactly one :class:`Completion`. A backend that declares
+    ``Capabilities.tools`` also yields :class:`ToolCallDelta` items for the calls it makes;
+    one that declares ``response_formats`` beyond ``text`` must enforce
+    ``request.response_format`` (admission refuses it elsewhere).
 
     Return either a blocking iterator (the daemon drives it on its own thread, one
     ``next()`` per item) or an async iterator (driven on the event loop; it must never

@@ -29,9 +29,18 @@ from llmpoold.entries import ModelEntry, ModelState
 from llmpoold.errors import QUOTE_CHARS, ApiError, WorkerError, clip, describe, internal_error, model_state_error
 from llmpoold.pool import Pool
 from llmpoold.scheduler import ABORT_GRACE_S, Job, Lease
-from llmpoold.schemas import ResponseRequest
+from llmpoold.schemas import ResponseRequest, response_format_json
 from llmpoold.tenants import Admission, Tenant
-from llmpoold.types import DEFAULT_INSTRUCTIONS, Completion, Decoding, GenerationRequest, Message, TextDelta
+from llmpoold.types import (
+    DEFAULT_INSTRUCTIONS,
+    Capabilities,
+    Completion,
+    Decoding,
+    GenerationRequest,
+    Message,
+    TextDelta,
+    ToolCallDelta,
+)
 
 log = structlog.get_logger("llmpoold.http")
 
@@ -63,17 +72,29 @@ class InferenceResult:
     finish_reason: str | None
     metrics: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's shape, whole
+
+
+def merge_tool_call(calls: dict[int, dict[str, Any]], delta: ToolCallDelta) -> None:
+    """Add one tool call piece to ``calls`` (index -> OpenAI's tool call object)."""
+    call = calls.setdefault(delta.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+    call["id"] = call["id"] or delta.id or f"call_{uuid.uuid4().hex[:24]}"
+    call["function"]["name"] += delta.name or ""
+    call["function"]["arguments"] += delta.arguments
 
 
 class _Trim:
     """Strip a stream as the seed strips final text: drop leading whitespace and hold
     trailing whitespace back until more text follows, so deltas join to the result."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, strip: bool = True) -> None:
+        self.strip = strip
         self.started = False
         self.pending = ""
 
     def feed(self, text: str) -> str:
+        if not self.strip:
+            return text
         if not self.started:
             text = text.lstrip()
             if not text:
@@ -90,6 +111,39 @@ def resolve_decoding(defaults: DecodingDefaults, body: ResponseRequest) -> Decod
     values = {**defaults.model_dump(), **body.decoding.model_dump(exclude_none=True)}
     values["stop"] = tuple(s for s in (body.decoding.stop or defaults.stop) if s)
     return Decoding(**values)
+
+
+def check_requested_features(body: ResponseRequest, caps: Capabilities, name: str, default_max_tokens: int) -> None:
+    """The seed's ``thinking_token_budget`` and ``response_format`` admission, in its
+    order (after the reasoning controls), then the OpenAI surfaces' tools: ApiError 400
+    when the model cannot honour them (the backend is never called)."""
+    budget = body.thinking_token_budget
+    if budget is not None:
+        effort = body.reasoning_effort
+        refusal = (
+            ("unsupported", f"model '{name}' does not support thinking_token_budget")
+            if caps.thinking_token_budget is None else
+            ("out_of_range", f"thinking_token_budget must be at most {caps.thinking_token_budget} for model '{name}'")
+            if budget > caps.thinking_token_budget else
+            ("requires_thinking", "thinking_token_budget requires enabled thinking")
+            if not (body.thinking == "enabled" or (effort is not None and effort != "none")) else
+            ("exhausts_output", "thinking_token_budget must be lower than decoding.max_tokens")
+            if budget >= (body.decoding.max_tokens or default_max_tokens) else None)
+        if refusal is not None:
+            raise ApiError(400, f"thinking_token_budget_{refusal[0]}", refusal[1], model=name,
+                           param="thinking_token_budget")
+    fmt = body.effective_response_format
+    if fmt is not None and fmt.type not in caps.response_formats:
+        raise ApiError(400, "response_format_unsupported", f"model '{name}' does not support response_format",
+                       model=name, param="response_format")
+    agent = body.agent
+    if agent is not None and agent.uses_tools and not caps.tools:
+        raise ApiError(400, "tools_unsupported", f"model '{name}' does not support tool calling", model=name,
+                       param="tools" if agent.tools else "messages")
+    if agent is not None and agent.raw_prompt and not caps.raw_prompt:
+        raise ApiError(400, "completions_unsupported",
+                       f"model '{name}' cannot continue a raw prompt (legacy completions); use chat completions",
+                       model=name, param="prompt")
 
 
 def _content(value: Any) -> str | tuple[dict[str, Any], ...]:
@@ -162,11 +216,15 @@ class Inference:
             if effort != "none" and body.thinking == "disabled":
                 raise ApiError(400, "reasoning_control_conflict",
                                "a non-'none' reasoning_effort conflicts with thinking='disabled'", model=name)
+        check_requested_features(body, caps, name, self.pool.settings.engine.decoding.max_tokens)
         return entry
 
     def _generation_request(self, entry: ModelEntry, replica_id: str) -> GenerationRequest:
         body = self.body
-        if body.messages is not None:
+        agent = body.agent
+        if agent is not None and agent.messages is not None:
+            messages = agent.messages
+        elif body.messages is not None:
             messages = tuple(Message(role=m.role, content=_content(m.content)) for m in body.messages)
         else:
             messages = (Message(role="user", content=_content(body.input)),)
@@ -178,12 +236,17 @@ class Inference:
             thinking = entry.current.enable_thinking
         return GenerationRequest(
             request_id=self.request_id, model=entry.name, replica_id=replica_id,
-            prompt_format=entry.current.prompt_format,
+            prompt_format="raw" if agent is not None and agent.raw_prompt else entry.current.prompt_format,
             instructions=body.instructions if body.instructions is not None else DEFAULT_INSTRUCTIONS,
             messages=messages, decoding=resolve_decoding(self.pool.settings.engine.decoding, body),
             multi_turn=body.messages is not None, thinking=thinking, thinking_mode=body.thinking,
             reasoning_effort=body.reasoning_effort, source_lang_code=body.source_lang_code,
             target_lang_code=body.target_lang_code, prompt_cache_key=body.prompt_cache_key,
+            response_format=response_format_json(body.effective_response_format),
+            thinking_token_budget=body.thinking_token_budget,
+            tools=agent.tools if agent is not None else (),
+            tool_choice=agent.tool_choice if agent is not None else None,
+            parallel_tool_calls=agent.parallel_tool_calls if agent is not None else None,
         )
 
     async def start(self) -> None:
@@ -267,8 +330,9 @@ class Inference:
 
     # ----- generation ----------------------------------------------------------------
 
-    async def events(self) -> AsyncGenerator[TextDelta, None]:
-        """Yield output and reasoning deltas; set ``result`` when the runtime is done."""
+    async def events(self) -> AsyncGenerator[TextDelta | ToolCallDelta, None]:
+        """Yield output and reasoning deltas (and tool call pieces); set ``result`` when
+        the runtime is done."""
         assert self.entry is not None and self.lease is not None and self.request is not None
         scheduler = self.entry.scheduler
         assert scheduler is not None
@@ -276,7 +340,9 @@ class Inference:
         backend_start = time.perf_counter()
         completion: Completion | None = None
         texts: dict[str, list[str]] = {"output": [], "reasoning": []}
-        trims = {"output": _Trim(), "reasoning": _Trim()}
+        calls: dict[int, dict[str, Any]] = {}
+        raw = self.body.agent is not None and self.body.agent.raw_prompt  # a continuation keeps its spaces
+        trims = {"output": _Trim(strip=not raw), "reasoning": _Trim(strip=not raw)}
         stream = lease.replica.stream(request, whole=not self.body.stream)
         metrics = self.pool.metrics
         first_text = True
@@ -287,6 +353,10 @@ class Inference:
                     break
                 if isinstance(item, Completion):
                     completion = item
+                    continue
+                if isinstance(item, ToolCallDelta):
+                    merge_tool_call(calls, item)
+                    yield item
                     continue
                 text = trims[item.channel].feed(item.text)
                 if text:
@@ -335,6 +405,7 @@ class Inference:
             metrics.output_tokens.labels(self.entry.name).inc(completion.metrics.output_tokens)
         self.result = self._result(completion, "".join(texts["output"]), "".join(texts["reasoning"]) or None,
                                    backend_start, backend_end)
+        self.result.tool_calls = [calls[i] for i in sorted(calls)]
         self.record("ok")
 
     def _result(self, completion: Completion, output: str, reasoning: str | None, backend_start: float,

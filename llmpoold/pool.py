@@ -21,7 +21,7 @@ import structlog
 from llmpoold.backend import Backend
 from llmpoold.config import AppSettings, ModelConfig, SettingsError
 from llmpoold.entries import ModelEntry, ModelState
-from llmpoold.errors import ApiError, describe, unknown_model
+from llmpoold.errors import ApiError, describe, load_error_text, model_state_error, unknown_model
 from llmpoold.fairness import fair_queue_factory
 from llmpoold.gpu import primary_gpu_used_mib
 from llmpoold.lifecycle import Lifecycle
@@ -152,10 +152,11 @@ class Pool:
         None when already loaded). Raises ApiError for a request that cannot start.
         ``reason``: ``startup``, ``admin`` or ``on_demand`` (the loads metric's label)."""
         entry = self.entry(name)
+        sent = {k: v for k, v in (fields or {}).items() if k != "replicas"}  # echoed as load_override
         fields = typed_override(entry, dict(fields or {}))
         replicas_requested = fields.pop("replicas", None)
         if entry.state == ModelState.UNLOADING:
-            raise ApiError(409, "model_unloading", model=name)
+            raise model_state_error(name, entry.state)
         if entry.state in (ModelState.LOADED, ModelState.LOADING):
             if fields or replicas_requested is not None:
                 raise ApiError(400, "invalid_load_request",
@@ -178,7 +179,10 @@ class Pool:
         # Set before the first await: a settings reload now sees the model as active.
         entry.state, entry.last_error, entry.load_error = ModelState.LOADING, None, None
         entry.load_started_at = time.time()
-        return self._spawn(entry, self._run_load(entry, active, override, count, reason, force))
+        # The seed shows the override as sent, not as normalised ("Q8_0" stays); only a key
+        # the check introduced (exllama_cache_quant from the bit pair) has its value.
+        shown = {key: sent.get(key, value) for key, value in override.items()}
+        return self._spawn(entry, self._run_load(entry, active, override, shown, count, reason, force))
 
     @staticmethod
     def _loaded_or_raise(entry: ModelEntry) -> ModelEntry:
@@ -188,8 +192,8 @@ class Pool:
             raise ApiError(500, "model_load_failed", entry.last_error, model=entry.name)
         return entry
 
-    async def _run_load(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any], count: int,
-                        reason: str, force: bool) -> None:
+    async def _run_load(self, entry: ModelEntry, active: ModelConfig, override: dict[str, Any],
+                        shown: dict[str, Any], count: int, reason: str, force: bool) -> None:
         """The load task: every exit path leaves the model ``loaded``, ``failed``, or
         ``unloaded`` with ``load_error`` (it did not fit in memory)."""
         started = time.perf_counter()
@@ -203,6 +207,8 @@ class Pool:
                     log.warning("model_load_refused", model=entry.name, error=exc.message)
                     return
                 await self._load_replicas(entry, active, override, count)
+                if entry.state == ModelState.LOADED:
+                    entry.load_override = shown
                 if entry.state == ModelState.LOADED:
                     await self.memory.observe(entry)
             if entry.state == ModelState.LOADED and self.entries.get(entry.name) is not entry:
@@ -247,7 +253,7 @@ class Pool:
         except BaseException:  # cancelled (shutdown): give back whatever did load
             await asyncio.gather(*(r.unload() for r in replicas), return_exceptions=True)
             raise
-        errors = [f"{r.replica_id}: {res or type(res).__name__}" for r, res in zip(replicas, results, strict=True)
+        errors = [f"{r.replica_id}: {load_error_text(res)}" for r, res in zip(replicas, results, strict=True)
                   if isinstance(res, BaseException)]
         if errors:
             await asyncio.gather(*(r.unload() for r, res in zip(replicas, results, strict=True)
@@ -266,7 +272,6 @@ class Pool:
                                          queue=self.queue_factory(entry.name, self.settings))
         for replica in replicas:  # process replicas report crashes and restarts
             replica.add_listener(functools.partial(self._replica_event, entry))
-        entry.load_override = override
         entry.estimate, entry.estimate_error = None, None  # re-estimate with the override applied
         entry.state = ModelState.LOADED
         # What the replicas really are: a plugin not installed as a distribution runs inline.
@@ -325,7 +330,7 @@ class Pool:
         ``reason``: ``admin``, ``idle``, ``evicted`` or ``shutdown`` (the metric's label)."""
         entry = self.entry(name)
         if entry.state == ModelState.LOADING:
-            raise ApiError(409, "model_loading", model=name)
+            raise model_state_error(name, entry.state)
         task = self.spawn_unload(name, reason=reason, drain_timeout_s=drain_timeout_s)
         if task is not None:
             await asyncio.shield(task)

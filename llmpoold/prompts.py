@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,11 +125,25 @@ def prompt_format(name: str) -> PromptFormat:
         raise ValueError(f"unknown prompt_format '{name}'; known: {', '.join(sorted(FORMATS))}") from None
 
 
-def capabilities_for(format_name: str, modalities: tuple[str, ...] = ("text",)) -> Capabilities:
-    """The capabilities a local text backend has with this prompt format."""
+# Where the seed lets a request switch thinking (its ``_THINKING_CONTROL_PROMPT_FORMATS``):
+# a backend offers ``thinking`` modes only for these of its formats.
+SEED_THINKING_FORMATS: dict[str, frozenset[str]] = {
+    "ct2": frozenset({"qwen3_template"}),
+    "exllamav3": frozenset({"gemma4_template", "qwen3_template"}),
+    "gguf": frozenset({"gemma4_template"}),
+}
+
+
+def capabilities_for(format_name: str, modalities: tuple[str, ...] = ("text",), *,
+                     thinking_formats: Collection[str] | None = None) -> Capabilities:
+    """The capabilities a local text backend has with this prompt format.
+
+    ``thinking_formats``: the formats on which this backend lets a request switch
+    thinking (``SEED_THINKING_FORMATS[backend]``); None: every format with a switch."""
     fmt = prompt_format(format_name)
+    thinking = fmt.thinking and (thinking_formats is None or fmt.name in thinking_formats)
     return Capabilities(modalities=modalities, multi_turn=fmt.multi_turn,
-                        thinking_modes=("default", "enabled", "disabled") if fmt.thinking else ("default",))
+                        thinking_modes=("default", "enabled", "disabled") if thinking else ("default",))
 
 
 def merge_stops(*groups: Iterable[str]) -> tuple[str, ...]:
@@ -143,13 +157,14 @@ def merge_stops(*groups: Iterable[str]) -> tuple[str, ...]:
 
 
 def content_text(content: str | tuple[Mapping[str, Any], ...]) -> str:
-    """The text of a message: a string as is; content items' text parts joined.
+    """The text of a message: a string as is; content items' text parts concatenated
+    with no separator, as the seed does (``[{"text": "a"}, {"text": "b"}]`` is ``"ab"``).
 
     Non-text items are refused by admission before a backend sees them.
     """
     if isinstance(content, str):
         return content
-    return "\n".join(str(item.get("text", "")) for item in content if item.get("type") == "text")
+    return "".join(str(item.get("text", "")) for item in content if item.get("type") == "text")
 
 
 def chat_messages(request: GenerationRequest, *, system: bool = True) -> tuple[dict[str, str], ...]:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from llmpoold.errors import ApiError
+from llmpoold.errors import ApiError, model_state_error
 from llmpoold.replicas import Replica
 
 _ids = itertools.count(1)
@@ -213,7 +213,7 @@ class ModelScheduler:
         queue is full, 503 ``queue_timeout`` when ``timeout_s`` passes first. A
         cancelled waiter leaves the queue and never reaches a replica."""
         if not self.accepting:
-            raise ApiError(409, "model_unloading", model=self.model)
+            raise model_state_error(self.model, "unloading")
         job.future = asyncio.get_running_loop().create_future()
         try:
             self.queue.push(job, time.perf_counter())
@@ -263,7 +263,7 @@ class ModelScheduler:
         self.accepting = False
         for job in self.queue.drain():
             if job.future is not None and not job.future.done():
-                job.future.set_exception(ApiError(409, "model_unloading", model=self.model))
+                job.future.set_exception(model_state_error(self.model, "unloading"))
         self._check_idle()
 
     async def wait_idle(self, timeout_s: float | None = None) -> bool:

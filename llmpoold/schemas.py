@@ -10,12 +10,14 @@ use the same constants.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from llmpoold.config import (
     MAX_FAIRNESS_KEY_LENGTH,
+    MAX_OUTPUT_TOKENS,
     BeamSize,
     MaxTokens,
     RepetitionPenalty,
@@ -25,6 +27,7 @@ from llmpoold.config import (
     TopP,
 )
 from llmpoold.prompts import check_lang_code
+from llmpoold.types import Message
 
 MAX_MODEL_CHARS = 256
 MAX_TEXT_CHARS = 1_000_000  # one text, and the sum over input, messages and instructions
@@ -101,8 +104,87 @@ class ChatTurn(_Body):
     content: Content
 
 
+class JsonSchemaSpec(BaseModel):
+    """The seed's ``json_schema`` object (extra keys refused, as the seed does); the JSON
+    key is ``schema``."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    description: str | None = Field(None, max_length=MAX_INSTRUCTIONS_CHARS)
+    schema_definition: dict[str, Any] = Field(alias="schema")
+    strict: bool = True
+
+
+class JsonSchemaFormat(BaseModel):
+    """``{"type": "json_schema", "json_schema": {...}}``: the seed's ``response_format``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+class JsonObjectFormat(BaseModel):
+    """``{"type": "json_object"}`` (any JSON object): llmpool's addition, the OpenAI
+    surfaces map their ``json_object`` onto it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+ResponseFormat = Annotated[JsonSchemaFormat | JsonObjectFormat, Field(discriminator="type")]
+
+
+def response_format_json(value: JsonSchemaFormat | JsonObjectFormat | None) -> dict[str, Any] | None:
+    """The format as backends get it (``GenerationRequest.response_format``): the JSON
+    the client sent, ``schema`` under its own key."""
+    return None if value is None else value.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+@dataclass(frozen=True)
+class AgentFields:
+    """What an OpenAI request carries beyond the seed's fields (never read from a
+    ``/v1/responses`` body): function ``tools``, ``tool_choice``, and, when the
+    conversation has tool turns (assistant calls, ``tool`` results) that the seed's
+    ``messages`` cannot hold, the whole conversation as backends get it."""
+
+    tools: tuple[dict[str, Any], ...] = ()
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    messages: tuple[Message, ...] | None = None
+    # A response_format on a streamed OpenAI request (the seed refuses the pair; the
+    # OpenAI APIs allow it).
+    response_format: JsonSchemaFormat | JsonObjectFormat | None = None
+    # Legacy text completions: the input is the whole prompt (the ``raw`` format, no
+    # template, no instructions) and the output is not stripped.
+    raw_prompt: bool = False
+
+    @property
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or any(m.role == "tool" or m.tool_calls for m in self.messages or ())
+
+
 class ResponseRequest(_Body):
-    """``POST /v1/responses``."""
+    """``POST /v1/responses``. ``agent`` (not a body field) holds what an OpenAI
+    surface adds (:class:`AgentFields`)."""
+
+    _agent: AgentFields | None = PrivateAttr(default=None)
+
+    @property
+    def agent(self) -> AgentFields | None:
+        return self._agent
+
+    def with_agent(self, agent: AgentFields) -> ResponseRequest:
+        self._agent = agent
+        return self
+
+    @property
+    def effective_response_format(self) -> JsonSchemaFormat | JsonObjectFormat | None:
+        if self.response_format is not None:
+            return self.response_format
+        return self._agent.response_format if self._agent is not None else None
 
     model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
     input: Content | None = None
@@ -116,6 +198,8 @@ class ResponseRequest(_Body):
     stream: bool = False
     thinking: Literal["default", "enabled", "disabled"] = "default"
     reasoning_effort: str | None = Field(None, min_length=1, max_length=32)
+    thinking_token_budget: int | None = Field(None, ge=1, le=MAX_OUTPUT_TOKENS)
+    response_format: ResponseFormat | None = None
     queue_timeout_s: float | None = Field(None, gt=0, le=3600)
     decoding: DecodingParams = Field(default_factory=lambda: DecodingParams())
 
@@ -150,6 +234,8 @@ class ResponseRequest(_Body):
 
     @model_validator(mode="after")
     def _shape(self) -> ResponseRequest:
+        if self.response_format is not None and self.stream:
+            raise ValueError("response_format is not supported with stream=true")
         if self.messages is not None:
             if not self.messages:
                 raise ValueError("messages must not be empty")

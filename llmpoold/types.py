@@ -34,6 +34,11 @@ class Message:
 
     role: str
     content: str | tuple[Mapping[str, Any], ...]
+    # Tool calling (OpenAI surfaces, backends with Capabilities.tools): an assistant
+    # turn's calls ({"id", "type": "function", "function": {"name", "arguments"}}), and
+    # on a ``tool`` turn the id of the call it answers.
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    tool_call_id: str | None = None
 
 
 class CancelToken:
@@ -83,6 +88,19 @@ class GenerationRequest:
     source_lang_code: str | None = None
     target_lang_code: str | None = None
     prompt_cache_key: str | None = None
+    # The seed's ``response_format`` ({"type": "json_schema", "json_schema": {"name",
+    # "schema", "strict", ...}} or {"type": "json_object"}); None: free text. Admission
+    # lets it through only to a model whose Capabilities.response_formats has its type.
+    response_format: Mapping[str, Any] | None = None
+    # At most this many reasoning tokens (admitted only where
+    # Capabilities.thinking_token_budget is set, and with thinking enabled).
+    thinking_token_budget: int | None = None
+    # OpenAI function tools ({"type": "function", "function": {"name", "description",
+    # "parameters", "strict"}}) and ``tool_choice`` ("auto", "none", "required" or
+    # {"type": "function", "function": {"name"}}); only for Capabilities.tools.
+    tools: tuple[Mapping[str, Any], ...] = ()
+    tool_choice: str | Mapping[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # None: the runtime's default
     cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
 
 
@@ -124,7 +142,19 @@ class Completion:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
 
-StreamItem = TextDelta | Completion
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of a tool call, in order: the first piece of call ``index`` has its ``id``
+    and ``name``; ``arguments`` pieces concatenate to the call's JSON arguments."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+    channel: Literal["tool"] = "tool"
+
+
+StreamItem = TextDelta | ToolCallDelta | Completion
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +166,17 @@ class Capabilities:
     multi_turn: bool = False
     thinking_modes: tuple[str, ...] = ("default",)
     reasoning_efforts: tuple[str, ...] = ()
+    # ``response_format`` types the backend enforces: "text" always; "json_schema" and
+    # "json_object" only where the runtime constrains its output (or an upstream does).
     response_formats: tuple[str, ...] = ("text",)
+    # The largest ``thinking_token_budget`` the backend honours for this model (its
+    # ``thinking_token_budget_max``); None: the request field is refused.
+    thinking_token_budget: int | None = None
+    # Function tools: ``tools``, ``tool_choice``, tool turns and ToolCallDelta output.
+    tools: bool = False
+    # Raw prompts (legacy text completions, rendered with the ``raw`` format): every
+    # local text backend; an upstream chat API cannot continue a raw prompt.
+    raw_prompt: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -145,8 +185,11 @@ class Capabilities:
             "multi_turn": self.multi_turn,
             "thinking_modes": list(self.thinking_modes),
             "reasoning_efforts": list(self.reasoning_efforts),
-            "thinking_token_budget": None,
+            "thinking_token_budget": (None if self.thinking_token_budget is None
+                                      else {"minimum": 1, "maximum": self.thinking_token_budget}),
             "response_formats": list(self.response_formats),
+            "tools": self.tools,
+            "raw_prompt": self.raw_prompt,
         }
 
 

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from llmpoold import hookimpl
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
+from llmpoold.prompts import content_text
 from llmpoold.types import BackendMetrics, Capabilities, Completion, ModelTraits, TextDelta
 
 
@@ -40,6 +41,10 @@ class EchoOptions(BaseModel):
     echo_repeat: int = 1
     echo_raw_frame: str | None = None
     echo_fail_traits: bool = False  # fault injection: the traits hook raises (a plugin bug)
+    # Capabilities a test gives the model: the response_format types it "enforces" and
+    # whether it honours thinking_token_budget (up to the model's thinking_token_budget_max).
+    echo_response_formats: tuple[str, ...] = ("text",)
+    echo_thinking_budget: bool = False
 
 
 class EchoRuntime:
@@ -48,6 +53,7 @@ class EchoRuntime:
         self.options = options
         self.cancelled: list[str] = []
         self.served: list[str] = []
+        self.requests: list[Any] = []  # every GenerationRequest that reached the runtime
         self.active = 0
         self.max_active = 0
         self.lock = threading.Lock()
@@ -76,11 +82,14 @@ def llmpool_backends() -> list[BackendSpec]:
 def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != "echo":
         return None
-    if model.options.echo_fail_traits:
+    options: EchoOptions = model.options
+    if options.echo_fail_traits:
         raise RuntimeError("echo traits exploded")
-    return ModelTraits(capabilities=Capabilities(modalities=model.modalities, multi_turn=True,
-                                                 thinking_modes=("default", "enabled", "disabled")),
-                       concurrency=model.options.echo_concurrency)
+    return ModelTraits(capabilities=Capabilities(
+        modalities=model.modalities, multi_turn=True, thinking_modes=("default", "enabled", "disabled"),
+        reasoning_efforts=model.reasoning_efforts, response_formats=options.echo_response_formats,
+        thinking_token_budget=model.thinking_token_budget_max if options.echo_thinking_budget else None),
+        concurrency=options.echo_concurrency)
 
 
 @hookimpl
@@ -98,7 +107,7 @@ def llmpool_load(backend: str, replica_id: str, model: Any) -> EchoRuntime | Non
         return None
     if model.options.echo_load_delay_s:
         time.sleep(model.options.echo_load_delay_s)
-    if model.options.echo_fail_load:
+    if model.options.echo_fail_load is not None:  # "" too: a load error without a message
         raise LoadError(model.options.echo_fail_load)
     runtime = EchoRuntime(replica_id, model.options)
     RUNTIMES.append(runtime)
@@ -115,7 +124,8 @@ def llmpool_stream(backend: str, runtime: EchoRuntime, request: Any) -> Iterator
             runtime.active += 1
             runtime.max_active = max(runtime.max_active, runtime.active)
         start = time.perf_counter()
-        words = str(request.messages[-1].content).split() * runtime.options.echo_repeat
+        runtime.requests.append(request)
+        words = content_text(request.messages[-1].content).split() * runtime.options.echo_repeat
         if runtime.options.echo_raw_frame is not None and "inject" in words:
             _write_raw_frame(runtime.options.echo_raw_frame.encode())
         produced = 0

@@ -75,3 +75,29 @@ async def test_sdk_text_equals_v1_responses_on_gguf(aiohttp_client: Any, gguf_pa
     assert chat.choices[0].message.content == expected
     response = await aio.responses.create(model="chat", instructions=system, input=question, **greedy_responses)
     assert response.output_text == expected
+
+
+async def test_legacy_completions_continue_the_raw_prompt_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:
+    """``POST /openai/v1/completions`` on a chat-formatted model continues the prompt as is:
+    the same greedy text as a ``raw`` model, with its leading space kept."""
+    entry = {"backend": "gguf", "model_path": gguf_path, "gguf_n_ctx": 1024, "isolation": "inline"}
+    app = create_app(settings_from({"engine": {"models": {
+        "raw": {**entry, "prompt_format": "raw"}, "chat": {**entry, "prompt_format": "gemma3_template"}}}}),
+        make_registry("gguf"))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    prompt = "The capital of France is"
+    expected = await seed_text(client, "raw", {"input": prompt})
+    done = await aio.completions.create(model="chat", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                        extra_body={"top_k": 1})
+    text = done.choices[0].text
+    assert text.strip() == expected and text != text.lstrip()  # a continuation keeps its leading space
+    assert done.usage is not None and 0 < done.usage.completion_tokens <= MAX_TOKENS
+    stream = await aio.completions.create(model="chat", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                          extra_body={"top_k": 1}, stream=True)
+    assert "".join([c.choices[0].text async for c in stream if c.choices]) == text
+    with pytest.raises(openai.BadRequestError) as err:  # no grammar yet: refused, never ignored
+        await aio.chat.completions.create(model="chat", messages=[{"role": "user", "content": prompt}],
+                                          response_format={"type": "json_object"})
+    assert err.value.code == "response_format_unsupported"

@@ -145,7 +145,7 @@ async def test_multi_turn_and_content_parts(clients: Any) -> None:
     completion = await aio.chat.completions.create(model="echo", messages=[
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
         {"role": "user", "content": [{"type": "text", "text": "part one"}, {"type": "text", "text": "two"}]}])
-    assert completion.choices[0].message.content == "part one two"
+    assert completion.choices[0].message.content == "part onetwo"  # text parts concatenate, as the seed does
 
 
 # ----- responses ------------------------------------------------------------------------
@@ -236,10 +236,13 @@ async def test_unsupported_inputs_are_400(clients: Any) -> None:
             {"role": "user", "content": "x"}, {"role": "tool", "content": "r", "tool_call_id": "c1"}])
     with pytest.raises(openai.BadRequestError, match="not stored"):
         await aio.responses.create(model="echo", input="x", previous_response_id="resp_1")
-    with pytest.raises(openai.BadRequestError, match="input item type 'function_call_output'") as info:
-        await aio.responses.create(model="echo", input=[
+    with pytest.raises(openai.BadRequestError, match="does not support tool calling") as info:
+        await aio.responses.create(model="echo", input=[  # a tool result needs a backend with tools
             {"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c1", "output": "42"}])
-    assert (info.value.body["code"], info.value.body["param"]) == ("unsupported_parameter", "input[1]")
+    assert (info.value.body["code"], info.value.body["param"]) == ("tools_unsupported", "input")
+    with pytest.raises(openai.BadRequestError, match="input item type 'web_search_call'") as info:
+        await aio.responses.create(model="echo", input=[{"type": "web_search_call", "id": "ws_1"}])
+    assert (info.value.body["code"], info.value.body["param"]) == ("unsupported_parameter", "input[0]")
     with pytest.raises(openai.BadRequestError, match="needs a 'role'"):
         await aio.chat.completions.create(model="echo", messages=[{"content": "x"}])  # type: ignore[list-item]
 

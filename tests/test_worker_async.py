@@ -111,7 +111,7 @@ async def test_non_streaming_requests_use_generate_when_the_plugin_has_it(isolat
         body = await (await client.post("/v1/responses", json={"model": "b", "input": "x"})).json()
         assert body["output_text"] == "generated"
         text = await (await client.post("/v1/responses", json={"model": "b", "input": "x", "stream": True})).text()
-        assert '"output_text":"streamed"' in text
+        assert '"output_text": "streamed"' in text  # the seed's json.dumps separators
         chat = await (await client.post("/v1/chat/completions", json={
             "model": "b", "messages": [{"role": "user", "content": "x"}]})).json()
         assert chat["choices"][0]["message"]["content"] == "generated"

@@ -25,15 +25,22 @@ from llmpoold.types import Capabilities
 log = structlog.get_logger("llmpoold.admin")
 
 
+def configured_target(entry: ModelEntry) -> int | None:
+    """``configured_target_inflight``: the load override's or the settings' value; None
+    when neither sets it (the scheduler then feeds the runtime its own concurrency)."""
+    if "target_inflight" in entry.load_override:
+        return int(entry.load_override["target_inflight"])
+    return entry.config.target_inflight if "target_inflight" in entry.config.model_fields_set else None
+
+
 async def vram_fields(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
+    """The seed's estimate and its source enum (``observed_load_delta``,
+    ``model_artifact_size``, ``unavailable``); the plugin's own estimate is
+    ``memory_estimate``."""
     if entry.observed_vram_mib is not None:
         return {"vram_estimate_mib": entry.observed_vram_mib,
                 "vram_estimate_replica_count": entry.observed_vram_replicas,
                 "vram_estimate_source": "observed_load_delta"}
-    estimate = await pool.memory_estimate(entry)
-    if estimate is not None:
-        return {"vram_estimate_mib": round(estimate.total_mib), "vram_estimate_replica_count": 1,
-                "vram_estimate_source": estimate.source}
     path = entry.config.model_path
     if path and os.path.exists(path):
         size = await run_blocking(_artifact_size, path)
@@ -67,7 +74,7 @@ async def admin_entry(pool: Pool, entry: ModelEntry) -> dict[str, Any]:
         "inflight_requests": entry.inflight_requests,
         "queue_depth": scheduler.queue_depth if scheduler else 0,
         "runtime_inflight": scheduler.runtime_inflight if scheduler else 0,
-        "configured_target_inflight": entry.current.target_inflight,
+        "configured_target_inflight": configured_target(entry),
         "effective_target_inflight": scheduler.effective_target_inflight if scheduler else 1,
         "fairness": scheduler.snapshot() if scheduler else
         {"rejected_per_key_limit": 0, "rejected_executor_limit": 0, "keys": []},
@@ -181,7 +188,7 @@ async def admin_gpu_memory(request: web.Request) -> web.Response:
     for entry in list(pool.entries.values()):
         scheduler = entry.scheduler
         models.append({"name": entry.name, "runtime_state": entry.state, "is_loaded": entry.state == ModelState.LOADED,
-                       "configured_target_inflight": entry.current.target_inflight,
+                       "configured_target_inflight": configured_target(entry),
                        "effective_target_inflight": scheduler.effective_target_inflight if scheduler else 1,
                        **(await vram_fields(pool, entry)),
                        "replica_info": [r.info() for r in entry.replicas]})

@@ -112,13 +112,13 @@ class AdminModel(_Answer):
     inflight_requests: int
     queue_depth: int
     runtime_inflight: int
-    configured_target_inflight: int
+    configured_target_inflight: int | None
     effective_target_inflight: int
     fairness: Fairness
     last_error: str | None
     vram_estimate_mib: float | None
     vram_estimate_replica_count: int | None
-    vram_estimate_source: str
+    vram_estimate_source: Literal["observed_load_delta", "model_artifact_size", "unavailable"]
     memory_estimate: dict[str, Any] | None
     load_constraints: dict[str, Any]
     load_recommendations: dict[str, Any]
@@ -255,15 +255,16 @@ class OpenAIModelList(_Answer):
 
 class ChatMessage(_Answer):
     role: Literal["assistant"]
-    content: str
+    content: str | None  # None when the model only calls tools
     refusal: None = None
     reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(_Answer):
     index: int
     message: ChatMessage
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
     logprobs: None = None
 
 
@@ -283,6 +284,25 @@ class ChatCompletion(_Answer):
     choices: list[ChatChoice] = Field(min_length=1, max_length=1)
     usage: ChatUsage
     metrics: dict[str, Any]
+
+
+class TextChoice(_Answer):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class TextCompletion(_Answer):
+    """``text_completion``: one choice per prompt; streamed as ``text_completion`` chunks
+    ending in ``[DONE]``."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice] = Field(min_length=1, max_length=16)
+    usage: ChatUsage
 
 
 class OpenAIResponse(_Answer):

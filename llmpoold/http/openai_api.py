@@ -1,7 +1,8 @@
 """The OpenAI-compatible surface, beside the seed's ``/v1/responses``.
 
 ``GET /openai/v1/models``, ``POST /openai/v1/chat/completions`` (also at
-``/v1/chat/completions``) and ``POST /openai/v1/responses`` take OpenAI's request
+``/v1/chat/completions``), ``POST /openai/v1/responses`` and ``POST
+/openai/v1/completions`` (:mod:`llmpoold.http.openai_completions`) take OpenAI's request
 shapes (:mod:`llmpoold.http.openai_requests`), run them through the same driver as the
 seed (:func:`llmpoold.http.respond.respond`: admission, remote gate, fair queue,
 cancellation, metrics) and answer in OpenAI's shapes (:mod:`llmpoold.http.openai_shapes`),
@@ -19,6 +20,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from llmpoold.errors import ApiError, clip
+from llmpoold.http import openai_completions
 from llmpoold.http.keys import POOL, STARTED_AT
 from llmpoold.http.openai_requests import chat_request, invalid_body, responses_request
 from llmpoold.http.openai_shapes import ChatShape, ResponsesShape, error_body
@@ -48,7 +50,8 @@ def _chat(data: Any) -> Parsed:
 
 def _responses(data: Any) -> Parsed:
     body, seed = responses_request(data)
-    echo = body.model_dump(include={"instructions", "temperature", "top_p", "max_output_tokens", "metadata"})
+    echo = body.model_dump(include={"instructions", "temperature", "top_p", "max_output_tokens", "metadata",
+                                    "tools", "tool_choice", "parallel_tool_calls", "text"})
     return seed, lambda response_id: ResponsesShape(response_id=response_id, model=seed.model, echo=echo)
 
 
@@ -57,7 +60,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def responses(request: web.Request) -> web.StreamResponse:
-    return await respond(request, _responses)
+    try:
+        return await respond(request, _responses)
+    except ApiError as exc:
+        # admission names Chat's fields; the Responses API calls them text.format and input
+        exc.param = {"response_format": "text.format", "messages": "input"}.get(exc.param or "", exc.param)
+        raise
 
 
 def _model(request: web.Request, name: str) -> dict[str, Any]:
@@ -85,3 +93,4 @@ def setup(app: web.Application) -> None:
     app.router.add_post(f"{PREFIX}/chat/completions", chat_completions)
     app.router.add_post(ROOT_CHAT_PATH, chat_completions)
     app.router.add_post(f"{PREFIX}/responses", responses)
+    app.router.add_post(f"{PREFIX}/completions", openai_completions.completions)

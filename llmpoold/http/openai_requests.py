@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llmpoold.config import MAX_STOP_CHARS, Stop
 from llmpoold.errors import ApiError, clip, cut
+from llmpoold.http import openai_tools
 from llmpoold.http.respond import parse_body
 from llmpoold.schemas import (
     MAX_CONTENT_ITEMS,
@@ -16,9 +17,11 @@ from llmpoold.schemas import (
     MAX_MESSAGES,
     MAX_MODEL_CHARS,
     MAX_NAME_CHARS,
+    AgentFields,
     ResponseRequest,
     Text,
 )
+from llmpoold.types import Message
 
 _Kind = Annotated[str, Field(max_length=64)]  # a part's or an item's ``type``
 _Effort = Annotated[str, Field(max_length=32)]
@@ -62,13 +65,21 @@ class _Part(_Body):
 
 class _Message(_Body):
     # role is checked in _conversation, so that a Responses item of another type
-    # (function_call_output...) gets the 400 that names it, not a validation error.
+    # gets the 400 that names it, not a validation error.
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] | None = None
     content: Text | Annotated[list[_Part], Field(max_length=MAX_CONTENT_ITEMS)] | None = None
     type: _Kind = "message"
+    # tool turns: Chat's assistant ``tool_calls`` and ``tool`` ``tool_call_id``; Responses'
+    # ``function_call`` (call_id, name, arguments) and ``function_call_output`` (call_id, output)
+    tool_calls: Annotated[list[Any], Field(max_length=openai_tools.MAX_TOOLS)] | None = None
+    tool_call_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    call_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    name: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    arguments: Text | None = None
+    output: Text | Annotated[list[Any], Field(max_length=MAX_CONTENT_ITEMS)] | None = None
 
 
-class _Extras(_Body):
+class OpenAIExtras(_Body):
     """Fields both APIs share, and llmpool's own, which OpenAI clients send via ``extra_body``."""
 
     model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
@@ -85,13 +96,16 @@ class _Extras(_Body):
     top_k: int | None = None  # as vLLM and llama.cpp's server accept it
     repetition_penalty: float | None = None
     stream: bool | None = False
+    tools: list[Any] | None = None  # checked by openai_tools (bounded there)
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
 
 class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class ChatBody(_Extras):
+class ChatBody(OpenAIExtras):
     messages: list[_Message] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
@@ -99,18 +113,20 @@ class ChatBody(_Extras):
     n: int | None = None
     reasoning_effort: _Effort | None = None
     stream_options: StreamOptions | None = None
+    response_format: Any = None
 
 
 class _Reasoning(_Body):
     effort: _Effort | None = None
 
 
-class ResponsesBody(_Extras):
+class ResponsesBody(OpenAIExtras):
     input: Text | Annotated[list[_Message], Field(max_length=MAX_MESSAGES)]
     instructions: str | None = Field(None, max_length=MAX_INSTRUCTIONS_CHARS)
     max_output_tokens: int | None = None
     reasoning: _Reasoning | None = None
     previous_response_id: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    text: dict[str, Any] | None = None  # {"format": {...}}
     # As OpenAI bounds it (it is echoed in the answer): 16 pairs, keys of 64 and values of 512 characters.
     metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
                         Field(max_length=16)] | None = None
@@ -138,27 +154,71 @@ def _content_item(part: _Part, param: str) -> dict[str, Any]:
 
 def _content(content: str | list[_Part] | None, param: str) -> str | list[dict[str, Any]]:
     if content is None:
-        raise _unsupported(param, "a message needs 'content' (tool calls are not supported)")
+        raise _unsupported(param, "a message needs 'content'")
     if isinstance(content, str):
         return content
     items = [_content_item(p, f"{param}[{i}]") for i, p in enumerate(content)]
     if all(item["type"] == "text" for item in items):
-        return "\n".join(item["text"] for item in items)
+        return "".join(item["text"] for item in items)  # the seed concatenates text items
     return items
 
 
+def _message(turn: dict[str, Any]) -> Message:
+    content = turn["content"]
+    return Message(role=turn["role"], content=content if isinstance(content, str) else tuple(content),
+                   tool_calls=tuple(turn.get("tool_calls") or ()), tool_call_id=turn.get("tool_call_id"))
+
+
+def _tool_turn(message: _Message, where: str, turns: list[dict[str, Any]]) -> bool:
+    """Add a tool turn (a call or a result) to ``turns``; False for any other message."""
+    if message.type == "function_call":
+        call = openai_tools.tool_call(message.model_dump(), where, flat=True)
+        last = turns[-1] if turns else None
+        if last is not None and last["role"] == "assistant" and last.get("tool_calls") and not last["content"]:
+            last["tool_calls"].append(call)  # consecutive calls are one assistant turn
+        else:
+            turns.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        return True
+    if message.type == "function_call_output":
+        if not message.call_id:
+            raise _unsupported(f"{where}.call_id", "a function_call_output needs its 'call_id'")
+        turns.append({"role": "tool", "tool_call_id": message.call_id,
+                      "content": openai_tools.output_text(message.output, f"{where}.output")})
+        return True
+    if message.role == "tool":
+        if not message.tool_call_id:
+            raise openai_tools.malformed(f"{where}.tool_call_id", "a tool message needs its 'tool_call_id'")
+        text = _content(message.content, f"{where}.content")
+        if not isinstance(text, str):
+            raise _unsupported(f"{where}.content", "tool messages take text only")
+        turns.append({"role": "tool", "tool_call_id": message.tool_call_id, "content": text})
+        return True
+    if message.role == "assistant" and message.tool_calls:
+        calls = [openai_tools.tool_call(c, f"{where}.tool_calls[{j}]", flat=False)
+                 for j, c in enumerate(message.tool_calls)]
+        content = "" if message.content is None else _content(message.content, f"{where}.content")
+        turns.append({"role": "assistant", "content": content, "tool_calls": calls})
+        return True
+    return False
+
+
 def _conversation(messages: list[_Message], param: str, instructions: str | None) -> dict[str, Any]:
-    """System/developer turns become ``instructions``; a lone user turn becomes ``input``."""
+    """System/developer turns become ``instructions``; a lone user turn becomes ``input``.
+    A conversation with tool turns is also returned whole under ``agent_messages`` (the
+    seed's ``messages`` get a stand-in for validation and admission: a tool result as a
+    user turn, a call as an assistant turn with its text)."""
     system = [instructions] if instructions else []
     turns: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         where = f"{param}[{i}]"
+        if _tool_turn(message, where, turns):
+            continue
         if message.type != "message":
             raise _unsupported(where, f"input item type {clip(message.type)} is not supported")
         if message.role is None:
             raise _unsupported(f"{where}.role", "a message needs a 'role'")
-        if message.role in ("tool", "function"):
-            raise _unsupported(f"{where}.role", f"'{message.role}' messages are not supported (no tool calling)")
+        if message.role == "function":
+            raise _unsupported(f"{where}.role", "'function' messages are not supported; use 'tool' messages")
         content = _content(message.content, f"{where}.content")
         if message.role in ("system", "developer"):
             if not isinstance(content, str):
@@ -167,6 +227,9 @@ def _conversation(messages: list[_Message], param: str, instructions: str | None
         else:
             turns.append({"role": message.role, "content": content})
     fields: dict[str, Any] = {"instructions": "\n\n".join(system)} if system else {}
+    if any(t["role"] == "tool" or t.get("tool_calls") for t in turns):
+        fields["agent_messages"] = tuple(_message(t) for t in turns)
+        turns = [{"role": "user" if t["role"] == "tool" else t["role"], "content": t["content"]} for t in turns]
     if len(turns) == 1 and turns[0]["role"] == "user":
         fields["input"] = turns[0]["content"]
     else:
@@ -177,12 +240,22 @@ def _conversation(messages: list[_Message], param: str, instructions: str | None
 _PASSED = ("fairness_key", "thinking", "queue_timeout_s", "prompt_cache_key", "source_lang_code", "target_lang_code")
 
 
-def _seed_request(body: _Extras, conversation: dict[str, Any], *, conversation_param: str,
+def seed_request_of(body: OpenAIExtras, conversation: dict[str, Any], *, conversation_param: str,
                   max_tokens: tuple[int | None, str], stop: Any = None,
-                  reasoning_effort: str | None = None) -> ResponseRequest:
-    """The seed request: ``decoding`` from extra_body, overridden by OpenAI's own fields.
+                  reasoning_effort: str | None = None, response_format: Any = None,
+                  flat: bool = False) -> ResponseRequest:
+    """The seed request: ``decoding`` from extra_body, overridden by OpenAI's own fields;
+    tools, tool turns and the response format as its :class:`AgentFields`.
 
-    ``max_tokens`` is (value, the OpenAI field it came from). Raises ApiError 422."""
+    ``max_tokens`` is (value, the OpenAI field it came from); ``flat``: the Responses
+    API's shapes (``text.format``, flat function tools). Raises ApiError 400/422."""
+    fmt_param = "text.format" if flat else "response_format"
+    tools = openai_tools.tools(body.tools, "tools", flat=flat)
+    agent = AgentFields(tools=tools, tool_choice=openai_tools.tool_choice(body.tool_choice, tools, "tool_choice",
+                                                                          flat=flat),
+                        parallel_tool_calls=body.parallel_tool_calls if tools else None,
+                        messages=conversation.pop("agent_messages", None),
+                        response_format=openai_tools.response_format(response_format, fmt_param, flat=flat))
     decoding = dict(body.decoding or {})
     renamed = {"input": conversation_param, "messages": conversation_param}
     for key, value, name in (("max_tokens", *max_tokens), ("temperature", body.temperature, "temperature"),
@@ -196,7 +269,8 @@ def _seed_request(body: _Extras, conversation: dict[str, Any], *, conversation_p
     try:
         return ResponseRequest.model_validate({
             "model": body.model, **conversation, **extras, "allow_remote": body.allow_remote,
-            "stream": bool(body.stream), "reasoning_effort": reasoning_effort, "decoding": decoding})
+            "stream": bool(body.stream), "reasoning_effort": reasoning_effort, "decoding": decoding}
+        ).with_agent(agent)
     except ValidationError as exc:
         raise invalid_body(exc, renamed=renamed) from None
 
@@ -208,8 +282,9 @@ def chat_request(data: Any) -> tuple[ChatBody, ResponseRequest]:
         raise _unsupported("n", "n must be 1: llmpool returns one choice per request")
     limit = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
              else (body.max_tokens, "max_tokens"))
-    return body, _seed_request(body, _conversation(body.messages, "messages", None), conversation_param="messages",
-                               max_tokens=limit, stop=body.stop, reasoning_effort=body.reasoning_effort)
+    return body, seed_request_of(body, _conversation(body.messages, "messages", None), conversation_param="messages",
+                               max_tokens=limit, stop=body.stop, reasoning_effort=body.reasoning_effort,
+                               response_format=body.response_format)
 
 
 def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
@@ -221,6 +296,7 @@ def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
         conversation = {"input": body.input, **({"instructions": body.instructions} if body.instructions else {})}
     else:
         conversation = _conversation(body.input, "input", body.instructions)
-    return body, _seed_request(body, conversation, conversation_param="input",
+    return body, seed_request_of(body, conversation, conversation_param="input",
                                max_tokens=(body.max_output_tokens, "max_output_tokens"),
-                               reasoning_effort=body.reasoning.effort if body.reasoning else None)
+                               reasoning_effort=body.reasoning.effort if body.reasoning else None,
+                               response_format=(body.text or {}).get("format"), flat=True)

@@ -14,7 +14,7 @@ from typing import Any
 from llmpoold.errors import ApiError
 from llmpoold.http.respond import Event
 from llmpoold.inference import InferenceResult
-from llmpoold.types import TextDelta
+from llmpoold.types import TextDelta, ToolCallDelta
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
@@ -25,7 +25,7 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     message = exc.message or exc.code.replace("_", " ")
     if exc.model is not None and f"'{exc.model}'" not in message:
         message = f"{message}: '{exc.model}'" if exc.message is None else f"{message} (model '{exc.model}')"
-    param = exc.extra.get("param", "model" if exc.code == "unknown_model" else None)
+    param = exc.param or exc.extra.get("param", "model" if exc.code == "unknown_model" else None)
     kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "code": exc.code, "param": param}}
 
@@ -35,8 +35,10 @@ def _tokens(result: InferenceResult) -> tuple[int, int, int]:
     return m["engine_prompt_tokens"] or 0, m["engine_output_tokens"] or 0, m["engine_cached_prompt_tokens"] or 0
 
 
-def _chat_finish(result: InferenceResult) -> str:
-    return "length" if result.finish_reason == "length" else "stop"
+def chat_finish(result: InferenceResult) -> str:
+    if result.finish_reason == "length":
+        return "length"
+    return "tool_calls" if result.tool_calls else "stop"
 
 
 def chat_usage(result: InferenceResult) -> dict[str, Any]:
@@ -55,13 +57,17 @@ class ChatShape:
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.calls_started: set[int] = set()
 
     def json(self, result: InferenceResult) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": result.output_text, "refusal": None}
         if result.reasoning_text:
             message["reasoning_content"] = result.reasoning_text
+        if result.tool_calls:
+            message["tool_calls"] = result.tool_calls
+            message["content"] = result.output_text or None
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": _chat_finish(result), "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": chat_finish(result), "logprobs": None}],
                 "usage": chat_usage(result), "system_fingerprint": None, "metrics": result.metrics}
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -74,12 +80,19 @@ class ChatShape:
     def opening(self) -> list[Event]:
         return [(None, self._chunk({"role": "assistant", "content": ""}))]
 
-    def delta(self, delta: TextDelta) -> list[Event]:
+    def delta(self, delta: TextDelta | ToolCallDelta) -> list[Event]:
+        if isinstance(delta, ToolCallDelta):
+            call: dict[str, Any] = {"index": delta.index, "function": {"arguments": delta.arguments}}
+            if delta.index not in self.calls_started:  # the first piece names the call
+                self.calls_started.add(delta.index)
+                call = {"index": delta.index, "id": delta.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                        "function": {"name": delta.name or "", "arguments": delta.arguments}}
+            return [(None, self._chunk({"tool_calls": [call]}))]
         key = "reasoning_content" if delta.channel == "reasoning" else "content"
         return [(None, self._chunk({key: delta.text}))]
 
     def finish(self, result: InferenceResult) -> list[Event]:
-        events: list[Event] = [(None, self._chunk({}, _chat_finish(result), metrics=result.metrics))]
+        events: list[Event] = [(None, self._chunk({}, chat_finish(result), metrics=result.metrics))]
         if self.include_usage:
             events.append((None, {**self._chunk({}), "choices": [], "usage": chat_usage(result)}))
         return [*events, (None, "[DONE]")]
@@ -91,13 +104,16 @@ class ChatShape:
 class ResponsesShape:
     """Responses API JSON and its typed stream events (with sequence numbers) for one request.
 
-    Output items: a ``reasoning`` item when the model reasons, then one ``message``."""
+    Output items: a ``reasoning`` item when the model reasons, then one ``message`` (left
+    out when the model only calls tools), then one ``function_call`` item per tool call.
+    Channels: ``reasoning``, ``output`` and ``tool<index>``."""
 
     metrics_header = True
 
     def __init__(self, *, response_id: str, model: str, echo: dict[str, Any]) -> None:
         """``echo``: the request's ``instructions``, ``temperature``, ``top_p``,
-        ``max_output_tokens`` and ``metadata``, repeated in the response object."""
+        ``max_output_tokens``, ``metadata``, ``tools``, ``tool_choice`` and ``text``,
+        repeated in the response object."""
         self.id = response_id
         self.created_at = time.time()
         self.model = model
@@ -105,6 +121,7 @@ class ResponsesShape:
         self.item_ids = {"reasoning": f"rs_{uuid.uuid4().hex}", "output": f"msg_{uuid.uuid4().hex}"}
         self.sequence = 0
         self.texts = {"reasoning": "", "output": ""}
+        self.calls: dict[str, dict[str, str]] = {}  # tool channel -> {"call_id", "name"}
         self.open: str | None = None  # the channel whose output item is open
         self.items: list[dict[str, Any]] = []  # finished output items
 
@@ -114,9 +131,11 @@ class ResponsesShape:
             "id": self.id, "object": "response", "created_at": self.created_at, "status": status,
             "model": self.model, "output": list(self.items), "instructions": echo.get("instructions"),
             "error": None, "incomplete_details": None, "metadata": echo.get("metadata") or {},
-            "parallel_tool_calls": False, "tool_choice": "auto", "tools": [], "temperature": echo.get("temperature"),
+            "parallel_tool_calls": bool(echo.get("tools")) and echo.get("parallel_tool_calls") is not False,
+            "tool_choice": echo.get("tool_choice") or "auto",
+            "tools": echo.get("tools") or [], "temperature": echo.get("temperature"),
             "top_p": echo.get("top_p"), "max_output_tokens": echo.get("max_output_tokens"),
-            "text": {"format": {"type": "text"}}, "usage": None,
+            "text": echo.get("text") or {"format": {"type": "text"}}, "usage": None,
         }
         if result is not None:
             prompt, output, cached = _tokens(result)
@@ -136,6 +155,9 @@ class ResponsesShape:
         return {"type": "output_text", "text": self.texts[channel], "annotations": [], "logprobs": []}
 
     def _item(self, channel: str, status: str) -> dict[str, Any]:
+        if channel in self.calls:
+            return {"type": "function_call", "id": self.item_ids[channel], "status": status,
+                    "arguments": self.texts[channel], **self.calls[channel]}
         content = [self._part(channel)] if status == "completed" else []
         if channel == "reasoning":
             return {"type": "reasoning", "id": self.item_ids[channel], "status": status, "summary": [],
@@ -149,27 +171,34 @@ class ResponsesShape:
         return kind, event
 
     def _where(self, channel: str) -> dict[str, Any]:
-        return {"item_id": self.item_ids[channel], "output_index": len(self.items), "content_index": 0}
+        where = {"item_id": self.item_ids[channel], "output_index": len(self.items)}
+        return where if channel in self.calls else {**where, "content_index": 0}
 
     def _open(self, channel: str) -> list[Event]:
         events = self._close()
         self.open = channel
-        return [*events, self._event("response.output_item.added", output_index=len(self.items),
-                                     item=self._item(channel, "in_progress")),
-                self._event("response.content_part.added", **self._where(channel), part=self._part(channel))]
+        events.append(self._event("response.output_item.added", output_index=len(self.items),
+                                  item=self._item(channel, "in_progress")))
+        if channel not in self.calls:
+            events.append(self._event("response.content_part.added", **self._where(channel),
+                                      part=self._part(channel)))
+        return events
 
     def _close(self) -> list[Event]:
         channel = self.open
         if channel is None:
             return []
         where = self._where(channel)
-        extra: dict[str, Any]
-        done, extra = (("response.reasoning_text.done", {}) if channel == "reasoning"
-                       else ("response.output_text.done", {"logprobs": []}))
         item = self._item(channel, "completed")
-        events = [self._event(done, **where, text=self.texts[channel], **extra),
-                  self._event("response.content_part.done", **where, part=self._part(channel)),
-                  self._event("response.output_item.done", output_index=where["output_index"], item=item)]
+        if channel in self.calls:
+            events = [self._event("response.function_call_arguments.done", **where, arguments=self.texts[channel])]
+        else:
+            extra: dict[str, Any]
+            done, extra = (("response.reasoning_text.done", {}) if channel == "reasoning"
+                           else ("response.output_text.done", {"logprobs": []}))
+            events = [self._event(done, **where, text=self.texts[channel], **extra),
+                      self._event("response.content_part.done", **where, part=self._part(channel))]
+        events.append(self._event("response.output_item.done", output_index=where["output_index"], item=item))
         self.items.append(item)
         self.open = None
         return events
@@ -179,10 +208,23 @@ class ResponsesShape:
         return [self._event("response.created", response=started),
                 self._event("response.in_progress", response=started)]
 
-    def delta(self, delta: TextDelta) -> list[Event]:
+    def delta(self, delta: TextDelta | ToolCallDelta) -> list[Event]:
+        if isinstance(delta, ToolCallDelta):
+            channel = f"tool{delta.index}"
+            events: list[Event] = []
+            if channel not in self.calls:
+                self.calls[channel] = {"call_id": delta.id or f"call_{uuid.uuid4().hex[:24]}", "name": delta.name or ""}
+                self.item_ids[channel], self.texts[channel] = f"fc_{uuid.uuid4().hex}", ""
+            if self.open != channel:
+                events = self._open(channel)
+            self.texts[channel] += delta.arguments
+            return [*events, self._event("response.function_call_arguments.delta", **self._where(channel),
+                                         delta=delta.arguments)]
         channel = delta.channel
-        if channel == "reasoning" and (self.texts["output"] or self.open == "output"):
+        if channel == "reasoning" and (self.texts["output"] or self.open == "output" or self.calls):
             return []  # reasoning after the answer began: a closed item is never reopened
+        if channel == "output" and self.open is not None and self.open in self.calls:
+            return []  # text after a tool call: the message item is not reopened
         events = self._open(channel) if self.open != channel else []
         self.texts[channel] += delta.text
         extra: dict[str, Any]
@@ -191,7 +233,8 @@ class ResponsesShape:
         return [*events, self._event(name, **self._where(channel), delta=delta.text, **extra)]
 
     def finish(self, result: InferenceResult) -> list[Event]:
-        events = [] if self.open == "output" else self._open("output")
+        has_message = any(item["type"] == "message" for item in self.items) or self.open == "output"
+        events = [] if has_message or self.calls else self._open("output")
         events += self._close()
         status = "incomplete" if result.finish_reason == "length" else "completed"
         return [*events, self._event(f"response.{status}", response=self.response(status=status, result=result))]
@@ -204,5 +247,9 @@ class ResponsesShape:
         """The non-streaming answer: the object the stream's last event carries."""
         if result.reasoning_text:
             self.delta(TextDelta(result.reasoning_text, channel="reasoning"))
-        self.delta(TextDelta(result.output_text))
+        if result.output_text or not result.tool_calls:
+            self.delta(TextDelta(result.output_text))
+        for index, call in enumerate(result.tool_calls):
+            self.delta(ToolCallDelta(index, id=call["id"], name=call["function"]["name"],
+                                     arguments=call["function"]["arguments"]))
         return self.finish(result)[-1][1]["response"]

@@ -27,6 +27,7 @@ from pydantic.json_schema import models_json_schema
 from llmpoold import __version__
 from llmpoold.http import answers as a
 from llmpoold.http.keys import SETTINGS
+from llmpoold.http.openai_completions import CompletionsBody
 from llmpoold.http.openai_requests import ChatBody, ResponsesBody
 from llmpoold.schemas import AdminLoadRequest, ResponseRequest
 
@@ -90,6 +91,8 @@ ROUTES: tuple[Route, ...] = (
           errors=_INFER, surface="openai", stream=True),
     Route("POST", "/openai/v1/responses", "Responses API", "openai", a.OpenAIResponse, ResponsesBody,
           errors=_INFER, surface="openai", stream=True),
+    Route("POST", "/openai/v1/completions", "Legacy text completions (raw prompt)", "openai", a.TextCompletion,
+          CompletionsBody, errors=_INFER, surface="openai", stream=True),
     Route("GET", "/openapi.json", "This document", "pages", None, surface="open"),
     Route("GET", "/docs", "API docs (Swagger UI)", "pages", None, surface="open", content="text/html"),
     Route("GET", "/", "Web console (HTML), or a JSON index", "pages", None, surface="open", content="text/html"),

@@ -12,7 +12,7 @@ from llmpoold.http.keys import POOL
 from llmpoold.http.respond import Event, Parsed, parse_body, respond
 from llmpoold.inference import InferenceResult
 from llmpoold.schemas import ResponseRequest
-from llmpoold.types import TextDelta
+from llmpoold.types import TextDelta, ToolCallDelta
 
 
 def error_response(exc: ApiError) -> web.Response:
@@ -21,9 +21,10 @@ def error_response(exc: ApiError) -> web.Response:
 
 
 def validation_response(exc: ValidationError) -> web.Response:
-    """FastAPI's 422 shape: ``{"detail": [{"loc", "msg", "type"}]}``."""
+    """FastAPI's 422 shape: ``{"detail": [{"loc", "msg", "type"}]}``; ``msg`` is pydantic's
+    as FastAPI passes it on (``"Value error, messages must not be empty"``)."""
     details = [{"loc": ["body", *(cut(p) if isinstance(p, str) else p for p in err["loc"])],
-                "msg": cut(str(err["msg"]).removeprefix("Value error, ")), "type": err["type"]}
+                "msg": cut(str(err["msg"])), "type": err["type"]}
                for err in exc.errors(include_input=False, include_url=False)]
     return web.json_response({"detail": details}, status=422)
 
@@ -49,7 +50,9 @@ class SeedShape:
     def opening(self) -> list[Event]:
         return [("response.created", {"id": self.id, "model": self.model, "object": "response"})]
 
-    def delta(self, delta: TextDelta) -> list[Event]:
+    def delta(self, delta: TextDelta | ToolCallDelta) -> list[Event]:
+        if isinstance(delta, ToolCallDelta):
+            return []  # the seed's surface has no tools; an upstream's unasked call is not text
         reasoning = delta.channel == "reasoning"
         self.sent_output |= not reasoning
         name = "response.reasoning_text.delta" if reasoning else "response.output_text.delta"

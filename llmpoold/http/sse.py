@@ -36,7 +36,8 @@ async def open_sse(request: web.Request, *, headers: dict[str, str] | None = Non
 
 def format_event(data: Any, *, event: str | None = None) -> bytes:
     """``event: <name>\\ndata: <json>\\n\\n`` (``data`` may be a preformatted str)."""
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True, separators=(",", ":"))
+    # The seed's json.dumps defaults (", " and ": " separators, ASCII escapes).
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=True)
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {payload}\n\n".encode()
 

@@ -53,6 +53,7 @@ from llmpoold.types import (
     Message,
     StreamItem,
     TextDelta,
+    ToolCallDelta,
 )
 
 HEADER = struct.Struct(">I")
@@ -150,8 +151,10 @@ def model_from_wire(data: Mapping[str, Any], registry: PluginRegistry, backend: 
 def request_to_wire(request: GenerationRequest) -> dict[str, Any]:
     data = {f.name: getattr(request, f.name) for f in fields(request) if f.name != "cancel"}
     data["decoding"] = asdict(request.decoding)
-    data["messages"] = [{"role": m.role, "content": m.content if isinstance(m.content, str) else list(m.content)}
+    data["messages"] = [{"role": m.role, "content": m.content if isinstance(m.content, str) else list(m.content),
+                         "tool_calls": list(m.tool_calls), "tool_call_id": m.tool_call_id}
                         for m in request.messages]
+    data["tools"] = list(request.tools)
     return data
 
 
@@ -160,19 +163,29 @@ def request_from_wire(data: Mapping[str, Any]) -> GenerationRequest:
     decoding = dict(values.pop("decoding"))
     decoding["stop"] = tuple(decoding.get("stop") or ())
     messages = tuple(Message(role=m["role"], content=m["content"] if isinstance(m["content"], str)
-                             else tuple(m["content"])) for m in values.pop("messages"))
+                             else tuple(m["content"]), tool_calls=tuple(m.get("tool_calls") or ()),
+                             tool_call_id=m.get("tool_call_id")) for m in values.pop("messages"))
+    values["tools"] = tuple(values.get("tools") or ())
     return GenerationRequest(decoding=Decoding(**decoding), messages=messages, **values)
 
 
 def item_to_wire(item: StreamItem) -> dict[str, Any]:
     if isinstance(item, TextDelta):
         return {"t": "delta", "text": item.text, "channel": item.channel}
+    if isinstance(item, ToolCallDelta):
+        return {"t": "delta", "channel": "tool", "index": item.index, "call_id": item.id, "name": item.name,
+                "arguments": item.arguments}
     return {"t": "completion", "finish_reason": item.finish_reason,
             "metrics": asdict(item.metrics), "metadata": dict(item.metadata)}
 
 
 def item_from_wire(data: Mapping[str, Any]) -> StreamItem:
     """A delta or completion frame as its item (KeyError/TypeError/ValueError when malformed)."""
+    if data["t"] == "delta" and data["channel"] == "tool":
+        index, call_id, name, arguments = data["index"], data["call_id"], data["name"], data["arguments"]
+        if not isinstance(index, int) or not all(isinstance(v, (str, type(None))) for v in (call_id, name, arguments)):
+            raise TypeError("a tool-call delta needs an integer index and string (or null) id, name, arguments")
+        return ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments)
     if data["t"] == "delta":
         text, channel = data["text"], data["channel"]
         if not isinstance(text, str) or channel not in CHANNELS:

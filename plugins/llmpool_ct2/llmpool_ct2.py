@@ -37,6 +37,7 @@ from llmpoold import hookimpl
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.prompts import (
+    SEED_THINKING_FORMATS,
     PromptSegment,
     RenderedPrompt,
     capabilities_for,
@@ -235,7 +236,9 @@ def llmpool_backends() -> list[BackendSpec]:
 def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != BACKEND:
         return None
-    return ModelTraits(capabilities=capabilities_for(model.prompt_format), concurrency=model.options.ct2_max_batch_size)
+    return ModelTraits(capabilities=capabilities_for(model.prompt_format,
+                                                     thinking_formats=SEED_THINKING_FORMATS["ct2"]),
+                       concurrency=model.options.ct2_max_batch_size)
 
 
 @hookimpl

@@ -352,3 +352,16 @@ def test_plain_prompts_tokenize_as_before(registry: Any, templated: Any, spy: An
     if ids[:1] != [tok.bos_token_id]:
         ids = [tok.bos_token_id, *ids]
     assert tokens == tok.convert_ids_to_tokens(ids)
+
+
+@pytest.mark.parametrize(("fmt", "modes"), [
+    ("qwen3_template", ("default", "enabled", "disabled")), ("gemma4_template", ("default",)), ("raw", ("default",))])
+def test_thinking_switch_only_on_qwen3_as_in_the_seed(registry: Any, fmt: str, modes: tuple[str, ...]) -> None:
+    """The seed lets a ct2 request switch thinking on qwen3_template only (no model load needed)."""
+    settings = settings_from({"engine": {"models": {"c": entry_for("/nonexistent", prompt_format=fmt)}}})
+    model = resolve_model_options(settings.engine.models["c"], registry.spec("ct2").options_model, backend="ct2",
+                                  requires_model_path=True)
+    capabilities = registry.hook.llmpool_model_traits(backend="ct2", model=model).capabilities
+    assert capabilities.thinking_modes == modes
+    assert (capabilities.response_formats, capabilities.tools, capabilities.thinking_token_budget) == (
+        ("text",), False, None)

@@ -1,5 +1,7 @@
 """llmpool backend plugin ``openai_compatible``: an upstream OpenAI-compatible Chat
-Completions API (aliases ``openai_remote``, ``remote``).
+Completions API (aliases ``openai_remote``, ``remote``). ``response_format``, ``tools``,
+``tool_choice`` and tool turns pass through to the upstream; its ``tool_calls`` come back
+as :class:`~llmpoold.types.ToolCallDelta` items.
 
 Nothing is loaded: a replica is a :class:`RemoteRuntime` holding the validated config
 and an aiohttp ``ClientSession``, created lazily on the event loop the streams run on.
@@ -55,10 +57,16 @@ def llmpool_backends() -> list[BackendSpec]:
 def llmpool_model_traits(backend: str, model: ModelConfig) -> ModelTraits | None:
     if backend != BACKEND:
         return None
+    options: RemoteOptions = model.options
+    # Thinking switches only where remote_thinking is configured (the seed's rule);
+    # response_format is relayed upstream, which enforces it.
+    thinking = ("default", "enabled", "disabled") if options.remote_thinking is not None else ("default",)
     return ModelTraits(capabilities=Capabilities(modalities=model.modalities, multi_turn=True,
-                                                 thinking_modes=("default", "enabled", "disabled"),
+                                                 thinking_modes=thinking,
                                                  reasoning_efforts=model.reasoning_efforts,
-                                                 file_inputs=model.options.remote_file_mode is not None),
+                                                 response_formats=("text", "json_schema", "json_object"),
+                                                 tools=True, raw_prompt=False,
+                                                 file_inputs=options.remote_file_mode is not None),
                        concurrency=model.target_inflight)
 
 
@@ -97,6 +105,8 @@ def llmpool_stream(backend: str, runtime: RemoteRuntime,
 def llmpool_generate(backend: str, runtime: RemoteRuntime, request: GenerationRequest) -> Any:
     if backend != BACKEND:
         return None
+    if request.tools or any(m.tool_calls for m in request.messages):
+        return None  # tool calls are relayed from the stream (llmpool_generate answers text only)
     return remote_generate(runtime, request)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from llmpool_remote.errors import DETAIL_LIMIT, parse_error, scrub
 from llmpoold.errors import BackendError
-from llmpoold.types import BackendMetrics, Completion, TextDelta
+from llmpoold.types import BackendMetrics, Completion, TextDelta, ToolCallDelta
 
 # Top-level and per-choice keys kept in metadata.upstream_response (never content).
 RESPONSE_KEYS = ("id", "object", "created", "model", "usage", "service_tier", "system_fingerprint")
@@ -25,8 +25,9 @@ class Relay:
         self.finish_reason: str | None = None
         self.content_chunks = 0
 
-    def take(self, data: Any, *, key: str) -> list[TextDelta]:
-        """Absorb one chunk (or a whole completion); return the text it carries."""
+    def take(self, data: Any, *, key: str) -> list[TextDelta | ToolCallDelta]:
+        """Absorb one chunk (or a whole completion); return the text and tool call pieces
+        it carries."""
         if not isinstance(data, dict):
             raise parse_error("returned a chunk that is not a JSON object")
         if "error" in data and "choices" not in data:
@@ -42,7 +43,7 @@ class Relay:
         choices = data.get("choices") or []
         if not isinstance(choices, list):
             raise parse_error("returned 'choices' that is not a list")
-        out: list[TextDelta] = []
+        out: list[TextDelta | ToolCallDelta] = []
         for choice in choices:
             if not isinstance(choice, dict):
                 raise parse_error("returned a choice that is not a JSON object")
@@ -69,6 +70,7 @@ class Relay:
             if content:
                 self.content_chunks += 1
                 out.append(TextDelta(content))
+            out += _tool_calls(part.get("tool_calls"))
         return out
 
     def completion(self, *, started: float, first_token: float | None, ended: float,
@@ -103,6 +105,25 @@ class Relay:
         if retries:
             metadata["upstream_retries"] = retries
         return Completion(finish_reason=self.finish_reason, metrics=metrics, metadata=metadata)
+
+
+def _tool_calls(calls: Any) -> list[ToolCallDelta]:
+    """A delta's (or a whole message's) ``tool_calls`` as pieces; a whole message's calls
+    have no ``index`` and are numbered in order."""
+    if calls is None:
+        return []
+    if not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls):
+        raise parse_error("returned 'tool_calls' that is not a list of objects")
+    out: list[ToolCallDelta] = []
+    for position, call in enumerate(calls):
+        function = call.get("function") if isinstance(call.get("function"), dict) else {}
+        index, call_id, name, arguments = (call.get("index", position), call.get("id"), function.get("name"),
+                                           function.get("arguments") or "")
+        if not (isinstance(index, int) and (call_id is None or isinstance(call_id, str))
+                and (name is None or isinstance(name, str)) and isinstance(arguments, str)):
+            raise parse_error("returned a tool call of the wrong shape")
+        out.append(ToolCallDelta(index=index, id=call_id, name=name, arguments=arguments))
+    return out
 
 
 def _int(value: Any) -> int | None:

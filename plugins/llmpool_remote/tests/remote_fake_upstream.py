@@ -44,7 +44,8 @@ class FakeUpstream:
     event with ``n`` bytes of content), ``("endless_line", n)`` (``n`` bytes of one
     event line that never ends, written in pieces, then the connection stays open), ``("redirect", status,
     location)`` (``location``: a path on the fake, or a full URL), ``("flood", n)`` (``n``
-    content chunks, one a millisecond, whatever ``max_tokens`` says)."""
+    content chunks, one a millisecond, whatever ``max_tokens`` says), ``"tool_call"`` (a
+    call of the request's first tool or its ``tool_choice``, streamed in pieces)."""
 
     models: list[str] = field(default_factory=lambda: ["fake-model"])
     models_status: int = 200
@@ -140,6 +141,11 @@ class FakeUpstream:
             await response.write_eof()
             return response
         if not body.get("stream"):
+            if kind == "tool_call":
+                answer = self.completion(body, content=None)  # type: ignore[arg-type]
+                answer["choices"][0]["message"]["tool_calls"] = [self.tool_call(body)]
+                answer["choices"][0]["finish_reason"] = "tool_calls"
+                return web.json_response(answer)
             return web.json_response(self.completion(body))
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
@@ -159,6 +165,15 @@ class FakeUpstream:
                 "usage": USAGE}
 
     @staticmethod
+    def tool_call(body: dict[str, Any]) -> dict[str, Any]:
+        """A call of the request's first tool (or the one ``tool_choice`` names)."""
+        choice = body.get("tool_choice")
+        name = (choice["function"]["name"] if isinstance(choice, dict)
+                else body["tools"][0]["function"]["name"])
+        return {"id": "call_fake1", "type": "function",
+                "function": {"name": name, "arguments": json.dumps({"city": "Paris", "days": 3})}}
+
+    @staticmethod
     def chunk(model: str, delta: dict[str, Any], finish: str | None = None) -> bytes:
         data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model,
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
@@ -176,6 +191,18 @@ class FakeUpstream:
         if kind == "error_chunk":
             await response.write(self.chunk(model, {"content": "Hello"}))
             await response.write(b'data: {"error": {"message": "overloaded mid-way"}}\n\n')
+            return
+        if kind == "tool_call":  # the call in three pieces, as servers stream them
+            call = self.tool_call(body)
+            arguments = call["function"]["arguments"]
+            await response.write(self.chunk(model, {"tool_calls": [
+                {"index": 0, "id": call["id"], "type": "function",
+                 "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+            for piece in (arguments[:8], arguments[8:]):
+                await response.write(self.chunk(model, {"tool_calls": [
+                    {"index": 0, "function": {"arguments": piece}}]}))
+            await response.write(self.chunk(model, {}, finish="tool_calls"))
+            await response.write(b"data: [DONE]\n\n")
             return
         if kind == "big_event":
             await response.write(self.chunk(model, {"content": "x" * behaviour[1]}))

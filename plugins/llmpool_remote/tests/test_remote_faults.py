@@ -41,7 +41,7 @@ async def error_of(resp: Any) -> tuple[int, dict[str, Any]]:
 async def test_request_mapping_metrics_and_filtered_metadata(client: Any, fake_upstream: Any) -> None:
     fake_upstream.script = ["reasoning"]
     resp = await client.post("/v1/responses", json=ask(
-        instructions="Be brief.", thinking="enabled",
+        instructions="Be brief.",
         decoding={"temperature": 0.3, "top_p": 0.9, "max_tokens": 12, "stop": ["END"]}))
     assert resp.status == 200, await resp.text()
     body = await resp.json()
@@ -62,7 +62,7 @@ async def test_request_mapping_metrics_and_filtered_metadata(client: Any, fake_u
     assert (sent["temperature"], sent["top_p"], sent["max_tokens"], sent["stop"]) == (0.3, 0.9, 12, ["END"])
     # A non-streaming request is one JSON call upstream (llmpool_generate), a streaming one streams.
     assert "stream" not in sent and "stream_options" not in sent
-    assert sent["thinking"] == {"type": "enabled"}
+    assert "thinking" not in sent  # no remote_thinking: nothing about thinking goes upstream
     resp = await client.post("/v1/responses", json=ask(stream=True))
     assert sse_events(await resp.text())[-1][0] == "response.completed"
     sent = fake_upstream.calls[-1].body
@@ -336,7 +336,7 @@ async def test_target_inflight_load_override(fake_upstream: Any, remote_key: str
     assert [r.status for r in responses] == [200] * 6 and fake_upstream.max_active == 3
     await client.post("/v1/admin/models/r/unload")
     entry = [m for m in (await (await client.get("/v1/admin/models")).json())["models"] if m["name"] == "r"][0]
-    assert (entry["configured_target_inflight"], entry["load_override"]) == (1, {})
+    assert (entry["configured_target_inflight"], entry["load_override"]) == (None, {})  # unset in settings
 
 
 async def test_missing_key_at_call_time_is_500(client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -372,7 +372,9 @@ def test_thinking_and_reasoning_effort_mapping() -> None:
     assert "thinking" not in body({}) and "stream" not in body({})
     assert body({"remote_thinking": "enabled"})["thinking"] == {"type": "enabled"}
     assert body({"remote_thinking": "enabled"}, thinking_mode="disabled")["thinking"] == {"type": "disabled"}
-    high = body({}, reasoning_effort="high")
+    high = body({}, reasoning_effort="high")  # no remote_thinking: the effort only, no thinking object
+    assert "thinking" not in high and high["reasoning_effort"] == "high"
+    high = body({"remote_thinking": "disabled"}, reasoning_effort="high")
     assert high["thinking"] == {"type": "enabled"} and high["reasoning_effort"] == "high"
     assert body({"remote_thinking": "enabled"}, reasoning_effort="none")["thinking"] == {"type": "disabled"}
     assert "prompt_cache_key" not in body({}, prompt_cache_key="k")
@@ -477,3 +479,61 @@ async def test_file_items_need_a_file_mode(client: Any, fake_upstream: Any) -> N
     status, detail = await error_of(resp)
     assert (status, detail["code"]) == (400, "file_input_unsupported")
     assert fake_upstream.calls == []
+
+
+def test_kimi_sampling_rule() -> None:
+    """The seed's rule for ``kimi-`` models: temperature only when it is 0.6 with thinking
+    disabled (1.0 otherwise), top_p only when it is 0.95; other models get both."""
+    import dataclasses
+
+    from llmpoold.testing import make_request
+    from llmpoold.types import Decoding
+
+    def body(model: str, temperature: float, top_p: float, **options: Any) -> dict[str, Any]:
+        runtime = llmpool_remote.RemoteRuntime("r#1", "r", llmpool_remote.RemoteOptions.model_validate({
+            "remote_api_kind": "chat_completions", "remote_base_url": "http://x/v1", "remote_api_key_env": "K",
+            "remote_model": model, **options}))
+        request = dataclasses.replace(make_request(), decoding=Decoding(temperature=temperature, top_p=top_p))
+        return llmpool_remote.build_body(runtime, request, stream=False)
+
+    sent = body("kimi-k2.6", 0.6, 0.95, remote_thinking="disabled")
+    assert (sent["temperature"], sent["top_p"]) == (0.6, 0.95)
+    sent = body("Kimi-K2.6", 0.1, 1.0, remote_thinking="disabled")
+    assert "temperature" not in sent and "top_p" not in sent
+    assert body("kimi-k2.6", 1.0, 1.0, remote_thinking="enabled")["temperature"] == 1.0
+    assert "temperature" not in body("kimi-k2.6", 0.6, 1.0, remote_thinking="enabled")
+    assert body("kimi-k2.6", 1.0, 1.0)["temperature"] == 1.0  # thinking unset counts as not disabled
+    sent = body("fake-model", 0.1, 0.5)
+    assert (sent["temperature"], sent["top_p"]) == (0.1, 0.5)
+
+
+async def test_thinking_modes_only_with_remote_thinking(fake_upstream: Any, remote_key: str,
+                                                        make_remote_client: Any) -> None:
+    client = await make_remote_client({"r": remote_entry(fake_upstream.base_url, "fake-model"),
+                                       "t": remote_entry(fake_upstream.base_url, "fake-model",
+                                                         remote_thinking="Disabled")})
+    resp = await client.post("/v1/responses", json=ask(thinking="enabled"))
+    assert await error_of(resp) == (400, {"code": "thinking_unsupported", "model": "r",
+                                          "message": "model 'r' does not support request-level thinking"})
+    assert fake_upstream.calls == []
+    admin = {m["name"]: m for m in (await (await client.get("/v1/admin/models")).json())["models"]}
+    assert admin["r"]["capabilities"]["thinking_modes"] == ["default"]
+    assert admin["t"]["capabilities"]["thinking_modes"] == ["default", "enabled", "disabled"]
+    resp = await client.post("/v1/responses", json={**ask(thinking="enabled"), "model": "t"})
+    assert resp.status == 200, await resp.text()
+    assert fake_upstream.calls[-1].body["thinking"] == {"type": "enabled"}
+    resp = await client.post("/v1/responses", json={**ask(), "model": "t"})
+    assert fake_upstream.calls[-1].body["thinking"] == {"type": "disabled"}
+
+
+async def test_response_format_is_relayed_upstream(client: Any, fake_upstream: Any) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}, "strict": True}}
+    resp = await client.post("/v1/responses", json=ask(response_format=fmt))
+    assert resp.status == 200, await resp.text()
+    assert fake_upstream.calls[-1].body["response_format"] == fmt
+    resp = await client.post("/v1/responses", json=ask())
+    assert "response_format" not in fake_upstream.calls[-1].body
+    resp = await client.post("/v1/responses", json=ask(thinking_token_budget=10, thinking="enabled"))
+    assert (await error_of(resp))[1]["code"] == "thinking_unsupported"
+    resp = await client.post("/v1/responses", json=ask(thinking_token_budget=10))
+    assert (await error_of(resp))[1]["code"] == "thinking_token_budget_unsupported"

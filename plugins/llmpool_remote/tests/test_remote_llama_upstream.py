@@ -102,3 +102,22 @@ def test_generate_hook_reads_usage(llama_upstream: str) -> None:
         assert completion.metrics.output_tokens == 6 and completion.finish_reason == "length"
     finally:
         assert registry.hook.llmpool_unload(backend="openai_compatible", runtime=runtime) is True
+
+
+async def test_structured_output_relayed_to_llama_cpp_server(llama_client: Any) -> None:
+    """``response_format`` goes upstream, where llama.cpp's server enforces it with its JSON
+    grammar (it takes ``json_object``; a ``json_schema`` it refuses comes back as a 502
+    naming its reason): the answer starts as a JSON object (a few tokens only: grammar
+    sampling is slow on a small CPU)."""
+    import openai
+
+    aio = openai.AsyncOpenAI(base_url=str(llama_client.make_url("/openai/v1")), api_key="x", max_retries=0)
+    chat = await aio.chat.completions.create(
+        model="gemma-remote", messages=[{"role": "user", "content": "Name the capital of France."}],
+        max_tokens=6, temperature=0, extra_body={"allow_remote": True}, response_format={"type": "json_object"})
+    assert (chat.choices[0].message.content or "").lstrip().startswith("{")
+    with pytest.raises(openai.InternalServerError, match="json_object"):
+        await aio.chat.completions.create(
+            model="gemma-remote", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+            extra_body={"allow_remote": True},
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object"}}})
