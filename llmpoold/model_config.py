@@ -176,6 +176,11 @@ class ModelConfig(BaseModel):
                 f"model '{self.name}' has replicas={self.replicas} greater than replica_max={self.replica_max}")
         return self
 
+    def key_envs(self) -> frozenset[str]:
+        """The environment variables this model's backend keys name as holding secrets
+        (``*_env``: ``remote_api_key_env``)."""
+        return frozenset(v for k, v in self.backend_keys.items() if k.endswith("_env") and isinstance(v, str))
+
     def definition(self) -> dict[str, Any]:
         """The admin ``definition``: common keys plus the backend's own (no secrets:
         plugins keep secrets in env vars and only their names in config). Keys no plugin

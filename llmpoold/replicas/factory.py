@@ -70,7 +70,7 @@ def secret_env_names(settings: AppSettings) -> frozenset[str]:
     if settings.service.admin_api_key_env:
         names.add(settings.service.admin_api_key_env)
     for model in settings.engine.models.values():
-        names.update(v for k, v in model.backend_keys.items() if k.endswith("_env") and isinstance(v, str))
+        names.update(model.key_envs())
     return frozenset(names)
 
 

@@ -82,7 +82,7 @@ class ProcessReplica:
         self.policy = policy or WorkerSettings()
         self.python = python
         self.unhosted_reason = unhosted_reason
-        self.secret_envs = frozenset(secret_envs)  # never in a worker's environment
+        self.secret_envs = frozenset(secret_envs)  # in no worker's environment but their own model's
         self.state = WorkerState.STOPPED
         self.pid: int | None = None
         self.last_error: str | None = None
@@ -204,7 +204,10 @@ class ProcessReplica:
 
     async def _spawn_and_load(self) -> None:
         assert self.plugins is not None
-        env = worker_env(os.environ, self.policy.env_passthrough, self.secret_envs)
+        # The model's own key variables (a remote model asked to run in a worker) are its
+        # to see; every other key the settings name is not.
+        own = self.model.key_envs()
+        env = worker_env(os.environ, (*self.policy.env_passthrough, *own), self.secret_envs - own)
         proc, parent = await spawn_worker(self.python, self.plugins, env)
         self._proc, self.pid = proc, proc.pid
         self._tail.clear()
