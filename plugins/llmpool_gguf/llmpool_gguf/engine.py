@@ -9,10 +9,9 @@ every generating sequence, then prompt chunks of newly admitted ones while room 
 samples each sequence that produced logits with its own sampler chain
 (``llama_sampler_sample`` reads them with ``llama_get_logits_ith``).
 
-Slots keep their KV cache after a request: a new request takes the free slot whose
-tokens share the longest prefix with its prompt (when that covers more than a tenth of
-the prompt; otherwise the least recently used slot, so another prefix survives) and
-evaluates only the rest; a chat's next turn so skips the previous turns.
+Slots keep their KV cache after a request: a new request takes the free slot that keeps
+the most (the prefix of its prompt the slot holds, minus the cached tokens it would
+overwrite) and evaluates only the rest; a chat's next turn so skips the previous turns.
 
 The high-level ``llama_cpp.Llama`` is not used: it keeps per-context Python buffers
 (``scores``: ``n_batch × n_vocab`` float32, 512 MiB of address space for Gemma's 262k
@@ -44,9 +43,6 @@ from llmpoold.types import Decoding
 
 log = structlog.get_logger("llmpool_gguf")
 
-# A free slot is reused for its prefix when the prefix covers more than this share of the
-# prompt (llama-server's --slot-prompt-similarity default).
-PREFIX_SIMILARITY = 0.1
 _BACKEND_READY = False
 _BACKEND_LOCK = threading.Lock()
 
@@ -357,21 +353,23 @@ class Engine:
 
     @staticmethod
     def _choose(free: list[_Slot], prompt: list[int]) -> tuple[_Slot, int]:
-        """The free slot with the longest common prefix (when it covers more than
-        PREFIX_SIMILARITY of the prompt), else the least recently used one."""
-        best, best_len = None, 0
+        """The free slot that keeps the most: the prompt prefix it already holds minus the
+        cached tokens the prompt would overwrite (ties: the least recently used). So a
+        chat's next turn or a question after a cached system prompt reuses that cache, and
+        a short unrelated prompt takes an empty or small slot rather than overwrite a long
+        prefix only because both start with BOS. Returns the slot and the shared length."""
+        best: tuple[int, float] | None = None
+        choice, shared = free[0], 0
         for slot in free:
             n = 0
             for a, b in zip(slot.tokens, prompt, strict=False):
                 if a != b:
                     break
                 n += 1
-            if n > best_len:
-                best, best_len = slot, n
-        if best is not None and best_len > PREFIX_SIMILARITY * len(prompt):
-            return best, best_len
-        lru = min(free, key=lambda s: s.last_used)
-        return lru, (best_len if best is lru else 0)
+            score = (n - (len(slot.tokens) - n), -slot.last_used)
+            if best is None or score > best:
+                best, choice, shared = score, slot, n
+        return choice, shared
 
     def _keep_prefix(self, slot: _Slot, n_past: int) -> bool:
         """Drop the slot's cache from ``n_past`` on; False when the rest cannot be reused

@@ -18,8 +18,15 @@ from llmpoold.types import Completion, Message, TextDelta
 
 pytestmark = pytest.mark.timeout(300)
 
-PROMPTS = ("The capital of France is", "Once upon a time", "The three primary colors are",
-           "def fibonacci(n):", "Water boils at")
+# llama.cpp's CPU kernels are not batch-invariant: a matrix product over more rows takes
+# other kernels (repacked GEMM with gguf_repack, llamafile's tiled sgemm, built in) that sum
+# in another order, so the logits of a sequence decoded beside others differ from its
+# logits alone by ~0.1 on average (the same whether the neighbours are other prompts or
+# copies of it: nothing leaks between sequences), and a near-tie between two tokens can
+# flip. See the README and ``bench/bench_gguf.py --sections divergence`` for how often.
+# These prompts have no near-tie in their first 16 tokens (gguf_repack off); the others
+# are used where the text is not compared.
+PROMPTS = ("Once upon a time", "Water boils at", "def f(x):", "Dear diary, today", "The three primary colors are")
 # A long shared prefix (a "system prompt") for the prefix-cache tests: ~300 tokens.
 PREFIX = ("You are a careful assistant that answers questions about geography, history and science. "
           "Answer in one short sentence, without any preamble, and never repeat the question. ") * 8
@@ -86,22 +93,28 @@ def test_parallel_declared_as_concurrency(registry: Any, gguf_path: str) -> None
         assert registry.hook.llmpool_model_traits(backend="gguf", model=model).concurrency == expected
 
 
-def test_same_greedy_text_alone_and_batched(registry: Any, runtime: Any) -> None:
+def test_same_greedy_text_alone_and_batched(registry: Any, gguf_path: str) -> None:
     """Several different prompts decoded in one batch give what each gives alone."""
-    alone = [run(registry, runtime, p, max_tokens=24)[0] for p in PROMPTS[:4]]
-    peak_before = runtime.engine.stats["peak_sequences"]
-    together = run_together(registry, runtime, PROMPTS[:4], max_tokens=24)
-    assert runtime.engine.stats["peak_sequences"] >= 2 or peak_before >= 2, "the requests were decoded together"
-    assert [t for t, _ in together] == alone
-    assert all(done.finish_reason == "length" and done.metrics.output_tokens == 24 for _, done in together)
+    runtime = load(registry, gguf_path, gguf_parallel=4, gguf_repack=False)
+    try:
+        alone = [run(registry, runtime, p, max_tokens=16)[0] for p in PROMPTS[:3]]
+        assert runtime.engine.stats["peak_sequences"] == 1
+        together = run_together(registry, runtime, PROMPTS[:3], max_tokens=16)
+        assert runtime.engine.stats["peak_sequences"] >= 3, "the requests were decoded together"
+        assert [t for t, _ in together] == alone
+        assert all(done.finish_reason == "length" and done.metrics.output_tokens == 16 for _, done in together)
+    finally:
+        registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
 
 
 def test_more_requests_than_slots_all_served_and_slots_reused(registry: Any, gguf_path: str) -> None:
-    runtime = load(registry, gguf_path, gguf_parallel=2)
+    runtime = load(registry, gguf_path, gguf_parallel=2, gguf_repack=False)
+    prompts = PROMPTS[:3] * 2
     try:
-        alone = {p: run(registry, runtime, p, max_tokens=8)[0] for p in PROMPTS}
-        results = run_together(registry, runtime, PROMPTS, max_tokens=8)
-        assert [t for t, _ in results] == [alone[p] for p in PROMPTS]
+        alone = {p: run(registry, runtime, p, max_tokens=8)[0] for p in PROMPTS[:3]}
+        results = run_together(registry, runtime, prompts, max_tokens=8)
+        assert [t for t, _ in results] == [alone[p] for p in prompts]
+        assert all(done.finish_reason == "length" for _, done in results)
         assert runtime.engine.stats["peak_sequences"] == 2
         assert runtime.engine.busy_slots() == 0
     finally:
@@ -110,8 +123,7 @@ def test_more_requests_than_slots_all_served_and_slots_reused(registry: Any, ggu
 
 def test_cancel_is_seen_within_a_step_and_frees_the_slot(registry: Any, runtime: Any) -> None:
     request = make_request(model="g", prompt_format="raw", text="Once upon a time", max_tokens=200)
-    other = threading.Thread(target=run, args=(registry, runtime, "The capital of France is"), kwargs={
-        "max_tokens": 40})
+    other = threading.Thread(target=run, args=(registry, runtime, "Water boils at"), kwargs={"max_tokens": 40})
     other.start()  # a neighbour in the batch keeps the loop stepping
     stream = registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=request)
     seen = 0
@@ -135,7 +147,7 @@ def test_closing_a_stream_early_frees_its_slot(registry: Any, runtime: Any) -> N
     assert runtime.engine.busy_slots() == 0
 
 
-def test_prefix_cache_hit_is_reported_and_gives_the_same_text(registry: Any, gguf_path: str) -> None:
+def test_prefix_cache_hit_is_reported_and_answers_the_same(registry: Any, gguf_path: str) -> None:
     runtime = load(registry, gguf_path, gguf_parallel=2)
     try:
         question = PREFIX + "Question: What is the capital of Italy? Answer:"
@@ -149,7 +161,9 @@ def test_prefix_cache_hit_is_reported_and_gives_the_same_text(registry: Any, ggu
         text, warm = run(registry, runtime, question, max_tokens=12)
         assert warm.metrics.cached_prompt_tokens >= prefix_tokens
         assert warm.metrics.prompt_tokens == cold.metrics.prompt_tokens
-        assert text == cold_text
+        # the reused cache answers the question as the cold run did (the texts need not be
+        # equal to the bit: the rest of the prompt is evaluated in a batch of another size)
+        assert cold_text.lstrip().startswith("Rome") and text.lstrip().startswith("Rome")
     finally:
         registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
 
@@ -166,10 +180,11 @@ def test_second_turn_does_not_reevaluate_the_first(registry: Any, runtime: Any) 
 
 
 def test_context_overflow_is_refused_with_the_numbers(registry: Any, runtime: Any) -> None:
+    tokens = len(runtime.engine.tokenize(("word " * 600).encode(), special=True)) + 1  # with BOS
     with pytest.raises(BackendError) as info:
         run(registry, runtime, "word " * 600, max_tokens=4)
     assert info.value.status == 400 and info.value.code == "context_length_exceeded"
-    assert "601 tokens" in info.value.message and "512 tokens per sequence" in info.value.message
+    assert f"prompt has {tokens} tokens" in info.value.message and "512 tokens per sequence" in info.value.message
     # a prompt that fits gets the rest of its sequence's context, never more
     _, done = run(registry, runtime, "word " * 500, max_tokens=100)
     assert done.finish_reason == "length" and done.metrics.prompt_tokens + done.metrics.output_tokens == 512
