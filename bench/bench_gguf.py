@@ -19,10 +19,12 @@ Sections:
   the first question (cold) and of the next ones (prefix cached), for both servers;
 - ``profile``: the decode loop in this process (no HTTP) at concurrency 1, 4 and 8,
   time per step inside ``llama_decode`` vs the rest of the step (Python);
+- ``divergence``: greedy texts of 16 prompts alone vs in batches of 4, with and without
+  ``gguf_repack``: how many are identical, and at which token the others part;
 - ``--soak N``: N requests of 16 tokens at concurrency 8 to llmpoold, the worker's RSS
   before, along the way and after.
 
-    python bench/bench_gguf.py [--runs 3] [--max-tokens 64] [--threads N] [--sections throughput,prefix,profile]
+    python bench/bench_gguf.py [--runs 3] [--max-tokens 64] [--threads N] [--sections throughput,prefix,...]
     python bench/bench_gguf.py --soak 1000
 """
 
@@ -255,6 +257,47 @@ def profile(args: argparse.Namespace, model: str) -> None:
             engine.close()
 
 
+def divergence(args: argparse.Namespace, model: str) -> None:
+    """How often and how far greedy texts differ alone vs decoded in a batch of 4."""
+    from llmpool_gguf.engine import Engine, Job
+    from llmpool_gguf.options import GgufOptions
+
+    from llmpoold.types import CancelToken, Decoding
+
+    prompts = [*PROMPTS, *(f"Question: {q}\nAnswer:" for q in QUESTIONS), "The weather today", "My favourite book",
+               "import numpy as np"]
+    n = 32
+    print(f"\n## divergence: {len(prompts)} prompts, {n} greedy tokens, alone vs in batches of 4")
+    print(f"{'gguf_repack':>12}{'identical':>11}{'first difference at token (median of the others)':>50}")
+    for repack in (True, False):
+        engine = Engine(model, GgufOptions(gguf_n_ctx=512, gguf_parallel=4, gguf_n_threads=args.threads,
+                                           gguf_repack=repack), "d")
+
+        def tokens(texts: list[str], engine: Engine = engine) -> list[list[int]]:
+            jobs = [Job(prompt=[engine.bos, *engine.tokenize(t.encode(), special=True)], budget=n,
+                        decoding=Decoding(temperature=0, top_k=1), cancel=CancelToken()) for t in texts]
+            for job in jobs:
+                engine.submit(job)
+            out = []
+            for job in jobs:
+                got = []
+                while not isinstance(event := job.events.get(timeout=300), tuple):
+                    got.append(event)
+                out.append(got)
+            return out
+
+        try:
+            alone = [tokens([p])[0] for p in prompts]
+            batched = [t for i in range(0, len(prompts), 4) for t in tokens(prompts[i:i + 4])]
+        finally:
+            engine.close()
+        firsts = [next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+                  for a, b in zip(alone, batched, strict=True)]
+        differing = [k for k in firsts if k is not None]
+        where = f"{statistics.median(differing):.0f} (range {min(differing)}-{max(differing)})" if differing else "-"
+        print(f"{str(repack):>12}{len(prompts) - len(differing):>8}/{len(prompts):<3}{where:>50}")
+
+
 def soak(args: argparse.Namespace, pool_port: int, daemon_pid: int) -> None:
     print(f"\n## soak: {args.soak} requests of 16 tokens at concurrency 8 to llmpoold (gguf_parallel 8)")
     peer = pool_peer(pool_port, "g8")
@@ -277,7 +320,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--sections", default="throughput,prefix,profile")
+    parser.add_argument("--sections", default="throughput,prefix,profile,divergence")
     parser.add_argument("--soak", type=int, default=0, help="only the soak: this many requests")
     parser.add_argument("--gpu-layers", type=int, default=0, help="gguf_n_gpu_layers / --n-gpu-layers")
     args = parser.parse_args()
@@ -330,6 +373,8 @@ def main() -> None:
         llm.close()
         if "profile" in sections:
             profile(args, model)
+        if "divergence" in sections:
+            divergence(args, model)
         print(f"load average {os.getloadavg()[0]:.2f} at end")
     finally:
         for proc in procs:
