@@ -35,6 +35,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import structlog
 
 from llmpool_gguf.options import CACHE_TYPES, GgufOptions, ggml_type
@@ -224,13 +225,19 @@ class Engine:
     def new_sampler(self, decoding: Decoding) -> Any:
         """A sampler chain for one request, as llama-cpp-python's ``Llama.generate``
         builds it: repetition penalty over the last 64 tokens, then greedy when
-        ``temperature`` is 0 or ``top_k`` is 1, else top-k, top-p, temperature and a draw."""
+        ``temperature`` is 0 or ``top_k`` is 1, else top-k, top-p, temperature and a draw.
+        None for plain greedy decoding: the loop then takes the argmax of the logits
+        itself (llama.cpp's greedy sampler picks the same token, the first of the highest
+        logits, but first copies all 262k candidates of a Gemma vocabulary per token)."""
         low = _low()
+        greedy = decoding.temperature <= 0 or decoding.top_k == 1
+        if greedy and decoding.repetition_penalty == 1.0:
+            return None
         chain = low.llama_sampler_chain_init(low.llama_sampler_chain_default_params())
         if decoding.repetition_penalty != 1.0:
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_penalties(
                 self.n_vocab, 64, decoding.repetition_penalty, 0.0, 0.0))
-        if decoding.temperature <= 0 or decoding.top_k == 1:
+        if greedy:
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_greedy())
         else:
             if decoding.top_k > 0:
@@ -431,7 +438,11 @@ class Engine:
                 continue
             job = slot.job
             assert job is not None
-            token = low.llama_sampler_sample(slot.sampler, self.ctx, slot.i_batch)
+            if slot.sampler is None:
+                logits = np.ctypeslib.as_array(low.llama_get_logits_ith(self.ctx, slot.i_batch), shape=(self.n_vocab,))
+                token = int(logits.argmax())
+            else:
+                token = low.llama_sampler_sample(slot.sampler, self.ctx, slot.i_batch)
             job.produced += 1
             if job.first_token_at is None:
                 job.first_token_at = now

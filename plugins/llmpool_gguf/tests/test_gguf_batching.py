@@ -243,3 +243,18 @@ def test_a_long_prompt_does_not_stall_the_others(registry: Any, gguf_path: str) 
         assert runtime.engine.stats["peak_sequences"] == 2
     finally:
         registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
+
+
+def test_sampler_chains_per_request(registry: Any, runtime: Any) -> None:
+    """Greedy takes the argmax; a repetition penalty or a temperature goes through a
+    llama.cpp sampler chain of the request's own, next to greedy neighbours."""
+    plain, _ = run(registry, runtime, "Water boils at", max_tokens=16)
+    assert plain.count("Water boils at") >= 1, "the base model repeats itself when greedy"
+    penalized, _ = run(registry, runtime, "Water boils at", max_tokens=16, repetition_penalty=1.5)
+    assert penalized != plain
+    sampled = run_together(registry, runtime, ("Once upon a time", "Once upon a time"), max_tokens=12)
+    request = make_request(model="g", prompt_format="raw", text="Once upon a time", max_tokens=12)
+    hot = dataclasses.replace(request, decoding=dataclasses.replace(request.decoding, temperature=1.0, top_k=40))
+    text, done = run(registry, runtime, "", request=hot)
+    assert done.finish_reason in ("length", "stop") and done.metrics.output_tokens >= 1 and text
+    assert sampled[0][0] == sampled[1][0]
