@@ -305,7 +305,7 @@ def soak(args: argparse.Namespace, pool_port: int, daemon_pid: int) -> None:
     print(f"{'requests':>9}{'worker RSS MiB':>16}{'daemon RSS MiB':>16}{'errors':>8}")
     print(f"{0:>9}{asyncio.run(worker_rss(pool_port, 'g8')):>16.0f}{rss_mib(daemon_pid):>16.0f}{0:>8}")
     done = errors = 0
-    step = max(8, args.soak // 8 // 8 * 8)
+    step = max(8, args.soak // 25 // 8 * 8)
     while done < args.soak:
         n = min(step, args.soak - done)
         for _ in range(0, n, 8):
