@@ -80,8 +80,14 @@ def test_real_text_streams_token_by_token(registry: Any, runtime: Any) -> None:
 
 def test_greedy_output_matches_llama_cpp_itself(registry: Any, runtime: Any, gguf_path: str) -> None:
     """Our token loop gives what llama-cpp-python's own completion API gives."""
+    import llama_cpp
+
     pieces, _ = run(registry, runtime, "The capital of France is", max_tokens=16)
-    reference = runtime.llm.create_completion("The capital of France is", max_tokens=16, temperature=0, top_k=1)
+    llm = llama_cpp.Llama(gguf_path, n_ctx=512, verbose=False)
+    try:
+        reference = llm.create_completion("The capital of France is", max_tokens=16, temperature=0, top_k=1)
+    finally:
+        llm.close()
     assert "".join(pieces) == reference["choices"][0]["text"]
 
 
@@ -113,15 +119,16 @@ def test_cancel_mid_stream_stops_within_a_token(registry: Any, runtime: Any) -> 
             break
     assert isinstance(item, Completion) and item.finish_reason == "cancelled"
     assert item.metrics.output_tokens <= 4
-    assert not runtime.lock.locked(), "the runtime is free for the next request"
+    assert runtime.engine.busy_slots() == 0, "the slot is free for the next request"
 
 
 def test_estimate_is_close_to_file_size_plus_cache(registry: Any, model: Any, gguf_path: str) -> None:
     estimate = registry.hook.llmpool_estimate_memory(backend="gguf", model=model)
     size_mib = os.path.getsize(gguf_path) / 2**20
     assert abs(estimate.weights_mib - size_mib) < 20
-    # 18 layers x 512 tokens x 1 kv head x (256 + 256) x 2 bytes = 9 MiB
-    assert estimate.cache_mib == pytest.approx(9.0, abs=0.1)
+    # 18 layers x 512 tokens x 4 sequences (gguf_parallel) x 1 kv head x (256 + 256) x 2 bytes = 36 MiB
+    assert estimate.cache_mib == pytest.approx(36.0, abs=0.1)
+    assert estimate.details["parallel"] == 4
     assert estimate.details["architecture"] == "gemma3"
 
 
@@ -180,7 +187,7 @@ async def test_http_load_errors_mark_models_failed_and_others_serve(gguf_path: s
         entry = await resp.json()
         assert resp.status == 200, entry
         assert entry["load_override"] == {"gguf_type_k": "q8_0", "gguf_type_v": "q8_0", "gguf_n_ctx": 256}
-        assert entry["memory_estimate"]["cache_mib"] < 9.0
+        assert entry["memory_estimate"]["cache_mib"] < 36.0
         resp = await client.post("/v1/admin/models/good/unload")
         resp = await client.post("/v1/admin/models/good/load", json={"gguf_type_k": "q9_9"})
         assert resp.status == 400 and "unsupported GGUF cache type" in (await resp.json())["detail"]["message"]
@@ -204,27 +211,41 @@ async def test_http_stream_equals_json_under_greedy(gguf_path: str) -> None:
 
 
 MEASURE_RSS = """
-import sys, llama_cpp
+import sys
+import llama_cpp
 from llmpoold.gpu import process_rss_mib
+from llmpoold.types import CancelToken, Decoding
+from llmpool_gguf.engine import Engine, Job
+from llmpool_gguf.options import GgufOptions
 before = process_rss_mib()
-llm = llama_cpp.Llama(sys.argv[1], n_ctx=int(sys.argv[2]), verbose=False)
-llm.create_completion("The capital of France is", max_tokens=2)
+engine = Engine(sys.argv[1], GgufOptions(gguf_n_ctx=int(sys.argv[2]), gguf_parallel=int(sys.argv[3])), "m#1")
+for text in (b"The capital of France is", b"Once upon a time"):
+    job = Job(prompt=engine.tokenize(text, special=True), budget=4, decoding=Decoding(temperature=0),
+              cancel=CancelToken())
+    engine.submit(job)
+    while not isinstance(job.events.get(timeout=60), tuple):
+        pass
 print(process_rss_mib() - before)
+engine.close()
 """
 
 
-def test_estimate_within_25_percent_of_measured_rss_growth(registry: Any, gguf_path: str) -> None:
-    """In a fresh process (library already imported), the RSS a loaded model adds after
-    its first tokens, against the estimate made without loading."""
+@pytest.mark.parametrize(("n_ctx", "parallel"), [(2048, 1), (1024, 4)])
+def test_estimate_within_25_percent_of_measured_rss_growth(registry: Any, gguf_path: str, n_ctx: int,
+                                                           parallel: int) -> None:
+    """In a fresh process (library already imported), the RSS a loaded replica (the
+    decode loop's model and context) adds after its first tokens, against the estimate
+    made without loading."""
     import subprocess
     import sys
 
-    settings = settings_from({"engine": {"models": {"g2": model_entry_for(gguf_path, gguf_n_ctx=2048)}}})
+    settings = settings_from({"engine": {"models": {"g2": model_entry_for(gguf_path, gguf_n_ctx=n_ctx,
+                                                                           gguf_parallel=parallel)}}})
     model = resolve_model_options(settings.engine.models["g2"], registry.spec("gguf").options_model,
                                   backend="gguf", requires_model_path=True)
     estimate = registry.hook.llmpool_estimate_memory(backend="gguf", model=model)
-    out = subprocess.run([sys.executable, "-c", MEASURE_RSS, gguf_path, "2048"], capture_output=True, text=True,
-                         timeout=120, check=True)
+    out = subprocess.run([sys.executable, "-c", MEASURE_RSS, gguf_path, str(n_ctx), str(parallel)],
+                         capture_output=True, text=True, timeout=120, check=True)
     growth = float(out.stdout.strip().splitlines()[-1])
     print(f"estimate {estimate.total_mib:.0f} MiB, measured RSS growth {growth:.0f} MiB")
     assert abs(estimate.total_mib - growth) <= 0.25 * growth

@@ -1,0 +1,245 @@
+"""llmpool backend plugin ``gguf`` (alias ``llama_cpp``): GGUF models through llama-cpp-python.
+
+One runtime is one :class:`~llmpool_gguf.engine.Engine`: a llama.cpp model and context
+decoding up to ``gguf_parallel`` requests together (continuous batching, llama-server's
+slot loop, with its prompt-prefix cache), declared to the pool as the runtime's
+concurrency. Prompts are rendered by :mod:`llmpoold.prompts` (``chat_template`` renders
+the Jinja template embedded in the GGUF through llama-cpp-python's
+``Jinja2ChatFormatter``); each request's tokens reach the client as the loop samples
+them, a cancel is seen within one step, and stop strings and split UTF-8 characters are
+handled by :mod:`llmpoold.textstream` (:class:`~llmpool_gguf.prompt.TextChain`).
+
+Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
+``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from llmpool_gguf.engine import Engine, Job
+from llmpool_gguf.memory import estimate, read_gguf_header
+from llmpool_gguf.options import (
+    CACHE_TYPES,
+    LOAD_CONSTRAINTS,
+    LOAD_RECOMMENDATIONS,
+    GgufLoadOverride,
+    GgufOptions,
+    ggml_type,
+    normalize_cache_type,
+    normalize_flash_attn,
+)
+from llmpool_gguf.prompt import TextChain, _chat_template_prompt, prompt_text, tokenize_prompt
+from llmpoold import hookimpl
+from llmpoold.errors import ApiError, BackendError, LoadError
+from llmpoold.hookspecs import BackendSpec
+from llmpoold.prompts import capabilities_for, render
+from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
+
+__all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_template_prompt", "estimate", "ggml_type",
+           "normalize_cache_type", "normalize_flash_attn", "prompt_text", "read_gguf_header", "tokenize_prompt"]
+
+BACKEND = "gguf"
+log = structlog.get_logger("llmpool_gguf")
+# How long a request thread waits for the loop to let go of a job it stopped (one step
+# normally; the bound only guards against a wedged loop).
+_RELEASE_WAIT_S = 30.0
+
+
+@dataclass
+class GgufRuntime:
+    """One loaded model; ``chat_formatter`` is built on first use of ``chat_template``."""
+
+    replica_id: str
+    model_path: str
+    options: GgufOptions
+    engine: Engine
+    chat_formatter: Any = None
+
+
+@hookimpl
+def llmpool_backends() -> list[BackendSpec]:
+    return [BackendSpec(
+        name=BACKEND, aliases=("llama_cpp",), description="GGUF models through llama.cpp (llama-cpp-python)",
+        options_model=GgufOptions,
+        load_override_keys=frozenset(GgufLoadOverride.model_fields), load_override_model=GgufLoadOverride,
+        load_constraints=LOAD_CONSTRAINTS, load_recommendations=LOAD_RECOMMENDATIONS)]
+
+
+@hookimpl
+def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
+    if backend != BACKEND:
+        return None
+    return ModelTraits(capabilities=capabilities_for(model.prompt_format, ("text",)),
+                       concurrency=model.options.gguf_parallel)
+
+
+@hookimpl
+def llmpool_check_load_override(backend: str, override: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The seed's llama_cpp override rules; values are normalised (``Q8_0`` → ``q8_0``)."""
+    if backend != BACKEND:
+        return None
+    checked = dict(override)
+    if "gguf_n_ctx" in checked:
+        value = checked["gguf_n_ctx"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError("gguf_n_ctx load override must be a positive integer")
+    if "gguf_flash_attn" in checked:
+        value = checked["gguf_flash_attn"]
+        if value is None or not isinstance(value, str):
+            raise ValueError("gguf_flash_attn load override must be one of: on, off, auto")
+        checked["gguf_flash_attn"] = normalize_flash_attn(value)
+    for key in ("gguf_type_k", "gguf_type_v"):
+        if key in checked:
+            checked[key] = normalize_cache_type(checked[key])
+    return checked
+
+
+@hookimpl
+def llmpool_estimate_memory(backend: str, model: Any) -> MemoryEstimate | None:
+    if backend != BACKEND:
+        return None
+    if not model.model_path or not os.path.isfile(model.model_path):
+        return None
+    return estimate(model.model_path, model.options)
+
+
+# ----- load / unload ---------------------------------------------------------------------
+
+
+def _check_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise LoadError(f"GGUF model file not found: {path}")
+    if os.path.isdir(path):
+        raise LoadError(f"model_path is a directory, expected a .gguf file: {path}")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise LoadError(f"cannot read GGUF model file {path}: {exc.strerror or exc}") from None
+    if magic != b"GGUF":
+        raise LoadError(f"not a GGUF file (bad magic {magic!r}): {path}")
+
+
+@hookimpl
+def llmpool_load(backend: str, replica_id: str, model: Any) -> GgufRuntime | None:
+    if backend != BACKEND:
+        return None
+    path = os.path.expanduser(model.model_path)
+    _check_file(path)
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        raise LoadError(f"llama-cpp-python is required for the gguf backend: {exc}") from None
+    started = time.perf_counter()
+    try:
+        engine = Engine(path, model.options, replica_id)
+    except ValueError as exc:
+        raise LoadError(f"llama.cpp could not load {path}: {exc} (corrupt file, or an architecture this "
+                        "llama.cpp build does not support?)") from None
+    log.info("gguf_loaded", replica=replica_id, path=path, n_ctx_per_sequence=engine.n_ctx_seq,
+             parallel=engine.n_parallel, seconds=round(time.perf_counter() - started, 2))
+    return GgufRuntime(replica_id=replica_id, model_path=path, options=model.options, engine=engine)
+
+
+@hookimpl
+def llmpool_unload(backend: str, runtime: GgufRuntime) -> bool | None:
+    if backend != BACKEND:
+        return None
+    stats = runtime.engine.stats
+    log.info("gguf_unloaded", replica=runtime.replica_id, steps=stats["steps"],
+             decode_s=round(stats["decode_s"], 2), step_s=round(stats["step_s"], 2))
+    runtime.chat_formatter = None
+    runtime.engine.close()
+    return True
+
+
+# ----- generation ------------------------------------------------------------------------
+
+
+@hookimpl
+def llmpool_stream(backend: str, runtime: GgufRuntime, request: GenerationRequest) -> Iterator[Any] | None:
+    if backend != BACKEND:
+        return None
+    return _generate(runtime, request)
+
+
+def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[TextDelta | Completion]:
+    rendered = render(request)
+    if request.decoding.beam_size > 1:
+        log.info("beam_size_ignored", beam_size=request.decoding.beam_size, model=request.model)
+    engine = runtime.engine
+    with engine.reading():
+        yield from _stream(runtime, engine, request, rendered)
+
+
+def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
+            rendered: Any) -> Iterator[TextDelta | Completion]:
+    decoding = request.decoding
+    started = time.perf_counter()
+    prompt = tokenize_prompt(engine, prompt_text(runtime, request, rendered))
+    tokenized = time.perf_counter()
+    if len(prompt) + 1 > engine.n_ctx_seq:
+        raise BackendError(400, "context_length_exceeded",
+                           f"prompt has {len(prompt)} tokens; the model's context is {engine.n_ctx_seq} tokens "
+                           "per sequence (gguf_n_ctx), and at least one output token must fit")
+    job = Job(prompt=prompt, budget=min(decoding.max_tokens, engine.n_ctx_seq - len(prompt)), decoding=decoding,
+              cancel=request.cancel)
+    engine.submit(job)
+    text = TextChain(rendered)
+    finish: str | None = None
+    left = False  # the loop has let go of the job (its last event was read)
+    try:
+        while finish is None:
+            try:
+                event = job.events.get(timeout=0.05)
+            except queue.Empty:
+                event = None
+            if isinstance(event, tuple):
+                kind, value = event
+                left = True
+                if kind == "error":
+                    raise value if isinstance(value, ApiError | LoadError) else BackendError(
+                        500, "backend_error", f"llama.cpp: {value}")
+                finish = "cancelled" if request.cancel.is_set() else value
+            elif request.cancel.is_set():
+                finish = "cancelled"
+            elif event is not None:
+                yield from text.push(engine.piece(event))
+                if text.stopped:
+                    finish = "stop"
+        yield from text.finish(cancelled=finish == "cancelled")
+    finally:
+        if not left:
+            _let_go(job)
+    ended = time.perf_counter()
+    first = job.first_token_at or ended
+    generate_s = ended - tokenized
+    yield Completion(finish_reason=finish, metrics=BackendMetrics(
+        tokenize_ms=round((tokenized - started) * 1000, 3),
+        time_to_first_token_ms=round((first - tokenized) * 1000, 3),
+        generate_total_ms=round(generate_s * 1000, 3),
+        decode_after_first_token_ms=round((ended - first) * 1000, 3),
+        prompt_tokens=len(prompt), cached_prompt_tokens=job.cached_tokens, output_tokens=job.produced,
+        tokens_per_second=round(job.produced / generate_s, 2) if generate_s > 0 else None))
+
+
+def _let_go(job: Job) -> None:
+    """Tell the loop this request wants no more tokens and wait until it has left its
+    slot (within one step), so a finished stream means a free slot."""
+    job.stop.set()
+    deadline = time.monotonic() + _RELEASE_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            event = job.events.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if isinstance(event, tuple):
+            return

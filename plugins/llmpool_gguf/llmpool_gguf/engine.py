@@ -1,0 +1,491 @@
+"""The decode loop: llama-server's slot loop on llama.cpp's low-level API.
+
+One :class:`Engine` per replica owns a ``llama_model``, one ``llama_context`` made for
+``gguf_parallel`` sequences (each with ``gguf_n_ctx`` cells of its own: the KV cache is
+not unified, as llama-server's ``--parallel N``), one ``llama_batch`` of ``gguf_n_batch``
+tokens and a thread that runs the loop. Each step builds one batch: the next token of
+every generating sequence, then prompt chunks of newly admitted ones while room is left
+(so a long prompt does not stall the others' decoding), calls ``llama_decode`` once and
+samples each sequence that produced logits with its own sampler chain
+(``llama_sampler_sample`` reads them with ``llama_get_logits_ith``).
+
+Slots keep their KV cache after a request: a new request takes the free slot that keeps
+the most (the prefix of its prompt the slot holds, minus the cached tokens it would
+overwrite) and evaluates only the rest; a chat's next turn so skips the previous turns.
+
+The high-level ``llama_cpp.Llama`` is not used: it keeps per-context Python buffers
+(``scores``: ``n_batch × n_vocab`` float32, 512 MiB of address space for Gemma's 262k
+vocabulary) that a loop sampling with ``llama_sampler_sample`` never needs.
+
+Everything that touches the context runs on the loop thread; the request threads only
+tokenize and detokenize (read-only vocabulary calls, thread-safe in llama.cpp) and talk
+to the loop through queues: a job's ``events`` carries sampled token ids, then
+``("done", finish_reason)`` or ``("error", exception)``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import structlog
+
+from llmpool_gguf.options import CACHE_TYPES, GgufOptions, ggml_type
+from llmpoold.errors import BackendError, LoadError
+from llmpoold.types import Decoding
+
+log = structlog.get_logger("llmpool_gguf")
+
+_BACKEND_READY = False
+_BACKEND_LOCK = threading.Lock()
+
+_DECODE_ERRORS = {1: "no KV cache slot for the batch", 2: "aborted", -1: "invalid input batch"}
+
+
+def _low() -> Any:
+    from llama_cpp import llama_cpp as low
+
+    return low
+
+
+def _init_backend() -> None:
+    global _BACKEND_READY
+    with _BACKEND_LOCK:
+        if not _BACKEND_READY:
+            # llama-cpp-python prints llama.cpp's log lines unless its logger is above INFO
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+            _low().llama_backend_init()
+            _BACKEND_READY = True
+
+
+def _cache_type_id(key: str, name: str | None) -> int | None:
+    if name is None:
+        return None
+    value = ggml_type(name)
+    if value is None:
+        raise LoadError(f"{key}: unsupported GGUF cache type: '{name}' (this llama.cpp build has no "
+                        f"GGML_TYPE_{name.upper()}; try one of {', '.join(CACHE_TYPES)})")
+    return value
+
+
+@dataclass(eq=False)
+class Job:
+    """One request inside the loop. The request thread sets ``stop`` when it no longer
+    wants tokens (stop string matched, client gone); the loop then frees the slot."""
+
+    prompt: list[int]
+    budget: int
+    decoding: Decoding
+    cancel: Any
+    events: queue.Queue[Any] = field(default_factory=queue.Queue)
+    stop: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV cache was reused
+    produced: int = 0
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    tokens: list[int] = field(default_factory=list)  # what this sequence's KV cache holds, in order
+    job: Job | None = None
+    sampler: Any = None
+    pending: int | None = None  # the sampled token, decoded in the next step
+    i_batch: int = -1  # index of this slot's logits in the current batch
+    last_used: float = 0.0
+
+
+class Engine:
+    """A loaded GGUF model with ``gguf_parallel`` sequence slots and its decode loop."""
+
+    def __init__(self, path: str, options: GgufOptions, replica_id: str) -> None:
+        low = _low()
+        _init_backend()
+        self.options = options
+        self.replica_id = replica_id
+        self.n_parallel = options.gguf_parallel
+        cache_types = {key: _cache_type_id(f"gguf_{key}", name)
+                       for key, name in (("type_k", options.gguf_type_k), ("type_v", options.gguf_type_v))}
+        mparams = low.llama_model_default_params()
+        mparams.n_gpu_layers = 0x7FFFFFFF if options.gguf_n_gpu_layers == -1 else options.gguf_n_gpu_layers
+        mparams.use_extra_bufts = options.gguf_repack
+        self.model = low.llama_model_load_from_file(path.encode("utf-8"), mparams)
+        if not self.model:
+            raise ValueError("llama_model_load_from_file failed")
+        self.ctx: Any = None
+        self.batch: Any = None
+        try:
+            self.vocab = low.llama_model_get_vocab(self.model)
+            self.n_vocab = low.llama_vocab_n_tokens(self.vocab)
+            self.bos = low.llama_vocab_bos(self.vocab)
+            self.eos = low.llama_vocab_eos(self.vocab)
+            self.add_bos = bool(low.llama_vocab_get_add_bos(self.vocab))
+            self.ctx = low.llama_init_from_model(self.model, self._context_params(options, cache_types))
+            if not self.ctx:
+                raise ValueError("llama_init_from_model failed (context too large for memory?)")
+            self.memory = low.llama_get_memory(self.ctx)
+            self.n_ctx_seq = low.llama_n_ctx_seq(self.ctx)
+            self.n_batch = low.llama_n_batch(self.ctx)
+            self.n_swa = 0 if options.gguf_swa_full else low.llama_model_n_swa(self.model)
+            self.batch = low.llama_batch_init(self.n_batch, 0, 1)
+        except BaseException:
+            self._free()
+            raise
+        # A seam for fault injection in tests: called as decode(ctx, batch) -> int.
+        self.decode = low.llama_decode
+        self.slots = [_Slot(seq_id=i) for i in range(self.n_parallel)]
+        # counters for tests and the benchmark's profile: steps, seconds inside llama_decode and
+        # in whole steps, tokens decoded, most sequences in one batch
+        self.stats: dict[str, float] = {"steps": 0, "decode_s": 0.0, "step_s": 0.0, "tokens": 0, "peak_sequences": 0}
+        self._pending: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: deque[Job] = deque()
+        self._closing = False
+        self._readers, self._readers_lock = 0, threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"llmpool-gguf-{replica_id}", daemon=True)
+        self._thread.start()
+
+    def _context_params(self, options: GgufOptions, cache_types: dict[str, int | None]) -> Any:
+        low = _low()
+        params = low.llama_context_default_params()
+        params.n_seq_max = self.n_parallel
+        params.kv_unified = False  # each sequence owns gguf_n_ctx cells
+        params.n_ctx = options.gguf_n_ctx * self.n_parallel
+        params.n_batch = params.n_ubatch = min(options.gguf_n_batch, params.n_ctx)
+        # the loop asks for one row of logits per sequence per step
+        params.n_outputs_max = self.n_parallel
+        threads = options.gguf_n_threads or os.cpu_count() or 1
+        params.n_threads = params.n_threads_batch = threads
+        params.flash_attn_type = {"on": low.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": low.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                                  "auto": low.LLAMA_FLASH_ATTN_TYPE_AUTO}[options.gguf_flash_attn]
+        params.swa_full = options.gguf_swa_full
+        params.no_perf = True
+        for key, value in cache_types.items():
+            if value is not None:
+                setattr(params, key, value)
+        return params
+
+    # ----- vocabulary (any thread) -------------------------------------------------------
+
+    def tokenize(self, data: bytes, *, special: bool) -> list[int]:
+        """``data`` as tokens, no BOS added; ``special`` parses special-token markup."""
+        low = _low()
+        size = len(data) + 8
+        buf = (low.llama_token * size)()
+        n = low.llama_tokenize(self.vocab, data, len(data), buf, size, False, special)
+        if n < 0:
+            size = -n
+            buf = (low.llama_token * size)()
+            n = low.llama_tokenize(self.vocab, data, len(data), buf, size, False, special)
+            if n < 0:
+                raise BackendError(500, "backend_error", f"llama_tokenize failed ({n})")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes of one generated token (special tokens render as nothing)."""
+        low = _low()
+        buf = ctypes.create_string_buffer(64)
+        n = low.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = low.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def token_text(self, token: int) -> str:
+        if token == -1:
+            return ""
+        return (_low().llama_vocab_get_text(self.vocab, token) or b"").decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(_low().llama_vocab_is_eog(self.vocab, token))
+
+    def metadata(self, key: str) -> str | None:
+        """One GGUF metadata value as a string (None when absent)."""
+        low = _low()
+        size = 4096
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = low.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    # ----- requests (request threads) ----------------------------------------------------
+
+    def new_sampler(self, decoding: Decoding) -> Any:
+        """A sampler chain for one request, as llama-cpp-python's ``Llama.generate``
+        builds it: repetition penalty over the last 64 tokens, then greedy when
+        ``temperature`` is 0 or ``top_k`` is 1, else top-k, top-p, temperature and a draw.
+        None for plain greedy decoding: the loop then takes the argmax of the logits
+        itself (llama.cpp's greedy sampler picks the same token, the first of the highest
+        logits, but first copies all 262k candidates of a Gemma vocabulary per token)."""
+        low = _low()
+        greedy = decoding.temperature <= 0 or decoding.top_k == 1
+        if greedy and decoding.repetition_penalty == 1.0:
+            return None
+        chain = low.llama_sampler_chain_init(low.llama_sampler_chain_default_params())
+        if decoding.repetition_penalty != 1.0:
+            low.llama_sampler_chain_add(chain, low.llama_sampler_init_penalties(
+                self.n_vocab, 64, decoding.repetition_penalty, 0.0, 0.0))
+        if greedy:
+            low.llama_sampler_chain_add(chain, low.llama_sampler_init_greedy())
+        else:
+            if decoding.top_k > 0:
+                low.llama_sampler_chain_add(chain, low.llama_sampler_init_top_k(decoding.top_k))
+            if decoding.top_p < 1.0:
+                low.llama_sampler_chain_add(chain, low.llama_sampler_init_top_p(decoding.top_p, 1))
+            low.llama_sampler_chain_add(chain, low.llama_sampler_init_temp(decoding.temperature))
+            seed = self.options.gguf_seed or low.LLAMA_DEFAULT_SEED
+            low.llama_sampler_chain_add(chain, low.llama_sampler_init_dist(seed))
+        return chain
+
+    def submit(self, job: Job) -> None:
+        if self._closing:
+            raise LoadError(f"replica {self.replica_id} is unloaded")
+        self._pending.put(job)
+
+    def reading(self) -> Any:
+        """Context manager around a request thread's use of the vocabulary, so that
+        :meth:`close` frees the model only once no request thread reads it."""
+        engine = self
+
+        class _Reading:
+            def __enter__(self) -> None:
+                with engine._readers_lock:
+                    if engine.model is None:
+                        raise LoadError(f"replica {engine.replica_id} is unloaded")
+                    engine._readers += 1
+
+            def __exit__(self, *exc: object) -> None:
+                with engine._readers_lock:
+                    engine._readers -= 1
+
+        return _Reading()
+
+    def busy_slots(self) -> int:
+        return sum(1 for slot in self.slots if slot.job is not None)
+
+    def close(self) -> None:
+        """Stop the loop (jobs still inside get an error), then free llama.cpp's objects."""
+        self._closing = True
+        self._pending.put(None)
+        self._thread.join(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the request threads leave on the loop's error
+            with self._readers_lock:
+                if self._readers == 0:
+                    self._free()
+                    return
+            time.sleep(0.01)
+        log.error("gguf_unload_with_readers", replica=self.replica_id, readers=self._readers)
+
+    def _free(self) -> None:
+        low = _low()
+        if self.batch is not None:
+            low.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx:
+            low.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            low.llama_model_free(self.model)
+            self.model = None
+
+    # ----- the loop (its own thread) -----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._take_jobs():
+                self._release_unwanted()
+                self._admit()
+                if any(slot.job is not None for slot in self.slots):
+                    self._step()
+        except BaseException as exc:  # noqa: BLE001 - the requests inside must hear of it
+            log.error("gguf_loop_failed", replica=self.replica_id, error=repr(exc))
+            self._fail_all(BackendError(500, "backend_error", f"llama.cpp decode loop failed: {exc}"))
+            raise
+        self._fail_all(LoadError(f"replica {self.replica_id} is unloaded"))
+
+    def _take_jobs(self) -> bool:
+        """Move new jobs to the waiting line; block only when there is nothing to do.
+        False once the engine is closing."""
+        idle = not self._waiting and all(slot.job is None for slot in self.slots)
+        while True:
+            try:
+                job = self._pending.get(block=idle)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            self._waiting.append(job)
+            idle = False
+
+    def _release_unwanted(self) -> None:
+        for slot in self.slots:
+            job = slot.job
+            if job is not None and (job.stop.is_set() or job.cancel.is_set()):
+                self._release(slot, ("done", "cancelled"))
+        for job in list(self._waiting):
+            if job.stop.is_set() or job.cancel.is_set():
+                self._waiting.remove(job)
+                job.events.put(("done", "cancelled"))
+
+    def _admit(self) -> None:
+        low = _low()
+        while self._waiting:
+            free = [slot for slot in self.slots if slot.job is None]
+            if not free:
+                return
+            job = self._waiting.popleft()
+            slot, shared = self._choose(free, job.prompt)
+            # at least the last prompt token is evaluated: its logits give the first token
+            n_past = min(shared, len(job.prompt) - 1)
+            if not self._keep_prefix(slot, n_past):
+                low.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                n_past = 0
+            del slot.tokens[n_past:]
+            job.cached_tokens = n_past
+            slot.job, slot.pending = job, None
+            slot.sampler = self.new_sampler(job.decoding)
+
+    @staticmethod
+    def _choose(free: list[_Slot], prompt: list[int]) -> tuple[_Slot, int]:
+        """The free slot that keeps the most: the prompt prefix it already holds minus the
+        cached tokens the prompt would overwrite (ties: the least recently used). So a
+        chat's next turn or a question after a cached system prompt reuses that cache, and
+        a short unrelated prompt takes an empty or small slot rather than overwrite a long
+        prefix only because both start with BOS. Returns the slot and the shared length."""
+        best: tuple[int, float] | None = None
+        choice, shared = free[0], 0
+        for slot in free:
+            n = 0
+            for a, b in zip(slot.tokens, prompt, strict=False):
+                if a != b:
+                    break
+                n += 1
+            score = (n - (len(slot.tokens) - n), -slot.last_used)
+            if best is None or score > best:
+                best, choice, shared = score, slot, n
+        return choice, shared
+
+    def _keep_prefix(self, slot: _Slot, n_past: int) -> bool:
+        """Drop the slot's cache from ``n_past`` on; False when the rest cannot be reused
+        (a partial removal llama.cpp refuses, or sliding-window layers that no longer
+        hold the window before ``n_past``)."""
+        low = _low()
+        if n_past <= 0:
+            return False
+        if not low.llama_memory_seq_rm(self.memory, slot.seq_id, n_past, -1):
+            return False
+        if self.n_swa > 0:
+            pos_min = low.llama_memory_seq_pos_min(self.memory, slot.seq_id)
+            if pos_min > max(0, n_past - self.n_swa):
+                return False
+        return True
+
+    def _step(self) -> None:
+        low = _low()
+        started = time.perf_counter()
+        batch, n = self.batch, 0
+        chunks: list[tuple[_Slot, list[int]]] = []
+        for slot in self.slots:
+            slot.i_batch = -1
+            if slot.job is not None and slot.pending is not None:
+                self._put(batch, n, slot.pending, len(slot.tokens), slot.seq_id, True)
+                slot.i_batch = n
+                chunks.append((slot, [slot.pending]))
+                n += 1
+        for slot in self.slots:
+            job = slot.job
+            if job is None or slot.pending is not None or n >= self.n_batch:
+                continue
+            chunk = job.prompt[len(slot.tokens):len(slot.tokens) + self.n_batch - n]
+            ends = len(slot.tokens) + len(chunk) == len(job.prompt)
+            for k, token in enumerate(chunk):
+                self._put(batch, n + k, token, len(slot.tokens) + k, slot.seq_id, ends and k == len(chunk) - 1)
+            if ends:
+                slot.i_batch = n + len(chunk) - 1
+            chunks.append((slot, chunk))
+            n += len(chunk)
+        batch.n_tokens = n
+        decode_started = time.perf_counter()
+        ret = self.decode(self.ctx, batch)
+        decoded = time.perf_counter()
+        self.stats["decode_s"] += decoded - decode_started
+        if ret != 0:
+            meaning = _DECODE_ERRORS.get(ret, "fatal error")
+            log.error("gguf_decode_failed", replica=self.replica_id, code=ret, tokens=n, sequences=len(chunks))
+            for slot, _ in chunks:
+                low.llama_memory_seq_rm(self.memory, slot.seq_id, -1, -1)
+                slot.tokens.clear()
+                self._release(slot, ("error", BackendError(
+                    500, "backend_error", f"llama_decode failed ({ret}: {meaning}) for a batch of {n} tokens")))
+            return
+        now = time.perf_counter()
+        for slot, chunk in chunks:
+            slot.tokens.extend(chunk)
+            if slot.i_batch < 0:
+                continue
+            job = slot.job
+            assert job is not None
+            if slot.sampler is None:
+                logits = np.ctypeslib.as_array(low.llama_get_logits_ith(self.ctx, slot.i_batch), shape=(self.n_vocab,))
+                token = int(logits.argmax())
+            else:
+                token = low.llama_sampler_sample(slot.sampler, self.ctx, slot.i_batch)
+            job.produced += 1
+            if job.first_token_at is None:
+                job.first_token_at = now
+            if self.is_eog(token):
+                self._release(slot, ("done", "stop"))
+                continue
+            job.events.put(token)
+            slot.pending = token
+            if job.produced >= job.budget:
+                self._release(slot, ("done", "length"))
+        self.stats["steps"] += 1
+        self.stats["tokens"] += n
+        self.stats["peak_sequences"] = max(self.stats["peak_sequences"], len(chunks))
+        self.stats["step_s"] += time.perf_counter() - started
+
+    @staticmethod
+    def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+
+    def _release(self, slot: _Slot, event: tuple[str, Any]) -> None:
+        """The job leaves its slot; the slot's KV cache stays for the next prompt."""
+        if slot.sampler is not None:
+            _low().llama_sampler_free(slot.sampler)
+            slot.sampler = None
+        if slot.job is not None:
+            slot.job.events.put(event)
+        slot.job, slot.pending, slot.i_batch = None, None, -1
+        slot.last_used = time.perf_counter()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for slot in self.slots:
+            if slot.job is not None:
+                self._release(slot, ("error", exc))
+        while self._waiting:
+            self._waiting.popleft().events.put(("error", exc))
+        while True:
+            try:
+                job = self._pending.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.events.put(("error", exc))
