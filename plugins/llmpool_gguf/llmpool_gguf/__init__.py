@@ -36,15 +36,16 @@ from llmpool_gguf.options import (
     normalize_cache_type,
     normalize_flash_attn,
 )
-from llmpool_gguf.prompt import TextChain, _chat_template_prompt, prompt_text, tokenize_prompt
+from llmpool_gguf.prompt import _chat_template_prompt, prompt_segments, prompt_tokens, text_pipeline
 from llmpoold import hookimpl
 from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.prompts import capabilities_for, render
-from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
+from llmpoold.prompts import SEED_THINKING_FORMATS, capabilities_for, render
+from llmpoold.textstream import GenerationClock
+from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
 
 __all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_template_prompt", "estimate", "ggml_type",
-           "normalize_cache_type", "normalize_flash_attn", "prompt_text", "read_gguf_header", "tokenize_prompt"]
+           "normalize_cache_type", "normalize_flash_attn", "prompt_segments", "prompt_tokens", "read_gguf_header"]
 
 BACKEND = "gguf"
 log = structlog.get_logger("llmpool_gguf")
@@ -77,8 +78,8 @@ def llmpool_backends() -> list[BackendSpec]:
 def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != BACKEND:
         return None
-    return ModelTraits(capabilities=capabilities_for(model.prompt_format, ("text",)),
-                       concurrency=model.options.gguf_parallel)
+    capabilities = capabilities_for(model.prompt_format, ("text",), thinking_formats=SEED_THINKING_FORMATS["gguf"])
+    return ModelTraits(capabilities=capabilities, concurrency=model.options.gguf_parallel)
 
 
 @hookimpl
@@ -183,9 +184,9 @@ def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[Text
 def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
             rendered: Any) -> Iterator[TextDelta | Completion]:
     decoding = request.decoding
-    started = time.perf_counter()
-    prompt = tokenize_prompt(engine, prompt_text(runtime, request, rendered))
-    tokenized = time.perf_counter()
+    clock = GenerationClock()
+    prompt = prompt_tokens(runtime, request, rendered)
+    clock.tokenized()
     if len(prompt) + 1 > engine.n_ctx_seq:
         raise BackendError(400, "context_length_exceeded",
                            f"prompt has {len(prompt)} tokens; the model's context is {engine.n_ctx_seq} tokens "
@@ -193,7 +194,7 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
     job = Job(prompt=prompt, budget=min(decoding.max_tokens, engine.n_ctx_seq - len(prompt)), decoding=decoding,
               cancel=request.cancel)
     engine.submit(job)
-    text = TextChain(rendered)
+    text = text_pipeline(rendered)
     finish: str | None = None
     left = False  # the loop has let go of the job (its last event was read)
     try:
@@ -212,6 +213,7 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
             elif request.cancel.is_set():
                 finish = "cancelled"
             elif event is not None:
+                clock.first_token()
                 yield from text.push(engine.piece(event))
                 if text.stopped:
                     finish = "stop"
@@ -219,16 +221,8 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
     finally:
         if not left:
             _let_go(job)
-    ended = time.perf_counter()
-    first = job.first_token_at or ended
-    generate_s = ended - tokenized
-    yield Completion(finish_reason=finish, metrics=BackendMetrics(
-        tokenize_ms=round((tokenized - started) * 1000, 3),
-        time_to_first_token_ms=round((first - tokenized) * 1000, 3),
-        generate_total_ms=round(generate_s * 1000, 3),
-        decode_after_first_token_ms=round((ended - first) * 1000, 3),
-        prompt_tokens=len(prompt), cached_prompt_tokens=job.cached_tokens, output_tokens=job.produced,
-        tokens_per_second=round(job.produced / generate_s, 2) if generate_s > 0 else None))
+    yield Completion(finish_reason=finish, metrics=clock.metrics(
+        prompt_tokens=len(prompt), cached_prompt_tokens=job.cached_tokens, output_tokens=job.produced))
 
 
 def _let_go(job: Job) -> None:

@@ -88,7 +88,6 @@ class Job:
     events: queue.Queue[Any] = field(default_factory=queue.Queue)
     stop: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused
     produced: int = 0
 
@@ -431,7 +430,6 @@ class Engine:
                 self._release(slot, ("error", BackendError(
                     500, "backend_error", f"llama_decode failed ({ret}: {meaning}) for a batch of {n} tokens")))
             return
-        now = time.perf_counter()
         for slot, chunk in chunks:
             slot.tokens.extend(chunk)
             if slot.i_batch < 0:
@@ -444,8 +442,6 @@ class Engine:
             else:
                 token = low.llama_sampler_sample(slot.sampler, self.ctx, slot.i_batch)
             job.produced += 1
-            if job.first_token_at is None:
-                job.first_token_at = now
             if self.is_eog(token):
                 self._release(slot, ("done", "stop"))
                 continue

@@ -1,8 +1,9 @@
 """From a request to prompt tokens, and from generated tokens to text deltas.
 
-Two seams kept small on purpose: :func:`tokenize_prompt` is the only place a prompt is
-tokenized, :class:`TextChain` the only place token bytes become text deltas
-(``Utf8Stream`` → ``StopFilter`` → ``ReasoningSplitter``).
+Two seams kept small on purpose: :func:`prompt_tokens` is the only place a prompt is
+tokenized (template markup with special-token parsing, the client's text without it:
+user text cannot forge turns), :func:`text_pipeline` the only place token bytes become
+text deltas (the SDK's :class:`~llmpoold.textstream.TextPipeline` over UTF-8 bytes).
 """
 
 from __future__ import annotations
@@ -10,21 +11,22 @@ from __future__ import annotations
 from typing import Any
 
 from llmpoold.errors import BackendError
-from llmpoold.prompts import RenderedPrompt
-from llmpoold.textstream import ReasoningSplitter, StopFilter, Utf8Stream
-from llmpoold.types import GenerationRequest, TextDelta
+from llmpoold.prompts import PromptSegment, RenderedPrompt, template_segments, tokenize_segments
+from llmpoold.textstream import TextPipeline, Utf8Stream
+from llmpoold.types import GenerationRequest
 
 
-def prompt_text(runtime: Any, request: GenerationRequest, rendered: RenderedPrompt) -> str:
-    """The text to tokenize: the format's own rendering, or the GGUF's embedded template
-    for ``chat_template``. ``gemma4_template`` prefers the embedded template, which carries
-    Gemma 4's thinking switch (``enable_thinking``), as the seed does, and falls back to
-    the rendered text for a GGUF without one."""
+def prompt_segments(runtime: Any, request: GenerationRequest, rendered: RenderedPrompt) -> tuple[PromptSegment, ...]:
+    """The prompt as segments: the format's own rendering, or the GGUF's embedded
+    template for ``chat_template``. ``gemma4_template`` prefers the embedded template,
+    which carries Gemma 4's thinking switch (``enable_thinking``), as the seed does, and
+    falls back to the rendered prompt for a GGUF without one."""
     gemma4_templated = (request.prompt_format == "gemma4_template"
                         and bool(runtime.engine.metadata("tokenizer.chat_template")))
     if rendered.text is None or gemma4_templated:
-        return _chat_template_prompt(runtime, request, rendered.messages)
-    return rendered.text
+        return template_segments(rendered.messages, lambda msgs: _chat_template_prompt(runtime, request, msgs),
+                                 _tokenizer(runtime.engine), model=request.model)
+    return rendered.segments
 
 
 def _chat_template_prompt(runtime: Any, request: GenerationRequest, messages: Any) -> str:
@@ -43,36 +45,21 @@ def _chat_template_prompt(runtime: Any, request: GenerationRequest, messages: An
     return str(runtime.chat_formatter(messages=list(messages), **extra).prompt)
 
 
-def tokenize_prompt(engine: Any, text: str) -> list[int]:
-    """The prompt's tokens: ``text`` with special-token markup parsed, and the model's
-    BOS first when the model wants one and the text did not write it (``raw``)."""
-    tokens = engine.tokenize(text.encode("utf-8"), special=True)
+def _tokenizer(engine: Any) -> Any:
+    return lambda text, special: engine.tokenize(text.encode("utf-8"), special=special)
+
+
+def prompt_tokens(runtime: Any, request: GenerationRequest, rendered: RenderedPrompt) -> list[int]:
+    """The prompt's tokens (markup parsed as special tokens, text as text), and the
+    model's BOS first when the model wants one and the prompt did not write it (``raw``)."""
+    engine = runtime.engine
+    tokens = tokenize_segments(prompt_segments(runtime, request, rendered), _tokenizer(engine))
     if engine.add_bos and engine.bos != -1 and tokens[:1] != [engine.bos]:
         tokens.insert(0, engine.bos)
     return tokens
 
 
-class TextChain:
+def text_pipeline(rendered: RenderedPrompt) -> TextPipeline:
     """One request's generated token bytes → text deltas: split UTF-8 characters held
     until complete, stop strings never leaked, reasoning separated from the answer."""
-
-    def __init__(self, rendered: RenderedPrompt) -> None:
-        self._utf8 = Utf8Stream()
-        self._stops = StopFilter(rendered.stops)
-        self._splitter = ReasoningSplitter(rendered.reasoning_markers, inside=False)
-
-    @property
-    def stopped(self) -> bool:
-        """A stop string has been matched: the request wants no more tokens."""
-        return self._stops.stopped
-
-    def push(self, piece: bytes) -> list[TextDelta]:
-        return self._splitter.push(self._stops.push(self._utf8.push(piece)))
-
-    def finish(self, *, cancelled: bool) -> list[TextDelta]:
-        """What was held back, once generation has ended (nothing more after a stop
-        string or a cancel)."""
-        out = []
-        if not self._stops.stopped and not cancelled:
-            out += self._splitter.push(self._stops.push(self._utf8.flush()) + self._stops.flush())
-        return out + self._splitter.flush()
+    return TextPipeline(rendered.stops, rendered.reasoning_markers, decoder=Utf8Stream())
