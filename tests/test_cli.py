@@ -72,6 +72,11 @@ def test_run_streams_and_equals_the_json_answer(echo_daemon: Daemon) -> None:
     assert as_json.returncode == 0, as_json.stderr
     answer = json.loads(as_json.stdout)
     assert answer["output_text"] == prompt and answer["metrics"]["engine_output_tokens"] == 6
+    option_first = llmpool(echo_daemon.url, "run", "echo", "--json", prompt)  # options may come before PROMPT
+    assert option_first.returncode == 0, option_first.stderr
+    assert json.loads(option_first.stdout)["output_text"] == prompt
+    extra = llmpool(echo_daemon.url, "run", "echo", prompt, "surplus")
+    assert extra.returncode == 2 and "unrecognized arguments: surplus" in extra.stderr
 
     from_stdin = llmpool(echo_daemon.url, "run", "echo", stdin="read from stdin\n")
     assert from_stdin.returncode == 0 and from_stdin.stdout == "read from stdin\n"

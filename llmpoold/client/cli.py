@@ -316,7 +316,14 @@ COMMANDS: dict[str, Callable[[Client, argparse.Namespace], int]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "run" and args.prompt is None and len(extra) == 1 and not extra[0].startswith("-"):
+        # `llmpool run NAME --json PROMPT`: argparse settles the optional PROMPT before it
+        # sees the option, and would call the prompt an unrecognized argument.
+        args.prompt, extra = extra[0], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "check":
         return cmd_check(args)
     client = Client(args.url, timeout=args.timeout)
