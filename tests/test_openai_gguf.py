@@ -101,3 +101,27 @@ async def test_legacy_completions_continue_the_raw_prompt_on_gguf(aiohttp_client
         await aio.chat.completions.create(model="chat", messages=[{"role": "user", "content": prompt}],
                                           response_format={"type": "json_object"})
     assert err.value.code == "response_format_unsupported"
+
+
+async def test_context_overflow_is_a_bad_request_with_the_numbers(aiohttp_client: Any, gguf_path: str) -> None:
+    """Prompt tokens + max_tokens beyond the context: OpenAI's ``context_length_exceeded``,
+    never a budget cut short silently."""
+    entry = {"backend": "gguf", "model_path": gguf_path, "gguf_n_ctx": 256, "isolation": "inline",
+             "prompt_format": "raw"}
+    app = create_app(settings_from({"engine": {"models": {"raw": entry}}}), make_registry("gguf"))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    messages = [{"role": "user", "content": "The capital of France is"}]
+    with pytest.raises(openai.BadRequestError) as err:
+        await aio.chat.completions.create(model="raw", messages=messages, max_tokens=300)
+    assert err.value.code == "context_length_exceeded"
+    assert "max_tokens is 300" in err.value.message and "context is 256 tokens" in err.value.message
+    # streamed: the headers are out before the backend tokenizes, so the refusal is the error event
+    stream = await aio.chat.completions.create(model="raw", messages=messages, max_tokens=300, stream=True)
+    with pytest.raises(openai.APIError) as err:
+        async for _ in stream:
+            pass
+    assert "context is 256 tokens" in err.value.message
+    done = await aio.chat.completions.create(model="raw", messages=messages, max_tokens=8, temperature=0.0)
+    assert done.usage is not None and done.usage.completion_tokens <= 8

@@ -114,6 +114,8 @@ class ChatBody(OpenAIExtras):
     reasoning_effort: _Effort | None = None
     stream_options: StreamOptions | None = None
     response_format: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI's bounds
 
 
 class _Reasoning(_Body):
@@ -280,6 +282,10 @@ def chat_request(data: Any) -> tuple[ChatBody, ResponseRequest]:
     body: ChatBody = parse_body(ChatBody, data)
     if body.n is not None and body.n != 1:
         raise _unsupported("n", "n must be 1: llmpool returns one choice per request")
+    if body.logprobs or body.top_logprobs:  # refused, never ignored silently (issue 16)
+        raise _unsupported("logprobs" if body.logprobs else "top_logprobs",
+                           "logprobs and top_logprobs are not supported yet: no llmpool backend returns token "
+                           "log probabilities")
     limit = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
              else (body.max_tokens, "max_tokens"))
     return body, seed_request_of(body, _conversation(body.messages, "messages", None), conversation_param="messages",

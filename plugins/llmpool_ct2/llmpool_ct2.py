@@ -65,6 +65,29 @@ class Ct2Options(BaseModel):
     ct2_max_batch_size: int = Field(8, ge=1, le=256)
     ct2_batch_wait_ms: float = Field(5.0, ge=0, le=1000)
     ct2_cache_static_prompt: bool = True
+    ct2_max_context: int | None = Field(
+        None, ge=1, description="prompt + max_tokens limit; null: the model's max_position_embeddings from "
+        "config.json, else the tokenizer's model_max_length, else no limit is known")
+
+
+def context_limit(path: str, options: Ct2Options, tokenizer: Any) -> int | None:
+    """The model's context in tokens: ``ct2_max_context``, else ``max_position_embeddings``
+    in the directory's ``config.json`` (top level or ``text_config``; a Hugging Face config
+    copied next to ``model.bin``), else the tokenizer's ``model_max_length`` when it is a
+    real number (transformers writes ~1e30 for "unknown"), else None (unknown)."""
+    if options.ct2_max_context is not None:
+        return options.ct2_max_context
+    try:
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+            config = json.load(fh)
+    except (OSError, ValueError):
+        config = {}
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("max_position_embeddings") if isinstance(section, dict) else None
+        if isinstance(value, int) and value > 0:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 0 < value < 10**8 else None
 
 
 @dataclass
@@ -120,6 +143,7 @@ class Ct2Runtime:
         self.generator = generator
         self.tokenizer = tokenizer
         self.vocab = set(tokenizer.get_vocab())
+        self.max_context = context_limit(path, options, tokenizer)
         probe = "x"
         self.adds_bos = tokenizer(probe).input_ids[:1] != tokenizer(probe, add_special_tokens=False).input_ids[:1]
         # The pieces every request of a format shares (a system turn, think tags) are
@@ -445,6 +469,12 @@ def _generate(runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[TextD
     # matched in the text. The tokenizer's EOS always ends it.
     end_tokens = tuple(dict.fromkeys(
         [t for t in (tokenizer.eos_token, *rendered.stops) if t and t in runtime.vocab]))
+    limit = runtime.max_context
+    if limit is not None and len(ids) + request.decoding.max_tokens > limit:
+        raise BackendError(400, "context_length_exceeded",
+                           f"prompt has {len(ids)} tokens and max_tokens is {request.decoding.max_tokens}: "
+                           f"{len(ids) + request.decoding.max_tokens} tokens; the model's context is {limit} "
+                           "tokens (ct2_max_context, or max_position_embeddings in config.json)")
     tokens = tokenizer.convert_ids_to_tokens(ids)
     static = _static_prefix(runtime, request, rendered, tokens)
     job = _Job(request=request, tokens=tokens[len(static):], end_tokens=end_tokens, static=static,

@@ -691,10 +691,12 @@ def _generate(runtime: Exl3Runtime, request: GenerationRequest) -> Iterator[Text
     ids = _encode(runtime, request, rendered)
     clock.tokenized()
     prompt_tokens = int(ids.shape[-1])
-    if prompt_tokens + 1 > runtime.options.exllama_cache_size:
+    # Honest limits (issue 16): the prompt and the whole max_tokens budget must fit the cache.
+    limit, budget = runtime.options.exllama_cache_size, decoding.max_tokens
+    if prompt_tokens + budget > limit:
         raise BackendError(400, "context_length_exceeded",
-                           f"prompt has {prompt_tokens} tokens; the cache holds {runtime.options.exllama_cache_size} "
-                           "(exllama_cache_size)")
+                           f"prompt has {prompt_tokens} tokens and max_tokens is {budget}: {prompt_tokens + budget} "
+                           f"tokens; the model's context is {limit} tokens (exllama_cache_size)")
     sampler = exl3.ComboSampler(rep_p=decoding.repetition_penalty, top_k=decoding.top_k, top_p=decoding.top_p,
                                 temperature=decoding.temperature, min_p=0.0)
     key = runtime.next_id()

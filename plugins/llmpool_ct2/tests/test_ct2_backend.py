@@ -17,6 +17,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from llmpoold.config import resolve_model_options
+from llmpoold.errors import BackendError
 from llmpoold.http.app import create_app
 from llmpoold.http.keys import POOL
 from llmpoold.replicas.bridge import iterate_in_thread
@@ -365,3 +366,33 @@ def test_thinking_switch_only_on_qwen3_as_in_the_seed(registry: Any, fmt: str, m
     assert capabilities.thinking_modes == modes
     assert (capabilities.response_formats, capabilities.tools, capabilities.thinking_token_budget) == (
         ("text",), False, None)
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_a_400(registry: Any, runtime: Any,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    text = "The capital of France is"
+    _, _, done = run(registry, runtime, text, max_tokens=4)
+    prompt = done.metrics.prompt_tokens
+    monkeypatch.setattr(runtime, "max_context", prompt + 4)
+    _, _, done = run(registry, runtime, text, max_tokens=4)  # exactly the context fits
+    assert done.metrics.output_tokens <= 4
+    with pytest.raises(BackendError) as err:
+        run(registry, runtime, text, max_tokens=5)
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+    assert f"prompt has {prompt} tokens and max_tokens is 5: {prompt + 5} tokens" in err.value.message
+    assert f"context is {prompt + 4} tokens" in err.value.message
+
+
+def test_context_limit_comes_from_the_option_then_the_config(tmp_path: Path) -> None:
+    from llmpool_ct2 import Ct2Options, context_limit
+
+    class Tokenizer:
+        model_max_length = int(1e30)  # transformers' "unknown"
+
+    assert context_limit(str(tmp_path), Ct2Options(), Tokenizer()) is None
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {"max_position_embeddings": 32768}}))
+    assert context_limit(str(tmp_path), Ct2Options(), Tokenizer()) == 32768
+    assert context_limit(str(tmp_path), Ct2Options(ct2_max_context=100), Tokenizer()) == 100
+    Tokenizer.model_max_length = 2048
+    (tmp_path / "config.json").write_text("{}")
+    assert context_limit(str(tmp_path), Ct2Options(), Tokenizer()) == 2048

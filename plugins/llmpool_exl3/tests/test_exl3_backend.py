@@ -426,6 +426,19 @@ def test_prompt_longer_than_the_cache_is_a_400(runtime: Any, fake_exl3: ModuleTy
     assert not runtime.streams
 
 
+def test_prompt_plus_max_tokens_beyond_the_cache_is_a_400(runtime: Any, fake_exl3: ModuleType) -> None:
+    """A prompt that fits with a budget that does not is refused, never cut short silently."""
+    done = collect(stream(runtime, make_request(max_tokens=2)))[-1]
+    prompt = done.metrics.prompt_tokens
+    cache = runtime.options.exllama_cache_size
+    with pytest.raises(BackendError) as err:
+        collect(stream(runtime, make_request(max_tokens=cache - prompt + 1)))
+    assert err.value.status == 400 and err.value.code == "context_length_exceeded"
+    assert f"prompt has {prompt} tokens and max_tokens is {cache - prompt + 1}: {cache + 1} tokens" in err.value.message
+    assert f"context is {cache} tokens (exllama_cache_size)" in err.value.message
+    assert not runtime.streams
+
+
 def test_prompt_format_errors_are_400s(runtime: Any) -> None:
     base = make_request(prompt_format="translategemma_template")
     with pytest.raises(ApiError) as err:
@@ -511,7 +524,7 @@ def test_iterate_exception_fails_jobs_in_flight_and_runtime_recovers(runtime: An
 def test_unload_ends_streams_in_flight(exl3_model_dir: Path, fake_exl3: ModuleType) -> None:
     fake_exl3.STEP_DELAY = 0.01
     rt = load(exl3_model_dir, exllama_cache_size=512)
-    iterator = stream(rt, make_request(max_tokens=500))
+    iterator = stream(rt, make_request(max_tokens=400))
     next(iterator)
     unload(rt)
     with pytest.raises(BackendError) as err:

@@ -187,11 +187,14 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
     clock = GenerationClock()
     prompt = prompt_tokens(runtime, request, rendered)
     clock.tokenized()
-    if len(prompt) + 1 > engine.n_ctx_seq:
+    # Honest limits (issue 16): the prompt and the whole max_tokens budget must fit the
+    # sequence's context; a budget is never capped silently.
+    if len(prompt) + decoding.max_tokens > engine.n_ctx_seq:
         raise BackendError(400, "context_length_exceeded",
-                           f"prompt has {len(prompt)} tokens; the model's context is {engine.n_ctx_seq} tokens "
-                           "per sequence (gguf_n_ctx), and at least one output token must fit")
-    job = Job(prompt=prompt, budget=min(decoding.max_tokens, engine.n_ctx_seq - len(prompt)), decoding=decoding,
+                           f"prompt has {len(prompt)} tokens and max_tokens is {decoding.max_tokens}: "
+                           f"{len(prompt) + decoding.max_tokens} tokens; the model's context is {engine.n_ctx_seq} "
+                           "tokens per sequence (gguf_n_ctx)")
+    job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding,
               cancel=request.cancel)
     engine.submit(job)
     text = text_pipeline(rendered)

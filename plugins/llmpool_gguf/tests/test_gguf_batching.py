@@ -185,9 +185,15 @@ def test_context_overflow_is_refused_with_the_numbers(registry: Any, runtime: An
         run(registry, runtime, "word " * 600, max_tokens=4)
     assert info.value.status == 400 and info.value.code == "context_length_exceeded"
     assert f"prompt has {tokens} tokens" in info.value.message and "512 tokens per sequence" in info.value.message
-    # a prompt that fits gets the rest of its sequence's context, never more
-    _, done = run(registry, runtime, "word " * 500, max_tokens=100)
-    assert done.finish_reason == "length" and done.metrics.prompt_tokens + done.metrics.output_tokens == 512
+    # a prompt that fits with a budget that does not is refused too, never capped silently
+    tokens = len(runtime.engine.tokenize(("word " * 450).encode(), special=True)) + 1
+    with pytest.raises(BackendError) as info:
+        run(registry, runtime, "word " * 450, max_tokens=100)
+    assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+    assert f"prompt has {tokens} tokens and max_tokens is 100: {tokens + 100} tokens" in info.value.message
+    # exactly the context is allowed and may use all of it
+    _, done = run(registry, runtime, "word " * 450, max_tokens=512 - tokens)
+    assert done.metrics.prompt_tokens + done.metrics.output_tokens <= 512
 
 
 def test_decode_failure_fails_that_batch_only_and_the_loop_goes_on(registry: Any, gguf_path: str) -> None:
