@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from llmpoold.config import resolve_model_options
 from llmpoold.errors import BackendError
@@ -26,16 +26,19 @@ class Colour(StrEnum):
     blue = "blue"
 
 
+Word = Annotated[str, Field(max_length=16)]  # bounds keep a 270M model from looping inside a string
+
+
 class Address(BaseModel):
-    city: str
+    city: Word
     zip_code: int
 
 
 class Person(BaseModel):
-    name: str
+    name: Word
     favourite: Colour
     address: Address
-    tags: list[str]
+    tags: list[Word] = Field(min_length=1, max_length=3)
 
 
 @pytest.fixture(scope="module")
