@@ -10,7 +10,8 @@ them, a cancel is seen within one step, and stop strings and split UTF-8 charact
 handled by :mod:`llmpoold.textstream` (:class:`~llmpool_gguf.prompt.TextChain`).
 
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
-``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out).
+``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
+``grammar`` (``response_format`` as a llama.cpp grammar).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import os
 import queue
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
 
 from llmpool_gguf.engine import Engine, Job
+from llmpool_gguf.grammar import grammar_for
 from llmpool_gguf.memory import estimate, read_gguf_header
 from llmpool_gguf.options import (
     CACHE_TYPES,
@@ -48,6 +50,7 @@ __all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_templa
            "normalize_cache_type", "normalize_flash_attn", "prompt_segments", "prompt_tokens", "read_gguf_header"]
 
 BACKEND = "gguf"
+RESPONSE_FORMATS = ("text", "json_schema", "json_object")
 log = structlog.get_logger("llmpool_gguf")
 # How long a request thread waits for the loop to let go of a job it stopped (one step
 # normally; the bound only guards against a wedged loop).
@@ -79,6 +82,8 @@ def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != BACKEND:
         return None
     capabilities = capabilities_for(model.prompt_format, ("text",), thinking_formats=SEED_THINKING_FORMATS["gguf"])
+    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar)
+    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS)
     return ModelTraits(capabilities=capabilities, concurrency=model.options.gguf_parallel)
 
 
@@ -184,6 +189,7 @@ def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[Text
 def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
             rendered: Any) -> Iterator[TextDelta | Completion]:
     decoding = request.decoding
+    grammar = grammar_for(request.response_format, request.model)
     clock = GenerationClock()
     prompt = prompt_tokens(runtime, request, rendered)
     clock.tokenized()
@@ -194,8 +200,7 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
                            f"prompt has {len(prompt)} tokens and max_tokens is {decoding.max_tokens}: "
                            f"{len(prompt) + decoding.max_tokens} tokens; the model's context is {engine.n_ctx_seq} "
                            "tokens per sequence (gguf_n_ctx)")
-    job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding,
-              cancel=request.cancel)
+    job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding, cancel=request.cancel, grammar=grammar)
     engine.submit(job)
     text = text_pipeline(rendered)
     finish: str | None = None

