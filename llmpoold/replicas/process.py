@@ -18,6 +18,9 @@ runtime then takes down one replica, not the daemon:
 - listeners (the pool) hear ``crashed``, ``restarted`` and ``gave_up`` (again after
   each failed retry).
 
+The watchdog and the restart policy are :class:`~llmpoold.replicas.restarts.Supervision`,
+a mixin kept beside this module.
+
 Unload asks the worker to unload and exit, then SIGTERM, then SIGKILL after
 ``unload_timeout_s``; ending the process is what gives the memory back to the OS.
 """
@@ -39,6 +42,7 @@ from llmpoold.config import ModelConfig, WorkerSettings
 from llmpoold.errors import ApiError, LoadError
 from llmpoold.gpu import process_rss_mib, process_vram_mib
 from llmpoold.replicas import Listener
+from llmpoold.replicas.restarts import Supervision
 from llmpoold.replicas.supervise import (
     LIVE,
     RestartBudget,
@@ -65,7 +69,7 @@ from llmpoold.types import GenerationRequest, StreamItem
 log = structlog.get_logger("llmpoold.process_replica")
 
 
-class ProcessReplica:
+class ProcessReplica(Supervision):
     """One replica whose runtime lives in a worker process."""
 
     isolation = "process"
@@ -310,82 +314,6 @@ class ProcessReplica:
         for future in ops.values():
             if not future.done():
                 future.set_exception(error)
-
-    # ----- health ---------------------------------------------------------------------
-
-    def _start_watchdog(self) -> None:
-        if self.policy.health_interval_s <= 0 or self._proc is None:
-            return
-        if self._watchdog_task is not None:
-            self._watchdog_task.cancel()
-        self._watchdog_task = asyncio.create_task(self._watchdog(self._proc),
-                                                  name=f"worker-watchdog-{self.replica_id}")
-
-    async def _watchdog(self, proc: asyncio.subprocess.Process) -> None:
-        """Kill a worker that stops answering (a hang, not a crash): its streams then end
-        with ``replica_crashed`` and the restart policy applies, as for a crash."""
-        while True:
-            await asyncio.sleep(self.policy.health_interval_s)
-            if self._stopping or self._proc is not proc or proc.returncode is not None:
-                return
-            try:
-                await asyncio.wait_for(self._call({"op": "health"}), self.policy.health_timeout_s)
-            except TimeoutError:
-                if self._stopping or proc.returncode is not None:
-                    return
-                log.error("worker_unresponsive", replica=self.replica_id, pid=proc.pid,
-                          timeout_s=self.policy.health_timeout_s)
-                self._hung = True
-                proc.kill()
-                return
-            except Exception:  # noqa: BLE001 - it died: the exit path handles that
-                return
-
-    # ----- restarts ------------------------------------------------------------------
-
-    def _schedule_restart(self) -> None:
-        delay = self._restarts.next_delay()
-        if delay is None:
-            # Out of restarts in the window: failed, but tried again after the long
-            # ``gave_up_retry_s`` (the cause may have been passing: a GPU reset, memory).
-            self.gave_up = True
-            self._restart_task = None
-            self._set_state(WorkerState.FAILED)
-            retry = self.policy.gave_up_retry_s
-            log.error("worker_restart_gave_up", replica=self.replica_id, restarts=len(self._restarts.times),
-                      window_s=self.policy.restart_window_s, retry_s=retry or None, error=self.last_error)
-            if retry > 0:
-                self._restart_task = asyncio.create_task(self._restart(retry), name=f"worker-retry-{self.replica_id}")
-            self._notify("gave_up")
-            return
-        self._set_state(WorkerState.RESTARTING)
-        log.info("worker_restart_scheduled", replica=self.replica_id, delay_s=delay)
-        self._restart_task = asyncio.create_task(self._restart(delay), name=f"worker-restart-{self.replica_id}")
-
-    async def _restart(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        if self._stopping:
-            return
-        self._set_state(WorkerState.STARTING)
-        try:
-            await self._spawn_and_load()
-        except Exception as exc:  # noqa: BLE001 - counts as another crash
-            await self._kill()
-            self.last_error = f"restart failed: {exc}"
-            log.error("worker_restart_failed", replica=self.replica_id, error=self.last_error)
-            if not self._stopping:
-                self._schedule_restart()
-            return
-        if self._stopping:
-            return
-        if self.gave_up:  # back after the long retry: a fresh restart budget
-            self.gave_up = False
-            self._restarts.times.clear()
-        self.restarts += 1
-        self._set_state(WorkerState.READY)
-        self._start_watchdog()
-        log.info("worker_restarted", replica=self.replica_id, pid=self.pid, restarts=self.restarts)
-        self._notify("restarted")
 
     # ----- helpers -------------------------------------------------------------------
 
