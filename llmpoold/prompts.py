@@ -11,24 +11,24 @@ User text is text: a rendered prompt is also a sequence of :class:`PromptSegment
 items, ``markup`` (the format's special tokens, ``<start_of_turn>``, ``<|im_end|>``, the
 BOS token where the model expects one) and text (the client's input, messages and
 instructions, and the format's plain wording). Backends tokenize them with
-:func:`tokenize_segments`: markup with special-token parsing, text without, so a
+:func:`llmpoold.segments.tokenize_segments`: markup with special-token parsing, text without, so a
 client who writes ``<end_of_turn>`` gets the characters, not a forged turn. ``text``
 is the same prompt as one string (logs, tests). ``raw`` is the exception: its input is
 one markup segment, tokenized with special-token parsing as before (base models).
 For ``chat_template`` (the runtime renders the model's own Jinja template),
-:func:`template_segments` renders the template with placeholders and splits its
+:func:`llmpoold.segments.template_segments` renders the template with placeholders and splits its
 output the same way.
 """
 
 from __future__ import annotations
 
 import re
-import secrets
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from llmpoold.errors import ApiError
+from llmpoold.segments import PromptSegment
 from llmpoold.types import Capabilities, GenerationRequest
 
 THINK_MARKERS = ("<think>", "</think>")
@@ -91,22 +91,12 @@ FORMATS: dict[str, PromptFormat] = {f.name: f for f in (
 )}
 
 
-@dataclass(frozen=True, slots=True)
-class PromptSegment:
-    """A run of prompt text. ``markup=True``: the format's special token(s), tokenized
-    with special-token parsing. ``markup=False``: text (the client's words and the
-    format's plain wording), tokenized without it."""
-
-    text: str
-    markup: bool = False
-
-
 @dataclass(frozen=True)
 class RenderedPrompt:
     """What a backend feeds its runtime: ``segments`` to tokenize (see
-    :func:`tokenize_segments`) and ``text``, the same prompt as one string (both empty
+    :func:`llmpoold.segments.tokenize_segments`) and ``text``, the same prompt as one string (both empty
     / None for ``runtime_template`` formats: render ``messages`` with the model's
-    template instead, see :func:`template_segments`), the merged stop strings, and the
+    template instead, see :func:`llmpoold.segments.template_segments`), the merged stop strings, and the
     reasoning markers to split the output on."""
 
     text: str | None
@@ -197,91 +187,6 @@ def render(request: GenerationRequest) -> RenderedPrompt:
     prompt, prefilled = renderer(request, messages)
     return RenderedPrompt(prompt.text(), stops, messages, fmt.reasoning_markers, thinking_prefilled=prefilled,
                           segments=tuple(prompt.segments))
-
-
-Tokenize = Callable[[str, bool], Sequence[int]]
-"""``tokenize(text, special)``: the runtime's tokenizer, without adding BOS/EOS;
-``special`` turns special-token parsing on."""
-
-
-def tokenize_segments(segments: Iterable[PromptSegment], tokenize: Tokenize) -> list[int]:
-    """Token ids of a segmented prompt: markup with special-token parsing, text without.
-
-    Adjacent text segments are tokenized as one string, and a markup segment that
-    holds no special token of this vocabulary (it tokenizes the same either way, e.g.
-    ``[INST]`` in a vocabulary without it) joins the text around it, so tokenization
-    breaks only at real special tokens, where the runtime's own tokenizer breaks too:
-    a prompt without special-token spellings in its text gets the ids that tokenizing
-    the whole text with special parsing gives.
-    """
-    ids: list[int] = []
-    run: list[str] = []
-    known: list[int] | None = None  # the ids of a run that is one markup segment (raw's input)
-
-    def flush() -> None:
-        nonlocal known
-        if run:
-            ids.extend(known if known is not None and len(run) == 1 else tokenize("".join(run), False))
-            run.clear()
-        known = None
-
-    for segment in segments:
-        if segment.markup and segment.text:
-            special, plain = list(tokenize(segment.text, True)), list(tokenize(segment.text, False))
-            if special != plain:
-                flush()
-                ids.extend(special)
-                continue
-            if not run:
-                known = plain
-        run.append(segment.text)
-    flush()
-    return ids
-
-
-def template_segments(messages: Sequence[Mapping[str, str]], render_template: Callable[[list[dict[str, str]]], str],
-                      tokenize: Tokenize, *, model: str | None = None) -> tuple[PromptSegment, ...]:
-    """The runtime's own chat template (``chat_template``) as segments.
-
-    ``render_template(messages)`` renders the model's template to text. It is rendered
-    once with the messages and once with a unique placeholder for each message's
-    content; the placeholder rendering split at the placeholders gives the markup, and
-    the contents go between as text. That holds when putting the contents (as they are,
-    or stripped: templates that ``trim``) into the placeholders reproduces the real
-    rendering. A template that changes contents otherwise cannot be split: its output
-    is used as markup when no content holds a special token of the vocabulary, else the
-    request is refused (400) rather than letting the text act as markup.
-    """
-    real = render_template([dict(m) for m in messages])
-    nonce = secrets.token_hex(8)
-    holders = [f"LLMPOOL{nonce}SLOT{i}END" for i in range(len(messages))]
-    shaped = render_template([{**m, "content": holder} for m, holder in zip(messages, holders, strict=True)])
-    parts = _split_at(shaped, holders)
-    contents = [m["content"] for m in messages]
-    if parts is not None:
-        for shape in (lambda c: c, str.strip):
-            filled = [shape(c) for c in contents]
-            if parts[0] + "".join(f + p for f, p in zip(filled, parts[1:], strict=True)) == real:
-                segments = [PromptSegment(parts[0], markup=True)]
-                for content, part in zip(filled, parts[1:], strict=True):
-                    segments += [PromptSegment(content), PromptSegment(part, markup=True)]
-                return tuple(s for s in segments if s.text)
-    if any(list(tokenize(c, True)) != list(tokenize(c, False)) for c in contents):
-        raise ApiError(400, "invalid_request", "the text contains special tokens of the model, and its chat template "
-                       "cannot keep them apart from the markup; remove them or choose another prompt_format",
-                       model=model)
-    return (PromptSegment(real, markup=True),)
-
-
-def _split_at(text: str, holders: list[str]) -> list[str] | None:
-    """``text`` split at each holder, in order, each exactly once; None otherwise."""
-    parts, rest = [], text
-    for holder in holders:
-        if text.count(holder) != 1 or holder not in rest:
-            return None
-        before, rest = rest.split(holder, 1)
-        parts.append(before)
-    return [*parts, rest]
 
 
 # ----- renderers: (request, messages) -> (segments, thinking block prefilled) --------------

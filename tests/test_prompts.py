@@ -10,16 +10,8 @@ from typing import Any
 import pytest
 
 from llmpoold.errors import ApiError
-from llmpoold.prompts import (
-    FORMATS,
-    PromptSegment,
-    capabilities_for,
-    check_lang_code,
-    merge_stops,
-    render,
-    template_segments,
-    tokenize_segments,
-)
+from llmpoold.prompts import FORMATS, capabilities_for, check_lang_code, merge_stops, render
+from llmpoold.segments import PromptSegment, template_segments, tokenize_segments
 from llmpoold.testing import make_request
 from llmpoold.types import Message
 

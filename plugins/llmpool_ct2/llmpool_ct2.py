@@ -36,15 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from llmpoold import hookimpl
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.prompts import (
-    SEED_THINKING_FORMATS,
-    PromptSegment,
-    RenderedPrompt,
-    capabilities_for,
-    render,
-    template_segments,
-    tokenize_segments,
-)
+from llmpoold.prompts import SEED_THINKING_FORMATS, RenderedPrompt, capabilities_for, render
+from llmpoold.segments import PromptSegment, template_segments, tokenize_segments
 from llmpoold.textstream import GenerationClock, IncrementalDetokenizer, TextPipeline, queue_items
 from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
 

@@ -48,7 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from llmpoold import hookimpl
 from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
-from llmpoold.prompts import RenderedPrompt, capabilities_for, render, template_segments, tokenize_segments
+from llmpoold.prompts import RenderedPrompt, capabilities_for, render
+from llmpoold.segments import template_segments, tokenize_segments
 from llmpoold.textstream import GenerationClock, TextPipeline, queue_items
 from llmpoold.types import BackendMetrics, Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
 

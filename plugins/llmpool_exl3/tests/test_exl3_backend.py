@@ -550,7 +550,8 @@ def gemma_hf_tokenizer() -> Any:
 
 
 def test_real_tokenizer_keeps_injected_markers_as_text(gemma_hf_tokenizer: Any) -> None:
-    from llmpoold.prompts import render, tokenize_segments
+    from llmpoold.prompts import render
+    from llmpoold.segments import tokenize_segments
 
     hf = gemma_hf_tokenizer
     markers = {hf.token_to_id("<start_of_turn>"), hf.token_to_id("<end_of_turn>")}

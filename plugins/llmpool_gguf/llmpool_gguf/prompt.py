@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from llmpoold.errors import BackendError
-from llmpoold.prompts import PromptSegment, RenderedPrompt, template_segments, tokenize_segments
+from llmpoold.prompts import RenderedPrompt
+from llmpoold.segments import PromptSegment, template_segments, tokenize_segments
 from llmpoold.textstream import TextPipeline, Utf8Stream
 from llmpoold.types import GenerationRequest
 
