@@ -131,29 +131,36 @@ async def respond(request: web.Request, parse: Callable[[Any], Parsed]) -> web.S
             result = await inf.collect()
             headers = {"X-Llmpool-Metrics": json.dumps(result.metrics, separators=(",", ":"))}
             return web.json_response(shape.json(result), headers=headers if shape.metrics_header else None)
-        response = await open_sse(request, headers={"X-Request-Id": request[REQUEST_ID]})
-        timeout_s = request.app[SETTINGS].service.stream_write_timeout_s
+        async with aclosing(inf.events()) as deltas:
+            # The headers wait for the first delta: a refusal found once the backend has
+            # the request (context overflow, an upstream's 4xx or 5xx, a failed load of a
+            # worker) is then an HTTP status as on a JSON request and as the seed's
+            # streams had it, not an error event after a 200.
+            first = await anext(deltas, None)
+            response = await open_sse(request, headers={"X-Request-Id": request[REQUEST_ID]})
+            timeout_s = request.app[SETTINGS].service.stream_write_timeout_s
 
-        async def send(events: list[Event]) -> None:
-            for name, event in events:
-                await send_event(request, response, event, event=name, timeout_s=timeout_s)
+            async def send(events: list[Event]) -> None:
+                for name, event in events:
+                    await send_event(request, response, event, event=name, timeout_s=timeout_s)
 
-        try:
-            await send(shape.opening())
             try:
-                async with aclosing(inf.events()) as deltas:
-                    async for delta in deltas:
-                        await send(shape.delta(delta))
-            except ApiError as exc:  # after the headers: an error event ends the stream
-                await send(shape.failure(exc))
-            else:
-                assert inf.result is not None
-                await send(shape.finish(inf.result))
-            await end_sse(request, response, timeout_s=timeout_s)
-        except StreamStalled as exc:
-            # A reader that stopped reading: the connection is aborted, leaving the
-            # ``async with`` closed the generation, and ``finally`` frees the slot.
-            log.warning("stream_write_timeout", request_id=request[REQUEST_ID], error=str(exc))
+                await send(shape.opening())
+                try:
+                    if first is not None:
+                        await send(shape.delta(first))
+                        async for delta in deltas:
+                            await send(shape.delta(delta))
+                except ApiError as exc:  # after the headers: an error event ends the stream
+                    await send(shape.failure(exc))
+                else:
+                    assert inf.result is not None
+                    await send(shape.finish(inf.result))
+                await end_sse(request, response, timeout_s=timeout_s)
+            except StreamStalled as exc:
+                # A reader that stopped reading: the connection is aborted, leaving the
+                # ``async with`` closed the generation, and ``finally`` frees the slot.
+                log.warning("stream_write_timeout", request_id=request[REQUEST_ID], error=str(exc))
         return response  # after an abort, aiohttp sees a client that went away
     finally:
         inf.close()  # a no-op once events() released the slot; else the client left early

@@ -146,9 +146,11 @@ async def test_rate_limit_passes_retry_after(client: Any, fake_upstream: Any) ->
     assert resp.status == 429 and resp.headers["Retry-After"] == "7"
     assert (await resp.json())["detail"]["code"] == "upstream_rate_limit"
     fake_upstream.script = [("status", 429, {"error": {"message": "slow down"}}, {"Retry-After": "7"})]
-    events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
-    assert events[-1][0] == "error" and events[-1][1]["status"] == 429
-    assert events[-1][1]["error"]["code"] == "upstream_rate_limit"
+    # streamed: the refusal comes before the first token, so it is the HTTP answer too
+    resp = await client.post("/v1/responses", json=ask(stream=True))
+    assert resp.status == 429 and resp.headers["Retry-After"] == "7"
+    assert resp.content_type == "application/json"
+    assert (await resp.json())["detail"]["code"] == "upstream_rate_limit"
 
 
 async def test_timeout_is_504(fake_upstream: Any, remote_key: str, make_remote_client: Any) -> None:
@@ -173,10 +175,8 @@ async def test_unparseable_body_is_502(client: Any, fake_upstream: Any, behaviou
     fake_upstream.script = [behaviour]
     if behaviour == "garbage":  # the JSON call of a non-streaming request
         status, detail = await error_of(await client.post("/v1/responses", json=ask()))
-    else:  # the stream of a streaming request: an error event after the headers
-        events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
-        assert events[-1][0] == "error"
-        status, detail = events[-1][1]["status"], events[-1][1]["error"]
+    else:  # the stream of a streaming request: refused before a token, so an HTTP error too
+        status, detail = await error_of(await client.post("/v1/responses", json=ask(stream=True)))
     assert (status, detail["code"]) == (502, "upstream_response_parse_failure")
 
 

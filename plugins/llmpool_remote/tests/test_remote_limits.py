@@ -46,8 +46,9 @@ async def test_a_json_body_over_remote_max_response_bytes_is_502(fake_upstream: 
         "code": "upstream_response_too_large", "model": "r",
         "message": "upstream chat completion sent a response body larger than remote_max_response_bytes (4096 bytes)"})
     fake_upstream.script = [("big_json", 100_000, chunked)]  # an upstream that answers a stream with JSON
-    error = last_error(await (await client.post("/v1/responses", json=ask(stream=True))).text())
-    assert error["error"]["code"] == "upstream_response_too_large"
+    # refused before a token: the streamed request gets the HTTP error too
+    assert (await error_of(await client.post("/v1/responses", json=ask(stream=True))))[1]["code"] == (
+        "upstream_response_too_large")
     fake_upstream.script = [("big_json", 1000, chunked)]  # under the limit: relayed
     body = await (await client.post("/v1/responses", json=ask())).json()
     assert body["output_text"] == "x" * 1000
@@ -57,9 +58,9 @@ async def test_a_stream_event_over_remote_max_event_bytes_is_502(fake_upstream: 
                                                                  make_remote_client: Any) -> None:
     client = await limited_client(fake_upstream, make_remote_client, remote_max_event_bytes=2048)
     fake_upstream.script = [("big_event", 5000)]
-    error = last_error(await (await client.post("/v1/responses", json=ask(stream=True))).text())
-    assert error["status"] == 502 and error["error"]["code"] == "upstream_response_too_large"
-    assert error["error"]["message"] == ("upstream chat completion sent a stream event larger than "
+    status, error = await error_of(await client.post("/v1/responses", json=ask(stream=True)))
+    assert status == 502 and error["code"] == "upstream_response_too_large"
+    assert error["message"] == ("upstream chat completion sent a stream event larger than "
                                          "remote_max_event_bytes (2048 bytes)")
     fake_upstream.script = [("big_event", 1500)]  # under the limit: relayed
     events = sse_events(await (await client.post("/v1/responses", json=ask(stream=True))).text())
@@ -71,8 +72,8 @@ async def test_a_line_that_never_ends_is_cut_at_the_event_limit(fake_upstream: A
     """Checked as bytes arrive: no waiting for a newline, no buffer growing past the limit."""
     client = await limited_client(fake_upstream, make_remote_client, remote_max_event_bytes=64 * 1024)
     fake_upstream.script = [("endless_line", 16 * 1024 * 1024)]
-    text = await asyncio.wait_for((await client.post("/v1/responses", json=ask(stream=True))).text(), 10)
-    assert last_error(text)["error"]["code"] == "upstream_response_too_large"
+    resp = await asyncio.wait_for(client.post("/v1/responses", json=ask(stream=True)), 10)
+    assert (await error_of(resp))[1]["code"] == "upstream_response_too_large"
     await asyncio.wait_for(fake_upstream.disconnected.wait(), 5)  # the upstream connection was dropped
 
 
@@ -129,8 +130,8 @@ async def test_redirects_are_never_followed(client_factory_args: Any, status: in
     assert "redirects are not followed: set remote_base_url to the final address" in detail["message"]
     assert fake_upstream.redirected == []
     fake_upstream.script = [("redirect", status, location)]
-    error = last_error(await (await client.post("/v1/responses", json=ask(stream=True))).text())
-    assert error["error"]["code"] == "upstream_redirect" and fake_upstream.redirected == []
+    _, error = await error_of(await client.post("/v1/responses", json=ask(stream=True)))
+    assert error["code"] == "upstream_redirect" and fake_upstream.redirected == []
 
 
 @pytest.fixture
