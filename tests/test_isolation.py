@@ -101,11 +101,11 @@ def test_frames_and_errors_round_trip() -> None:
     assert decode_payload(frame[4:]) == {"id": 3, "t": "delta", "text": "é", "channel": "output"}
     from llmpoold.errors import BackendError, WorkerError
 
-    sent = BackendError(429, "upstream_rate_limit", "m", headers={"Retry-After": "3"}, extra={"x": 1})
+    sent = BackendError(429, "upstream_rate_limit", "m", headers={"Retry-After": "3"}, extra={"x": 1}, param="p")
     api = error_from_wire(error_to_wire(sent))
     assert isinstance(api, BackendError)
-    assert (api.status, api.code, api.message, api.headers, api.extra) == (429, "upstream_rate_limit", "m",
-                                                                           {"Retry-After": "3"}, {"x": 1})
+    assert (api.status, api.code, api.message, api.headers, api.extra, api.param) == (
+        429, "upstream_rate_limit", "m", {"Retry-After": "3"}, {"x": 1}, "p")
     exc = error_from_wire(error_to_wire(ValueError("bad")))
     assert isinstance(exc, WorkerError) and (exc.type_name, str(exc)) == ("ValueError", "bad")
     odd = error_from_wire({"t": "error", "kind": "exception", "type": "LlamaError", "message": "boom"})

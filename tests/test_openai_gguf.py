@@ -114,7 +114,7 @@ async def test_context_overflow_is_a_bad_request_with_the_numbers(aiohttp_client
     messages = [{"role": "user", "content": "The capital of France is"}]
     with pytest.raises(openai.BadRequestError) as err:
         await aio.chat.completions.create(model="raw", messages=messages, max_tokens=300)
-    assert err.value.code == "context_length_exceeded"
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "messages")
     assert "max_tokens is 300" in err.value.message and "context is 256 tokens" in err.value.message
     # streamed: the headers wait for the first token, so the refusal is the same 400
     with pytest.raises(openai.BadRequestError) as err:

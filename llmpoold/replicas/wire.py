@@ -210,7 +210,7 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
     if isinstance(exc, ApiError):
         message = None if exc.message is None else _utf8(exc.message)
         return {"t": "error", "kind": "api", "type": type(exc).__name__, "status": exc.status, "code": exc.code,
-                "message": message, "headers": dict(exc.headers), "extra": dict(exc.extra)}
+                "message": message, "headers": dict(exc.headers), "extra": dict(exc.extra), "param": exc.param}
     kind = "load" if isinstance(exc, LoadError) else "exception"
     return {"t": "error", "kind": kind, "type": type(exc).__name__, "message": _utf8(str(exc))}
 
@@ -221,7 +221,8 @@ def error_from_wire(msg: Mapping[str, Any]) -> Exception:
     if msg.get("kind") == "api":
         return BackendError(int(msg.get("status") or 500), str(msg.get("code") or "backend_error"),
                             msg.get("message"), headers=dict(msg.get("headers") or {}),
-                            extra=dict(msg.get("extra") or {}))
+                            extra=dict(msg.get("extra") or {}),
+                            param=msg["param"] if isinstance(msg.get("param"), str) else None)
     if msg.get("kind") == "load":
         return LoadError(message)
     return WorkerError(str(msg.get("type") or "Exception"), message)

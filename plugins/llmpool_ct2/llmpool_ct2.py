@@ -467,7 +467,7 @@ def _generate(runtime: Ct2Runtime, request: GenerationRequest) -> Iterator[TextD
         raise BackendError(400, "context_length_exceeded",
                            f"prompt has {len(ids)} tokens and max_tokens is {request.decoding.max_tokens}: "
                            f"{len(ids) + request.decoding.max_tokens} tokens; the model's context is {limit} "
-                           "tokens (ct2_max_context, or max_position_embeddings in config.json)")
+                           "tokens (ct2_max_context, or max_position_embeddings in config.json)", param="messages")
     tokens = tokenizer.convert_ids_to_tokens(ids)
     static = _static_prefix(runtime, request, rendered, tokens)
     job = _Job(request=request, tokens=tokens[len(static):], end_tokens=end_tokens, static=static,

@@ -438,7 +438,8 @@ class Exl3Runtime:
             except (AssertionError, ValueError) as exc:
                 # Job.prepare_for_queue asserts that the prompt fits the cache
                 raise BackendError(400, "context_length_exceeded",
-                                   f"{exc} (exllama_cache_size is {self.options.exllama_cache_size})") from None
+                                   f"{exc} (exllama_cache_size is {self.options.exllama_cache_size})",
+                                   param="messages") from None
             self.streams[key] = results
             self._wake.notify()
         return results
@@ -697,7 +698,7 @@ def _generate(runtime: Exl3Runtime, request: GenerationRequest) -> Iterator[Text
     if prompt_tokens + budget > limit:
         raise BackendError(400, "context_length_exceeded",
                            f"prompt has {prompt_tokens} tokens and max_tokens is {budget}: {prompt_tokens + budget} "
-                           f"tokens; the model's context is {limit} tokens (exllama_cache_size)")
+                           f"tokens; the model's context is {limit} tokens (exllama_cache_size)", param="messages")
     sampler = exl3.ComboSampler(rep_p=decoding.repetition_penalty, top_k=decoding.top_k, top_p=decoding.top_p,
                                 temperature=decoding.temperature, min_p=0.0)
     key = runtime.next_id()

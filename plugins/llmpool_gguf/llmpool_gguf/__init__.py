@@ -199,7 +199,7 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
         raise BackendError(400, "context_length_exceeded",
                            f"prompt has {len(prompt)} tokens and max_tokens is {decoding.max_tokens}: "
                            f"{len(prompt) + decoding.max_tokens} tokens; the model's context is {engine.n_ctx_seq} "
-                           "tokens per sequence (gguf_n_ctx)")
+                           "tokens per sequence (gguf_n_ctx)", param="messages")
     job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding, cancel=request.cancel, grammar=grammar)
     engine.submit(job)
     text = text_pipeline(rendered)
