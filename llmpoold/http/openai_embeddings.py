@@ -1,7 +1,7 @@
 """``POST /openai/v1/embeddings``: OpenAI's embeddings, for models that serve them.
 
-Body: ``model``, ``input`` (a string, or a list of at most :data:`MAX_INPUTS` strings;
-each non-empty and at most ``MAX_TEXT_CHARS`` characters), ``encoding_format``
+Body: ``model``, ``input`` (a string, or a list of 1 to :data:`MAX_INPUTS` strings, each
+non-empty and at most ``MAX_TEXT_CHARS`` characters; beyond the bounds a 422), ``encoding_format``
 (``float``, the default, or ``base64``: the little-endian float32 bytes of each vector,
 as OpenAI sends them and its SDKs decode by default), ``dimensions`` (accepted only
 equal to the model's own: vectors are never cut) and ``user`` (ignored); llmpool's
@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from aiohttp import web
@@ -32,14 +32,14 @@ from llmpoold.http.openai_requests import _Body, invalid_body
 from llmpoold.http.openai_tools import unsupported
 from llmpoold.http.respond import parse_body, read_json
 from llmpoold.inference import record_refused_body
-from llmpoold.schemas import MAX_MODEL_CHARS, MAX_TEXT_CHARS, ResponseRequest
+from llmpoold.schemas import MAX_MODEL_CHARS, MAX_TEXT_CHARS, ResponseRequest, Text
 
 MAX_INPUTS = 256  # OpenAI takes 2048; 256 vectors of 4096 floats stay well inside a worker frame
 
 
 class EmbeddingsBody(_Body):
     model: str = Field(min_length=1, max_length=MAX_MODEL_CHARS)
-    input: Any
+    input: Text | Annotated[list[Any], Field(min_length=1, max_length=MAX_INPUTS)]
     encoding_format: Literal["float", "base64"] | None = None
     dimensions: int | None = Field(None, ge=1)
     user: str | None = Field(None, max_length=256)
@@ -55,12 +55,8 @@ def embeddings_request(data: Any) -> tuple[EmbeddingsBody, ResponseRequest, tupl
     except ValidationError as exc:
         raise invalid_body(exc) from None
     inputs = [body.input] if isinstance(body.input, str) else body.input
-    if not isinstance(inputs, list) or not inputs:
-        raise unsupported("input", "input must be a string or a non-empty list of strings")
     if not all(isinstance(text, str) for text in inputs):
         raise unsupported("input", "input must be text: token-id arrays are not supported")
-    if len(inputs) > MAX_INPUTS:
-        raise unsupported("input", f"input takes at most {MAX_INPUTS} strings, got {len(inputs)}")
     for i, text in enumerate(inputs):
         if not text or len(text) > MAX_TEXT_CHARS:
             raise unsupported("input", f"input {i} must be a non-empty string of at most {MAX_TEXT_CHARS} characters")
