@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import os
 import struct
@@ -17,6 +18,7 @@ import pytest
 from llmpoold.http.app import create_app
 from llmpoold.http.keys import POOL
 from llmpoold.testing import make_registry, settings_from
+from llmpoold.types import EmbeddingRequest
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.timeout(240)
@@ -153,3 +155,63 @@ async def test_sdk_embeddings_on_gguf(aiohttp_client: Any, gguf_path: str) -> No
         entry = pool.entries[name]
         assert entry.inflight_requests == 0
         assert entry.scheduler is not None and entry.scheduler.inflight == [0]
+
+
+async def test_embeddings_queue_fairly_and_a_cancelled_embed_lets_go_first(aiohttp_client: Any,
+                                                                           gguf_path: str) -> None:
+    """Concurrent requests wait in the model's queue (concurrency 1); a caller cancelled
+    mid-batch returns only once the runtime has stopped (inline: the engine's lock is
+    free; process: the worker holds no work), so the freed slot is a free runtime."""
+    both = {k: v for k, v in models(gguf_path).items() if k != "gen"}
+    app = create_app(settings_from({"engine": {"models": both}}), make_registry("gguf"))
+    client = await aiohttp_client(app)
+    pool = app[POOL]
+    await pool.startup_done.wait()
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+
+    texts = [f"sentence number {i} about the weather" for i in range(8)]
+    answers = await asyncio.gather(*(sdk.embeddings.with_raw_response.create(model="emb", input=texts)
+                                     for _ in range(3)))
+    waits = [float(json.loads(a.headers["X-Llmpool-Metrics"])["engine_queue_wait_ms"]) for a in answers]
+    assert len([w for w in waits if w > 0]) >= 2  # one ran, the others waited their turn
+    assert all(len(a.parse().data) == 8 for a in answers)
+
+    long_inputs = tuple(f"{i} " + "many words in a long input " * 30 for i in range(48))
+    for name in ("emb", "emb_proc"):
+        replica = pool.entries[name].replicas[0]
+        job = EmbeddingRequest(request_id="c", model=name, replica_id=replica.replica_id, inputs=long_inputs)
+        task = asyncio.ensure_future(replica.embed(job))
+        await asyncio.sleep(0.5)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert job.cancel.is_set()
+        if name == "emb":
+            assert not replica.runtime.engine.lock.locked()
+        else:
+            assert (await replica.health())["active_streams"] == 0
+        again = await sdk.embeddings.create(model=name, input="still serving", encoding_format="float")
+        assert len(again.data[0].embedding) == 640
+
+
+def test_embedding_frames_are_checked_like_the_others() -> None:
+    from llmpoold.replicas.wire import (
+        FrameError,
+        embed_request_from_wire,
+        embed_request_to_wire,
+        embedding_to_wire,
+        reply_from_wire,
+    )
+    from llmpoold.types import BackendMetrics, EmbeddingResult
+
+    job = EmbeddingRequest(request_id="r", model="m", replica_id="m#1", inputs=("a", "b"))
+    assert embed_request_from_wire(embed_request_to_wire(job)) == job
+    result = EmbeddingResult(vectors=((0.6, 0.8), (1.0, 0.0)), metrics=BackendMetrics(prompt_tokens=4))
+    assert reply_from_wire({"id": 7, **embedding_to_wire(result)}) == (7, "embedding", result)
+    for bad in ({"vectors": [[1.0], [1.0, 2.0]], "metrics": {}}, {"vectors": [["x"]], "metrics": {}},
+                {"vectors": "nope", "metrics": {}}, {"vectors": [[1.0]], "metrics": {"nope": 1}}, {"vectors": []}):
+        with pytest.raises(FrameError):
+            reply_from_wire({"id": 8, "t": "embedding", **bad})
+    with pytest.raises(TypeError):
+        embed_request_from_wire({**embed_request_to_wire(job), "inputs": [1, 2]})
