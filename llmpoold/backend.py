@@ -14,11 +14,20 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from llmpoold.config import ModelConfig
-from llmpoold.errors import LoadError
+from llmpoold.errors import ApiError, LoadError
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.plugins import PluginRegistry
 from llmpoold.replicas.bridge import iterate_in_thread
-from llmpoold.types import Capabilities, GenerationRequest, MemoryEstimate, ModelTraits, StreamItem, TextDelta
+from llmpoold.types import (
+    Capabilities,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    MemoryEstimate,
+    ModelTraits,
+    StreamItem,
+    TextDelta,
+)
 
 
 class Backend:
@@ -50,6 +59,19 @@ class Backend:
         if runtime is None:
             raise LoadError(f"no installed plugin loaded backend '{self.name}'")
         return runtime
+
+    def embed(self, runtime: Any, request: EmbeddingRequest) -> EmbeddingResult:
+        """Blocking: the request's vectors (``llmpool_embed``). Raises ApiError 400
+        ``embeddings_unsupported`` when no plugin embeds for this backend."""
+        result: EmbeddingResult | None = self.registry.hook.llmpool_embed(backend=self.name, runtime=runtime,
+                                                                          request=request)
+        if result is None:
+            raise ApiError(400, "embeddings_unsupported", f"model '{request.model}' does not serve embeddings",
+                           model=request.model, param="model")
+        if len(result.vectors) != len(request.inputs):
+            raise ApiError(502, "backend_protocol_error", f"backend '{self.name}' returned {len(result.vectors)} "
+                           f"vectors for {len(request.inputs)} inputs", model=request.model)
+        return result
 
     def unload(self, runtime: Any) -> None:
         """Blocking: release the runtime."""

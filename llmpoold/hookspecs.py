@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from llmpoold.config import ModelConfig
     from llmpoold.types import (
         Completion,
+        EmbeddingRequest,
+        EmbeddingResult,
         GenerationRequest,
         MemoryEstimate,
         ModelTraits,
@@ -195,6 +197,24 @@ def llmpool_generate(
     or an awaitable of it. Only worth implementing when the runtime has a cheaper
     non-streaming call (a remote API); otherwise return None and the daemon collects
     ``llmpool_stream``. Same threading and cancellation rules as ``llmpool_stream``.
+    """
+    raise NotImplementedError
+
+
+@hookspec(firstresult=True)
+def llmpool_embed(backend: str, runtime: Any, request: EmbeddingRequest) -> EmbeddingResult | None:
+    """Embed ``request.inputs``: one vector per input, in order, each of the model's
+    dimension and L2-normalised (unit length, as OpenAI returns them), with
+    ``metrics.prompt_tokens`` counting every input's tokens.
+
+    Only for a model whose traits declare ``Capabilities.embeddings`` (admission refuses
+    the others with 400 ``embeddings_unsupported``; a plugin that returns None is
+    answered the same). Blocking, like ``llmpool_load``: it runs on a thread the daemon
+    provides or in the replica's worker process, and holds the runtime until it returns
+    (the scheduler counts it as one of the replica's ``concurrency`` requests). Evaluate
+    the inputs in as few runtime calls as the runtime allows. An input the model cannot
+    take whole is a ``BackendError`` 400 ``context_length_exceeded`` naming its tokens and
+    the limit (never truncated). ``request.cancel`` may be checked between runtime calls.
     """
     raise NotImplementedError
 

@@ -13,7 +13,11 @@ def check_request(body: ResponseRequest, caps: Capabilities, name: str, *, promp
                   default_max_tokens: int) -> None:
     """Content types, multi-turn, thinking and reasoning controls, then
     :func:`check_requested_features`. ``name`` is the model's, ``prompt_format`` its
-    format in force, ``default_max_tokens`` the engine's decoding default."""
+    format in force, ``default_max_tokens`` the engine's decoding default. An embedding
+    model (``Capabilities.generation`` False) is refused first: 400 ``embeddings_only``."""
+    if not caps.generation:
+        raise ApiError(400, "embeddings_only", f"model '{name}' serves only embeddings (POST /openai/v1/embeddings)",
+                       model=name, param="model")
     if _has_type(body, "file") and not caps.file_inputs:
         raise ApiError(400, "file_input_unsupported", f"model '{name}' does not support file inputs", model=name)
     for kind, modality in (("image_url", "image"), ("audio_url", "audio")):

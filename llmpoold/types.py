@@ -177,6 +177,10 @@ class Capabilities:
     # Raw prompts (legacy text completions, rendered with the ``raw`` format): every
     # local text backend; an upstream chat API cannot continue a raw prompt.
     raw_prompt: bool = True
+    # Embeddings (``llmpool_embed``; ``POST /openai/v1/embeddings``), and whether the model
+    # generates at all: an embedding model (``gguf_embedding: true``) serves only vectors.
+    embeddings: bool = False
+    generation: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -190,6 +194,8 @@ class Capabilities:
             "response_formats": list(self.response_formats),
             "tools": self.tools,
             "raw_prompt": self.raw_prompt,
+            "embeddings": self.embeddings,
+            "generation": self.generation,
         }
 
 
@@ -216,3 +222,25 @@ class MemoryEstimate:
     cache_mib: float | None = None
     source: str = "model_artifact_size"
     details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingRequest:
+    """One embeddings request as a backend sees it: ``inputs`` (non-empty strings, in
+    order) each become one vector (``llmpool_embed``)."""
+
+    request_id: str
+    model: str
+    replica_id: str
+    inputs: tuple[str, ...]
+    cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    """The vectors of an :class:`EmbeddingRequest`, one per input in order, each of the
+    model's dimension and L2-normalised; ``metrics.prompt_tokens`` counts every input's
+    tokens."""
+
+    vectors: tuple[tuple[float, ...], ...]
+    metrics: BackendMetrics = field(default_factory=BackendMetrics)

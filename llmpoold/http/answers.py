@@ -305,6 +305,27 @@ class TextCompletion(_Answer):
     usage: ChatUsage
 
 
+class EmbeddingItem(_Answer):
+    object: Literal["embedding"]
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 (encoding_format: base64)
+
+
+class EmbeddingUsage(_Answer):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingList(_Answer):
+    """One unit-length vector per input, in input order."""
+
+    object: Literal["list"]
+    model: str
+    data: list[EmbeddingItem] = Field(min_length=1)
+    usage: EmbeddingUsage
+    metrics: dict[str, Any]
+
+
 class OpenAIResponse(_Answer):
     """The Responses API object; streamed as typed events ending in ``response.completed``."""
 

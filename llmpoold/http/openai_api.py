@@ -1,8 +1,9 @@
 """The OpenAI-compatible surface, beside the seed's ``/v1/responses``.
 
 ``GET /openai/v1/models``, ``POST /openai/v1/chat/completions`` (also at
-``/v1/chat/completions``), ``POST /openai/v1/responses`` and ``POST
-/openai/v1/completions`` (:mod:`llmpoold.http.openai_completions`) take OpenAI's request
+``/v1/chat/completions``), ``POST /openai/v1/responses``, ``POST
+/openai/v1/completions`` (:mod:`llmpoold.http.openai_completions`) and ``POST
+/openai/v1/embeddings`` (:mod:`llmpoold.http.openai_embeddings`) take OpenAI's request
 shapes (:mod:`llmpoold.http.openai_requests`), run them through the same driver as the
 seed (:func:`llmpoold.http.respond.respond`: admission, remote gate, fair queue,
 cancellation, metrics) and answer in OpenAI's shapes (:mod:`llmpoold.http.openai_shapes`),
@@ -20,7 +21,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from llmpoold.errors import ApiError, clip
-from llmpoold.http import openai_completions
+from llmpoold.http import openai_completions, openai_embeddings
 from llmpoold.http.keys import POOL, STARTED_AT
 from llmpoold.http.openai_requests import chat_request, invalid_body, responses_request
 from llmpoold.http.openai_shapes import ChatShape, ResponsesShape, error_body
@@ -94,3 +95,4 @@ def setup(app: web.Application) -> None:
     app.router.add_post(ROOT_CHAT_PATH, chat_completions)
     app.router.add_post(f"{PREFIX}/responses", responses)
     app.router.add_post(f"{PREFIX}/completions", openai_completions.completions)
+    app.router.add_post(f"{PREFIX}/embeddings", openai_embeddings.embeddings)

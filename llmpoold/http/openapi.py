@@ -28,6 +28,7 @@ from llmpoold import __version__
 from llmpoold.http import answers as a
 from llmpoold.http.keys import SETTINGS
 from llmpoold.http.openai_completions import CompletionsBody
+from llmpoold.http.openai_embeddings import EmbeddingsBody
 from llmpoold.http.openai_requests import ChatBody, ResponsesBody
 from llmpoold.schemas import AdminLoadRequest, ResponseRequest
 
@@ -93,6 +94,8 @@ ROUTES: tuple[Route, ...] = (
           errors=_INFER, surface="openai", stream=True),
     Route("POST", "/openai/v1/completions", "Legacy text completions (raw prompt)", "openai", a.TextCompletion,
           CompletionsBody, errors=_INFER, surface="openai", stream=True),
+    Route("POST", "/openai/v1/embeddings", "Embeddings (models configured to serve them)", "openai",
+          a.EmbeddingList, EmbeddingsBody, errors=_INFER, surface="openai"),
     Route("GET", "/openapi.json", "This document", "pages", None, surface="open"),
     Route("GET", "/docs", "API docs (Swagger UI)", "pages", None, surface="open", content="text/html"),
     Route("GET", "/", "Web console (HTML), or a JSON index", "pages", None, surface="open", content="text/html"),
@@ -172,6 +175,8 @@ def _operation(route: Route, models: list[str]) -> dict[str, Any]:
 def _example(route: Route, model: str) -> dict[str, Any]:
     if route.body is ChatBody:
         return {"model": model, "messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 16}
+    if route.body is EmbeddingsBody:
+        return {"model": model, "input": ["Hello there", "General Kenobi"]}
     if route.body is ResponsesBody:
         return {"model": model, "input": "Hello there", "max_output_tokens": 16}
     return {"model": model, "input": "The capital of France is", "decoding": {"max_tokens": 16}}

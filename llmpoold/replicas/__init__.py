@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
-from llmpoold.types import GenerationRequest, StreamItem
+from llmpoold.types import EmbeddingRequest, EmbeddingResult, GenerationRequest, StreamItem
 
 Listener = Callable[["Replica", str], None]
 
@@ -21,6 +21,8 @@ class Replica(Protocol):
     ``stream`` yields TextDelta items then one Completion; closing the iterator early
     (``aclose()``, task cancellation) cancels the generation in the runtime. ``whole``
     marks a non-streaming request (see :meth:`llmpoold.backend.Backend.open`).
+    ``embed`` returns one vector per input (``llmpool_embed``); when its caller is
+    cancelled it sets ``request.cancel`` and returns only once the runtime has let go.
 
     ``accepting``: the scheduler routes no new work to a replica that is not accepting
     (a crashed worker being restarted). ``add_listener(callback)`` lets the pool hear
@@ -43,6 +45,8 @@ class Replica(Protocol):
     async def load(self) -> None: ...
 
     def stream(self, request: GenerationRequest, *, whole: bool = False) -> AsyncGenerator[StreamItem, None]: ...
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult: ...
 
     async def unload(self) -> None: ...
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -13,7 +14,7 @@ from llmpoold.config import ModelConfig
 from llmpoold.gpu import process_rss_mib
 from llmpoold.replicas import Listener
 from llmpoold.replicas.bridge import run_blocking
-from llmpoold.types import GenerationRequest, StreamItem
+from llmpoold.types import EmbeddingRequest, EmbeddingResult, GenerationRequest, StreamItem
 
 log = structlog.get_logger("llmpoold.replica")
 
@@ -53,6 +54,15 @@ class InlineReplica:
                 yield item
         finally:
             await source.aclose()
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        work = asyncio.ensure_future(run_blocking(self.backend.embed, self.runtime, request))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            request.cancel.set()
+            await asyncio.gather(work, return_exceptions=True)  # the runtime lets go before the slot does
+            raise
 
     async def unload(self) -> None:
         runtime, self.runtime = self.runtime, None

@@ -58,13 +58,14 @@ from llmpoold.replicas.wire import (
     HEADER,
     FrameError,
     decode_payload,
+    embed_request_to_wire,
     encode_frame,
     frame_size,
     model_to_wire,
     reply_from_wire,
     request_to_wire,
 )
-from llmpoold.types import GenerationRequest, StreamItem
+from llmpoold.types import CancelToken, EmbeddingRequest, EmbeddingResult, GenerationRequest, StreamItem
 
 log = structlog.get_logger("llmpoold.process_replica")
 
@@ -167,6 +168,16 @@ class ProcessReplica(Supervision):
                 request.cancel.set()
                 await self._cancel_stream(mid, queue)
             self._streams.pop(mid, None)
+
+    async def embed(self, request: EmbeddingRequest) -> EmbeddingResult:
+        if self.state != WorkerState.READY:
+            await self._wait_ready()
+        try:
+            result: EmbeddingResult = await self._call({"op": "embed", "request": embed_request_to_wire(request)},
+                                                       cancel=request.cancel)
+        except FrameError as exc:
+            raise ApiError(400, "invalid_json", f"request cannot be sent to the worker: {exc}") from None
+        return result
 
     async def unload(self) -> None:
         """Unload and end the worker: politely, then SIGTERM, then SIGKILL."""
@@ -352,13 +363,25 @@ class ProcessReplica(Supervision):
             raise self._crash_error()
         writer.write(frame)
 
-    async def _call(self, msg: dict[str, Any]) -> Any:
+    async def _call(self, msg: dict[str, Any], *, cancel: CancelToken | None = None) -> Any:
+        """Send one operation and await its reply. With ``cancel`` (work on the runtime,
+        an embed) a caller that leaves first asks the worker to cancel and waits until
+        the runtime has let go, so a released slot is a free runtime."""
         mid = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._ops[mid] = future
         try:
             self._send({**msg, "id": mid})
-            return await future
+            return await (future if cancel is None else asyncio.shield(future))
+        except asyncio.CancelledError:
+            if cancel is not None and not future.done():
+                cancel.set()
+                try:
+                    self._send({"op": "cancel", "id": mid})
+                    await asyncio.wait_for(asyncio.shield(future), self.policy.unload_timeout_s)
+                except Exception:  # noqa: BLE001 - its answer (or the worker's end) is not ours to report
+                    log.warning("worker_cancel_slow", replica=self.replica_id, stream=mid)
+            raise
         finally:
             self._ops.pop(mid, None)
 

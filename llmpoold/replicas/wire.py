@@ -7,7 +7,8 @@ names the operation or stream in every reply)::
     {"op": "load",     "id": n, "backend": b, "replica_id": r, "model": {...}}
     {"op": "health",   "id": n}
     {"op": "stream",   "id": n, "request": request_to_wire(...), "whole": bool}
-    {"op": "cancel",   "id": n}                  # n: the stream to cancel
+    {"op": "embed",    "id": n, "request": embed_request_to_wire(...)}
+    {"op": "cancel",   "id": n}                  # n: the stream (or embed) to cancel
     {"op": "unload",   "id": n}                  # the worker exits after replying
 
 Worker to daemon::
@@ -16,6 +17,7 @@ Worker to daemon::
     {"id": n, "t": "delta", ...}                 # stream items: item_to_wire() + id
     {"id": n, "t": "completion", ...}
     {"id": n, "t": "end"}                        # stream over; the runtime let go of it
+    {"id": n, "t": "embedding", "vectors": [[...]], "metrics": {...}}  # embed's answer
     {"id": n, "t": "error", "kind": k, "type": name, "message": m, "status": s, "code": c,
      "headers": {...}, "extra": {...}}
 
@@ -49,6 +51,8 @@ from llmpoold.types import (
     BackendMetrics,
     Completion,
     Decoding,
+    EmbeddingRequest,
+    EmbeddingResult,
     GenerationRequest,
     Message,
     StreamItem,
@@ -99,13 +103,14 @@ def decode_payload(payload: bytes) -> dict[str, Any]:
     return message
 
 
-REPLY_KINDS = frozenset({"result", "delta", "completion", "end", "error"})
+REPLY_KINDS = frozenset({"result", "delta", "completion", "end", "error", "embedding"})
 
 
 def reply_from_wire(msg: Mapping[str, Any]) -> tuple[int, str, Any]:
     """A worker's reply checked and decoded: ``(id, t, value)``, where value is the
     :class:`StreamItem` of a delta or completion, the exception of an error, the value of
-    a result, None for an end. Raises FrameError for anything malformed."""
+    a result, the :class:`EmbeddingResult` of an embedding, None for an end. Raises
+    FrameError for anything malformed."""
     mid, kind = msg.get("id"), msg.get("t")
     if type(mid) is not int or mid < 1:
         raise FrameError("reply without a positive integer id")
@@ -118,6 +123,8 @@ def reply_from_wire(msg: Mapping[str, Any]) -> tuple[int, str, Any]:
             return mid, kind, None
         if kind == "error":
             return mid, kind, error_from_wire(msg)
+        if kind == "embedding":
+            return mid, kind, embedding_from_wire(msg)
         return mid, kind, item_from_wire(msg)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise FrameError(f"malformed '{kind}' reply {mid} ({type(exc).__name__})") from None
@@ -195,6 +202,36 @@ def item_from_wire(data: Mapping[str, Any]) -> StreamItem:
     if not isinstance(finish, str) or not isinstance(metrics, dict) or not isinstance(metadata, dict):
         raise TypeError("completion needs a finish_reason string, metrics and metadata objects")
     return Completion(finish_reason=finish, metrics=BackendMetrics(**metrics), metadata=metadata)
+
+
+def embed_request_to_wire(request: EmbeddingRequest) -> dict[str, Any]:
+    return {"request_id": request.request_id, "model": request.model, "replica_id": request.replica_id,
+            "inputs": list(request.inputs)}
+
+
+def embed_request_from_wire(data: Mapping[str, Any]) -> EmbeddingRequest:
+    inputs = data["inputs"]
+    if not isinstance(inputs, list) or not all(isinstance(text, str) for text in inputs):
+        raise TypeError("embed inputs must be a list of strings")
+    return EmbeddingRequest(request_id=str(data["request_id"]), model=str(data["model"]),
+                            replica_id=str(data["replica_id"]), inputs=tuple(inputs))
+
+
+def embedding_to_wire(result: EmbeddingResult) -> dict[str, Any]:
+    return {"t": "embedding", "vectors": [list(v) for v in result.vectors], "metrics": asdict(result.metrics)}
+
+
+def embedding_from_wire(data: Mapping[str, Any]) -> EmbeddingResult:
+    """An embedding frame as its result (TypeError when malformed: vectors must be lists
+    of numbers, all of one length)."""
+    vectors, metrics = data["vectors"], data["metrics"]
+    if not isinstance(vectors, list) or not isinstance(metrics, dict) or not all(
+            isinstance(v, list) and all(type(x) in (float, int) for x in v) for v in vectors):
+        raise TypeError("an embedding needs a list of number lists and a metrics object")
+    if len({len(v) for v in vectors}) > 1:
+        raise ValueError("embedding vectors differ in length")
+    return EmbeddingResult(vectors=tuple(tuple(float(x) for x in v) for v in vectors),
+                           metrics=BackendMetrics(**metrics))
 
 
 # ----- errors -------------------------------------------------------------------------

@@ -43,6 +43,8 @@ from llmpoold.replicas.wire import (
     HEADER,
     FrameError,
     decode_payload,
+    embed_request_from_wire,
+    embedding_to_wire,
     encode_frame,
     error_to_wire,
     frame_size,
@@ -50,7 +52,7 @@ from llmpoold.replicas.wire import (
     model_from_wire,
     request_from_wire,
 )
-from llmpoold.types import CancelToken, GenerationRequest
+from llmpoold.types import CancelToken, EmbeddingRequest, GenerationRequest
 
 log = structlog.get_logger("llmpoold.worker")
 
@@ -148,6 +150,8 @@ class Worker:
                              daemon=True).start()
         elif op == "stream":
             self._start_stream(mid, request_from_wire(msg["request"]), whole=bool(msg.get("whole")))
+        elif op == "embed":
+            self._start_embed(mid, embed_request_from_wire(msg["request"]))
         elif op == "unload":
             threading.Thread(target=self._unload_and_exit, args=(mid,), name="llmpool-worker-unload",
                              daemon=True).start()
@@ -233,6 +237,30 @@ class Worker:
             self.streams.pop(mid, None)
         try:
             self.send_or_error(mid, end)
+        except OSError:
+            pass
+
+
+    # -- embeddings
+
+    def _start_embed(self, mid: int, request: EmbeddingRequest) -> None:
+        """Embed on a thread of its own (a blocking hook); a ``cancel`` sets the token."""
+        with self.streams_lock:
+            self.streams[mid] = (request.cancel, concurrent.futures.Future())
+        threading.Thread(target=self._embed, args=(mid, request), name="llmpool-worker-embed", daemon=True).start()
+
+    def _embed(self, mid: int, request: EmbeddingRequest) -> None:
+        structlog.contextvars.bind_contextvars(replica=self.replica_id, request_id=request.request_id)
+        try:
+            if self.runtime is None or self.backend is None:
+                raise ApiError(503, "replica_not_loaded", f"replica '{self.replica_id}' has no loaded runtime")
+            reply = {"id": mid, **embedding_to_wire(self.backend.embed(self.runtime, request))}
+        except BaseException as exc:  # noqa: BLE001 - reported to the daemon
+            reply = {"id": mid, **error_to_wire(exc)}
+        with self.streams_lock:
+            self.streams.pop(mid, None)
+        try:
+            self.send_or_error(mid, reply)
         except OSError:
             pass
 

@@ -11,7 +11,9 @@ handled by :mod:`llmpoold.textstream` (:class:`~llmpool_gguf.prompt.TextChain`).
 
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
 ``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
-``grammar`` (``response_format`` as a llama.cpp grammar).
+``grammar`` (``response_format`` as a llama.cpp grammar), ``embedding`` (a model
+configured ``gguf_embedding: true``: pooled vectors through ``llmpool_embed``, no
+generation; such a runtime is an :class:`~llmpool_gguf.embedding.EmbeddingRuntime`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from llmpool_gguf.embedding import EmbeddingEngine, EmbeddingRuntime
 from llmpool_gguf.engine import Engine, Job
 from llmpool_gguf.grammar import grammar_for
 from llmpool_gguf.memory import estimate, read_gguf_header
@@ -44,7 +47,16 @@ from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.prompts import SEED_THINKING_FORMATS, capabilities_for, render
 from llmpoold.textstream import GenerationClock
-from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
+from llmpoold.types import (
+    Capabilities,
+    Completion,
+    EmbeddingRequest,
+    EmbeddingResult,
+    GenerationRequest,
+    MemoryEstimate,
+    ModelTraits,
+    TextDelta,
+)
 
 __all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_template_prompt", "estimate", "ggml_type",
            "normalize_cache_type", "normalize_flash_attn", "prompt_segments", "prompt_tokens", "read_gguf_header"]
@@ -81,6 +93,9 @@ def llmpool_backends() -> list[BackendSpec]:
 def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != BACKEND:
         return None
+    if model.options.gguf_embedding:  # vectors only, one request at a time (one batch of inputs each)
+        return ModelTraits(capabilities=Capabilities(embeddings=True, generation=False, raw_prompt=False),
+                           concurrency=1)
     capabilities = capabilities_for(model.prompt_format, ("text",), thinking_formats=SEED_THINKING_FORMATS["gguf"])
     # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar)
     capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS)
@@ -135,7 +150,7 @@ def _check_file(path: str) -> None:
 
 
 @hookimpl
-def llmpool_load(backend: str, replica_id: str, model: Any) -> GgufRuntime | None:
+def llmpool_load(backend: str, replica_id: str, model: Any) -> GgufRuntime | EmbeddingRuntime | None:
     if backend != BACKEND:
         return None
     path = os.path.expanduser(model.model_path)
@@ -145,6 +160,14 @@ def llmpool_load(backend: str, replica_id: str, model: Any) -> GgufRuntime | Non
     except ImportError as exc:
         raise LoadError(f"llama-cpp-python is required for the gguf backend: {exc}") from None
     started = time.perf_counter()
+    if model.options.gguf_embedding:
+        try:
+            embedder = EmbeddingEngine(path, model.options, replica_id)
+        except ValueError as exc:
+            raise LoadError(f"llama.cpp could not load {path} for embeddings: {exc}") from None
+        log.info("gguf_loaded", replica=replica_id, path=path, embedding=True, n_embd=embedder.n_embd,
+                 pooling=embedder.pooling, n_ctx=embedder.n_ctx, seconds=round(time.perf_counter() - started, 2))
+        return EmbeddingRuntime(replica_id=replica_id, model_path=path, engine=embedder)
     try:
         engine = Engine(path, model.options, replica_id)
     except ValueError as exc:
@@ -156,9 +179,13 @@ def llmpool_load(backend: str, replica_id: str, model: Any) -> GgufRuntime | Non
 
 
 @hookimpl
-def llmpool_unload(backend: str, runtime: GgufRuntime) -> bool | None:
+def llmpool_unload(backend: str, runtime: GgufRuntime | EmbeddingRuntime) -> bool | None:
     if backend != BACKEND:
         return None
+    if isinstance(runtime, EmbeddingRuntime):
+        log.info("gguf_unloaded", replica=runtime.replica_id, **runtime.engine.stats)
+        runtime.engine.close()
+        return True
     stats = runtime.engine.stats
     log.info("gguf_unloaded", replica=runtime.replica_id, steps=stats["steps"],
              decode_s=round(stats["decode_s"], 2), step_s=round(stats["step_s"], 2))
@@ -174,7 +201,18 @@ def llmpool_unload(backend: str, runtime: GgufRuntime) -> bool | None:
 def llmpool_stream(backend: str, runtime: GgufRuntime, request: GenerationRequest) -> Iterator[Any] | None:
     if backend != BACKEND:
         return None
+    if isinstance(runtime, EmbeddingRuntime):  # admission refuses it first (Capabilities.generation)
+        raise BackendError(400, "embeddings_only", f"model '{request.model}' serves only embeddings",
+                           param="model")
     return _generate(runtime, request)
+
+
+@hookimpl
+def llmpool_embed(backend: str, runtime: GgufRuntime | EmbeddingRuntime,
+                  request: EmbeddingRequest) -> EmbeddingResult | None:
+    if backend != BACKEND or not isinstance(runtime, EmbeddingRuntime):
+        return None
+    return runtime.engine.embed(request.inputs, request.cancel)
 
 
 def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[TextDelta | Completion]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 # Bytes per element of the KV cache types llama.cpp accepts (block size / elements).
@@ -93,11 +93,22 @@ class GgufOptions(BaseModel):
                                                 "in the last bits")
     gguf_swa_full: bool = Field(True, description="full-size cache for sliding-window layers, so a cached prompt "
                                                   "prefix can be reused from any point (llama-server's --swa-full)")
+    gguf_embedding: bool = Field(False, description="serve embeddings (POST /openai/v1/embeddings) instead of "
+                                                    "generating (llama-server's --embeddings)")
+    gguf_pooling: Literal["mean", "cls", "last"] | None = Field(
+        None, description="how an embedding model pools its token vectors into one; default: the model's own "
+                          "(its GGUF header), else mean")
 
     @field_validator("gguf_flash_attn", mode="before")
     @classmethod
     def _flash(cls, value: Any) -> str:
         return normalize_flash_attn(value)
+
+    @model_validator(mode="after")
+    def _pooling_needs_embedding(self) -> GgufOptions:
+        if self.gguf_pooling is not None and not self.gguf_embedding:
+            raise ValueError("gguf_pooling applies only with gguf_embedding: true")
+        return self
 
     @field_validator("gguf_type_k", "gguf_type_v", mode="before")
     @classmethod
