@@ -88,12 +88,7 @@ async def embeddings(request: web.Request) -> web.Response:
                     tenant=request.get(TENANT))
     try:
         await run.start()  # records its own refusal
-        try:
-            result = await run.embed()
-        except ApiError as exc:
-            if exc.code == "context_length_exceeded" and exc.param is None:
-                exc.param = "input"  # a worker's error crosses without its param
-            raise
+        result = await run.embed()
     finally:
         run.close()  # a no-op once embed() released the slot
     assert run.result is not None
