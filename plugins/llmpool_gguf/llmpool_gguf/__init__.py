@@ -42,9 +42,10 @@ from llmpool_gguf.prompt import _chat_template_prompt, prompt_segments, prompt_t
 from llmpoold import hookimpl
 from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
+from llmpoold.logprobs import LogprobText, token_logprob
 from llmpoold.prompts import SEED_THINKING_FORMATS, capabilities_for, render
 from llmpoold.textstream import GenerationClock
-from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
+from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta, TokenLogprob
 
 __all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_template_prompt", "estimate", "ggml_type",
            "normalize_cache_type", "normalize_flash_attn", "prompt_segments", "prompt_tokens", "read_gguf_header"]
@@ -82,8 +83,9 @@ def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != BACKEND:
         return None
     capabilities = capabilities_for(model.prompt_format, ("text",), thinking_formats=SEED_THINKING_FORMATS["gguf"])
-    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar)
-    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS)
+    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar);
+    # logprobs are scored from the raw logits in the decode loop (llmpool_gguf.engine)
+    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS, logprobs=True)
     return ModelTraits(capabilities=capabilities, concurrency=model.options.gguf_parallel)
 
 
@@ -200,9 +202,10 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
                            f"prompt has {len(prompt)} tokens and max_tokens is {decoding.max_tokens}: "
                            f"{len(prompt) + decoding.max_tokens} tokens; the model's context is {engine.n_ctx_seq} "
                            "tokens per sequence (gguf_n_ctx)")
-    job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding, cancel=request.cancel, grammar=grammar)
+    job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding, cancel=request.cancel, grammar=grammar,
+              logprobs=request.logprobs)
     engine.submit(job)
-    text = text_pipeline(rendered)
+    text = LogprobText(text_pipeline(rendered))
     finish: str | None = None
     left = False  # the loop has let go of the job (its last event was read)
     try:
@@ -222,7 +225,7 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
                 finish = "cancelled"
             elif event is not None:
                 clock.first_token()
-                yield from text.push(engine.piece(event))
+                yield from text.push(engine.piece(event), _scored(engine, job, event))
                 if text.stopped:
                     finish = "stop"
         yield from text.finish(cancelled=finish == "cancelled")
@@ -231,6 +234,16 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
             _let_go(job)
     yield Completion(finish_reason=finish, metrics=clock.metrics(
         prompt_tokens=len(prompt), cached_prompt_tokens=job.cached_tokens, output_tokens=job.produced))
+
+
+def _scored(engine: Engine, job: Job, token: int) -> TokenLogprob | None:
+    """The token's TokenLogprob (with its top alternatives) when the request asked for
+    logprobs; the loop put its values on ``job.scored`` before the token's event."""
+    if job.logprobs is None:
+        return None
+    logprob, top = job.scored.popleft()
+    return token_logprob(engine.piece(token), logprob,
+                         tuple(token_logprob(engine.piece(alt), value) for alt, value in top))
 
 
 def _let_go(job: Job) -> None:
