@@ -45,7 +45,7 @@ def validation_response(exc: ValidationError) -> web.Response:
 def _chat(data: Any) -> Parsed:
     body, seed = chat_request(data)
     usage = bool(body.stream_options and body.stream_options.include_usage)
-    return seed, lambda _response_id: ChatShape(model=seed.model, include_usage=usage)
+    return seed, lambda _response_id: ChatShape(model=seed.model, include_usage=usage, logprobs=bool(body.logprobs))
 
 
 def _responses(data: Any) -> Parsed:

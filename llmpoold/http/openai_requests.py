@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -282,15 +283,18 @@ def chat_request(data: Any) -> tuple[ChatBody, ResponseRequest]:
     body: ChatBody = parse_body(ChatBody, data)
     if body.n is not None and body.n != 1:
         raise _unsupported("n", "n must be 1: llmpool returns one choice per request")
-    if body.logprobs or body.top_logprobs:  # refused, never ignored silently (issue 16)
-        raise _unsupported("logprobs" if body.logprobs else "top_logprobs",
-                           "logprobs and top_logprobs are not supported yet: no llmpool backend returns token "
-                           "log probabilities")
+    if body.top_logprobs and not body.logprobs:  # as OpenAI answers it (0 is neutral)
+        raise ApiError(400, "invalid_request", "the 'top_logprobs' parameter is only allowed when 'logprobs' is "
+                       "enabled", extra={"param": "top_logprobs"})
     limit = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
              else (body.max_tokens, "max_tokens"))
-    return body, seed_request_of(body, _conversation(body.messages, "messages", None), conversation_param="messages",
-                               max_tokens=limit, stop=body.stop, reasoning_effort=body.reasoning_effort,
-                               response_format=body.response_format)
+    seed = seed_request_of(body, _conversation(body.messages, "messages", None), conversation_param="messages",
+                           max_tokens=limit, stop=body.stop, reasoning_effort=body.reasoning_effort,
+                           response_format=body.response_format)
+    if body.logprobs:  # admission refuses it for a model without Capabilities.logprobs
+        assert seed.agent is not None
+        seed.with_agent(replace(seed.agent, logprobs=body.top_logprobs or 0))
+    return body, seed
 
 
 def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
