@@ -101,6 +101,11 @@ async def test_legacy_completions_continue_the_raw_prompt_on_gguf(aiohttp_client
     stream = await aio.completions.create(model="chat", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                           extra_body={"top_k": 1}, stream=True)
     assert "".join([c.choices[0].text async for c in stream if c.choices]) == text
+    # logprobs from an in-daemon (inline) replica; a worker's: test_logprobs_on_gguf_chat_and_completions
+    scored = await aio.completions.create(model="chat", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                          extra_body={"top_k": 1}, logprobs=1)
+    logprobs = scored.choices[0].logprobs
+    assert scored.choices[0].text == text and logprobs is not None and "".join(logprobs.tokens or ()) == text
 
 
 async def test_context_overflow_is_a_bad_request_with_the_numbers(aiohttp_client: Any, gguf_path: str) -> None:
