@@ -220,6 +220,19 @@ async def test_logprobs_on_gguf_chat_and_completions(aiohttp_client: Any, gguf_p
     assert [e.token for e in streamed] == [e.token for e in entries]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-6)
 
+    # The Responses API: include=["message.output_text.logprobs"], top_logprobs.
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "temperature": 0.0,
+             "max_output_tokens": 16, "extra_body": {"top_k": 1}}
+    response = await aio.responses.create(model="chat", input=messages[0]["content"], **asked)
+    part = response.output[-1].content[0]
+    assert part.type == "output_text" and part.text == content and part.logprobs is not None
+    assert [(lp.token, len(lp.top_logprobs)) for lp in part.logprobs] == [(e.token, 2) for e in entries]
+    events = [e async for e in await aio.responses.create(model="chat", input=messages[0]["content"], stream=True,
+                                                           **asked)]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert "".join(e.delta for e in deltas) == content
+    assert [lp.token for e in deltas for lp in e.logprobs] == [e.token for e in entries]
+
     # Legacy completions: logprobs=2 (the raw prompt continued).
     prompt = "The capital of France is"
     cold_text = await aio.completions.create(model="chat", prompt=prompt, max_tokens=8, temperature=0.0,
@@ -241,11 +254,13 @@ async def test_logprobs_on_gguf_chat_and_completions(aiohttp_client: Any, gguf_p
     assert [o for p in pieces if p.logprobs for o in p.logprobs.text_offset or ()] == lp.text_offset
 
     # Refusals: a backend without logprobs, OpenAI's bounds and pairing.
-    for call in (aio.chat.completions.create(model="echo", messages=messages, logprobs=True),
-                 aio.completions.create(model="echo", prompt=prompt, logprobs=1)):
+    for call, param in ((aio.chat.completions.create(model="echo", messages=messages, logprobs=True), "logprobs"),
+                        (aio.completions.create(model="echo", prompt=prompt, logprobs=1), "logprobs"),
+                        (aio.responses.create(model="echo", input="x", include=["message.output_text.logprobs"]),
+                         "include")):
         with pytest.raises(openai.BadRequestError) as err:
             await call
-        assert (err.value.code, err.value.param) == ("logprobs_unsupported", "logprobs")
+        assert (err.value.code, err.value.param) == ("logprobs_unsupported", param)
     with pytest.raises(openai.UnprocessableEntityError) as unprocessable:
         await aio.chat.completions.create(model="chat", messages=messages, logprobs=True, top_logprobs=21)
     assert unprocessable.value.param == "top_logprobs"

@@ -51,7 +51,7 @@ def _chat(data: Any) -> Parsed:
 def _responses(data: Any) -> Parsed:
     body, seed = responses_request(data)
     echo = body.model_dump(include={"instructions", "temperature", "top_p", "max_output_tokens", "metadata",
-                                    "tools", "tool_choice", "parallel_tool_calls", "text"})
+                                    "tools", "tool_choice", "parallel_tool_calls", "text", "top_logprobs"})
     return seed, lambda response_id: ResponsesShape(response_id=response_id, model=seed.model, echo=echo)
 
 
@@ -64,7 +64,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return await respond(request, _responses)
     except ApiError as exc:
         # admission names Chat's fields; the Responses API calls them text.format and input
-        exc.param = {"response_format": "text.format", "messages": "input"}.get(exc.param or "", exc.param)
+        exc.param = {"response_format": "text.format", "messages": "input", "logprobs": "include"}.get(
+            exc.param or "", exc.param)
         raise
 
 

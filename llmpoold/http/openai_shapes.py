@@ -142,6 +142,7 @@ class ResponsesShape:
         self.sequence = 0
         self.texts = {"reasoning": "", "output": ""}
         self.calls: dict[str, dict[str, str]] = {}  # tool channel -> {"call_id", "name"}
+        self.logprobs: list[dict[str, Any]] = []  # the message's tokens (requests that asked)
         self.open: str | None = None  # the channel whose output item is open
         self.items: list[dict[str, Any]] = []  # finished output items
 
@@ -156,6 +157,7 @@ class ResponsesShape:
             "tools": echo.get("tools") or [], "temperature": echo.get("temperature"),
             "top_p": echo.get("top_p"), "max_output_tokens": echo.get("max_output_tokens"),
             "text": echo.get("text") or {"format": {"type": "text"}}, "usage": None,
+            "top_logprobs": echo.get("top_logprobs"),
         }
         if result is not None:
             prompt, output, cached = _tokens(result)
@@ -172,7 +174,7 @@ class ResponsesShape:
     def _part(self, channel: str) -> dict[str, Any]:
         if channel == "reasoning":
             return {"type": "reasoning_text", "text": self.texts[channel]}
-        return {"type": "output_text", "text": self.texts[channel], "annotations": [], "logprobs": []}
+        return {"type": "output_text", "text": self.texts[channel], "annotations": [], "logprobs": list(self.logprobs)}
 
     def _item(self, channel: str, status: str) -> dict[str, Any]:
         if channel in self.calls:
@@ -215,7 +217,7 @@ class ResponsesShape:
         else:
             extra: dict[str, Any]
             done, extra = (("response.reasoning_text.done", {}) if channel == "reasoning"
-                           else ("response.output_text.done", {"logprobs": []}))
+                           else ("response.output_text.done", {"logprobs": list(self.logprobs)}))
             events = [self._event(done, **where, text=self.texts[channel], **extra),
                       self._event("response.content_part.done", **where, part=self._part(channel))]
         events.append(self._event("response.output_item.done", output_index=where["output_index"], item=item))
@@ -248,8 +250,12 @@ class ResponsesShape:
         events = self._open(channel) if self.open != channel else []
         self.texts[channel] += delta.text
         extra: dict[str, Any]
-        name, extra = (("response.reasoning_text.delta", {}) if channel == "reasoning"
-                       else ("response.output_text.delta", {"logprobs": []}))
+        if channel == "reasoning":
+            name, extra = "response.reasoning_text.delta", {}
+        else:
+            logprobs = [chat_logprob(entry) for entry in delta.logprobs]
+            self.logprobs += logprobs
+            name, extra = "response.output_text.delta", {"logprobs": logprobs}
         return [*events, self._event(name, **self._where(channel), delta=delta.text, **extra)]
 
     def finish(self, result: InferenceResult) -> list[Event]:
@@ -268,7 +274,7 @@ class ResponsesShape:
         if result.reasoning_text:
             self.delta(TextDelta(result.reasoning_text, channel="reasoning"))
         if result.output_text or not result.tool_calls:
-            self.delta(TextDelta(result.output_text))
+            self.delta(TextDelta(result.output_text, logprobs=tuple(result.logprobs)))
         for index, call in enumerate(result.tool_calls):
             self.delta(ToolCallDelta(index, id=call["id"], name=call["function"]["name"],
                                      arguments=call["function"]["arguments"]))
