@@ -284,9 +284,10 @@ class Inference:
         calls: dict[int, dict[str, Any]] = {}
         raw = self.body.agent is not None and self.body.agent.raw_prompt  # a continuation keeps its spaces
         trims = {"output": _Trim(strip=not raw), "reasoning": _Trim(strip=not raw)}
-        # Token logprobs whose text was trimmed away so far ride on the channel's next delta
-        # (or on a delta of no text at the end): every generated token is reported.
-        held: dict[str, tuple[TokenLogprob, ...]] = {"output": (), "reasoning": ()}
+        # Output tokens' logprobs whose text was trimmed away so far ride on the next output
+        # delta (or on one of no text at the end): every token of the answer is reported.
+        # Reasoning tokens' are dropped: OpenAI's shapes have no place for them.
+        held: tuple[TokenLogprob, ...] = ()
         logprobs: list[TokenLogprob] = []
         stream = lease.replica.stream(request, whole=not self.body.stream)
         metrics = self.pool.metrics
@@ -304,22 +305,21 @@ class Inference:
                     yield item
                     continue
                 text = trims[item.channel].feed(item.text)
-                held[item.channel] += item.logprobs
+                carried: tuple[TokenLogprob, ...] = ()
+                if item.channel == "output":
+                    held += item.logprobs
+                    if text:
+                        carried, held = held, ()
+                        logprobs += carried
                 if text:
                     if first_text:
                         first_text = False
                         metrics.ttft.labels(self.entry.name).observe(time.perf_counter() - self.started_at)
                     texts[item.channel].append(text)
-                    carried, held[item.channel] = held[item.channel], ()
-                    if item.channel == "output":
-                        logprobs += carried
                     yield TextDelta(text, channel=item.channel, logprobs=carried)
-            if completion is not None and self._aborted is None:
-                for channel, carried in held.items():
-                    if carried:
-                        if channel == "output":
-                            logprobs += carried
-                        yield TextDelta("", channel=channel, logprobs=carried)  # type: ignore[arg-type]
+            if held and completion is not None and self._aborted is None:
+                logprobs += held
+                yield TextDelta("", logprobs=held)
             if self._aborted is not None:
                 raise self._aborted
             if completion is None:

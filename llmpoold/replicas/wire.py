@@ -189,7 +189,7 @@ def logprob_from_wire(data: Mapping[str, Any]) -> TokenLogprob:
 
 def item_to_wire(item: StreamItem) -> dict[str, Any]:
     if isinstance(item, TextDelta):
-        data = {"t": "delta", "text": item.text, "channel": item.channel}
+        data: dict[str, Any] = {"t": "delta", "text": item.text, "channel": item.channel}
         if item.logprobs:  # only on requests that asked for them
             data["logprobs"] = [logprob_to_wire(entry) for entry in item.logprobs]
         return data
