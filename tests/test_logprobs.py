@@ -3,10 +3,20 @@ the worker wire."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+
+from llmpoold import hookimpl
+from llmpoold.hookspecs import BackendSpec
+from llmpoold.http.app import create_app
+from llmpoold.http.keys import POOL
 from llmpoold.logprobs import LogprobText, token_logprob
 from llmpoold.replicas.wire import item_from_wire, item_to_wire
+from llmpoold.testing import make_registry, settings_from
 from llmpoold.textstream import TextPipeline, Utf8Stream
-from llmpoold.types import TextDelta, TokenLogprob
+from llmpoold.types import BackendMetrics, Capabilities, Completion, ModelTraits, TextDelta, TokenLogprob
 
 
 def run(pieces: list[bytes], stops: tuple[str, ...] = (), markers: tuple[str, str] | None = None, *,
@@ -75,3 +85,66 @@ def test_a_delta_with_logprobs_crosses_the_worker_wire() -> None:
     assert item_from_wire(wire) == delta
     assert item_from_wire(item_to_wire(TextDelta("x"))) == TextDelta("x")
     assert "logprobs" not in item_to_wire(TextDelta("x"))  # requests without them send what they did
+
+
+def scored(text: str, logprob: float) -> TokenLogprob:
+    return token_logprob(text.encode(), logprob)
+
+
+class ScriptedScores:
+    """A stand-in for a runtime that scores its tokens (the real one, GGUF, is in
+    tests/test_openai_gguf.py): an answer wrapped in whitespace that the daemon strips,
+    and a reasoning token."""
+
+    @staticmethod
+    @hookimpl
+    def llmpool_backends() -> list[BackendSpec]:
+        return [BackendSpec(name="scripted", requires_model_path=False)]
+
+    @staticmethod
+    @hookimpl
+    def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
+        return ModelTraits(capabilities=Capabilities(logprobs=True)) if backend == "scripted" else None
+
+    @staticmethod
+    @hookimpl
+    def llmpool_load(backend: str, replica_id: str, model: Any) -> object | None:
+        return object() if backend == "scripted" else None
+
+    @staticmethod
+    @hookimpl
+    def llmpool_stream(backend: str, runtime: Any, request: Any) -> Iterator[Any] | None:
+        if backend != "scripted":
+            return None
+        assert request.logprobs is not None
+        return iter([TextDelta("hmm", channel="reasoning", logprobs=(scored("hmm", -0.5),)),
+                     TextDelta("\n", logprobs=(scored("\n", -0.1),)), TextDelta("Hi", logprobs=(scored("Hi", -0.2),)),
+                     TextDelta(" there ", logprobs=(scored(" there ", -0.3),)),
+                     TextDelta("\n", logprobs=(scored("\n", -0.4),)),
+                     Completion(finish_reason="stop", metrics=BackendMetrics(output_tokens=5))])
+
+    @staticmethod
+    @hookimpl
+    def llmpool_unload(backend: str, runtime: Any) -> bool | None:
+        return True if backend == "scripted" else None
+
+
+async def test_tokens_of_stripped_whitespace_are_still_reported(aiohttp_client: Any) -> None:
+    """The daemon strips the answer's surrounding whitespace: the tokens of the leading
+    whitespace ride with the first text, those of the trailing whitespace come on a last
+    chunk of no text; reasoning tokens get none (OpenAI's shapes have no place for them)."""
+    app = create_app(settings_from({"engine": {"models": {"s": {"backend": "scripted", "isolation": "inline"}}}}),
+                     make_registry(ScriptedScores()))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    ask: dict[str, Any] = {"model": "s", "messages": [{"role": "user", "content": "x"}], "logprobs": True}
+    done = await aio.chat.completions.create(**ask)
+    assert done.choices[0].message.content == "Hi there"
+    assert done.choices[0].logprobs is not None and done.choices[0].logprobs.content is not None
+    assert [(e.token, e.logprob) for e in done.choices[0].logprobs.content] == [
+        ("\n", -0.1), ("Hi", -0.2), (" there ", -0.3), ("\n", -0.4)]
+    chunks = [c.choices[0] async for c in await aio.chat.completions.create(stream=True, **ask) if c.choices]
+    content = [(c.delta.content, [e.token for e in c.logprobs.content or ()]) for c in chunks
+               if c.logprobs is not None]
+    assert content == [("Hi", ["\n", "Hi"]), (" there", [" there "]), ("", ["\n"])]
