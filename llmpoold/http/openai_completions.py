@@ -23,6 +23,7 @@ import codecs
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -38,7 +39,7 @@ from llmpoold.http.openai_tools import unsupported
 from llmpoold.http.respond import Event, Parsed, parse_body, read_json, respond
 from llmpoold.inference import Inference, InferenceResult, record_refused_body
 from llmpoold.schemas import MAX_TEXT_CHARS, ResponseRequest, Text
-from llmpoold.types import TextDelta, ToolCallDelta
+from llmpoold.types import TextDelta, TokenLogprob, ToolCallDelta
 
 MAX_PROMPTS = 16
 
@@ -88,7 +89,7 @@ class TextLogprobs:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._offset = 0
 
-    def of(self, entries: Any) -> dict[str, Any]:
+    def of(self, entries: Iterable[TokenLogprob]) -> dict[str, Any]:
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for entry in entries:
             out["tokens"].append(entry.token)

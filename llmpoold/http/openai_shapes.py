@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from llmpoold.errors import ApiError
@@ -37,9 +38,9 @@ def chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
                              for alt in entry.top]}
 
 
-def chat_logprobs(entries: Any) -> dict[str, Any]:
-    """Chat's ``choices[].logprobs`` for these tokens (the values are the model's: raw
-    logits before temperature, penalties and grammar; see :mod:`llmpool_gguf.engine`)."""
+def chat_logprobs(entries: Iterable[TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``choices[].logprobs`` for these tokens (the values are the backend's; GGUF's
+    are the log-softmax of the raw logits, before temperature, penalties and grammar)."""
     return {"content": [chat_logprob(entry) for entry in entries], "refusal": None}
 
 

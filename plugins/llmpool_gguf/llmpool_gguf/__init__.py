@@ -9,6 +9,10 @@ the Jinja template embedded in the GGUF through llama-cpp-python's
 them, a cancel is seen within one step, and stop strings and split UTF-8 characters are
 handled by :mod:`llmpoold.textstream` (:class:`~llmpool_gguf.prompt.TextChain`).
 
+Token log probabilities (``Capabilities.logprobs``) are scored by the decode loop from
+the raw logits (:mod:`llmpool_gguf.engine`) and follow the text through
+:class:`~llmpoold.logprobs.LogprobText`.
+
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
 ``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
 ``grammar`` (``response_format`` as a llama.cpp grammar).
