@@ -174,7 +174,9 @@ def llmpool_stream(
     produces them, then exactly one :class:`Completion`. A backend that declares
     ``Capabilities.tools`` also yields :class:`ToolCallDelta` items for the calls it makes;
     one that declares ``response_formats`` beyond ``text`` must enforce
-    ``request.response_format`` (admission refuses it elsewhere).
+    ``request.response_format`` (admission refuses it elsewhere); one that declares
+    ``Capabilities.logprobs`` attaches a :class:`TokenLogprob` per generated token to its
+    deltas when ``request.logprobs`` is set (:class:`llmpoold.logprobs.LogprobText`).
 
     Return either a blocking iterator (the daemon drives it on its own thread, one
     ``next()`` per item) or an async iterator (driven on the event loop; it must never

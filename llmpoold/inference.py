@@ -39,6 +39,7 @@ from llmpoold.types import (
     GenerationRequest,
     Message,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
 )
 
@@ -73,6 +74,8 @@ class InferenceResult:
     metrics: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # OpenAI's shape, whole
+    # the output tokens' log probabilities, in order (requests that asked for them)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 def merge_tool_call(calls: dict[int, dict[str, Any]], delta: ToolCallDelta) -> None:
@@ -184,6 +187,7 @@ class Inference:
             tools=agent.tools if agent is not None else (),
             tool_choice=agent.tool_choice if agent is not None else None,
             parallel_tool_calls=agent.parallel_tool_calls if agent is not None else None,
+            logprobs=agent.logprobs if agent is not None else None,
         )
 
     async def start(self) -> None:
@@ -280,6 +284,11 @@ class Inference:
         calls: dict[int, dict[str, Any]] = {}
         raw = self.body.agent is not None and self.body.agent.raw_prompt  # a continuation keeps its spaces
         trims = {"output": _Trim(strip=not raw), "reasoning": _Trim(strip=not raw)}
+        # Output tokens' logprobs whose text was trimmed away so far ride on the next output
+        # delta (or on one of no text at the end): every token of the answer is reported.
+        # Reasoning tokens' are dropped: OpenAI's shapes have no place for them.
+        held: tuple[TokenLogprob, ...] = ()
+        logprobs: list[TokenLogprob] = []
         stream = lease.replica.stream(request, whole=not self.body.stream)
         metrics = self.pool.metrics
         first_text = True
@@ -296,12 +305,21 @@ class Inference:
                     yield item
                     continue
                 text = trims[item.channel].feed(item.text)
+                carried: tuple[TokenLogprob, ...] = ()
+                if item.channel == "output":
+                    held += item.logprobs
+                    if text:
+                        carried, held = held, ()
+                        logprobs += carried
                 if text:
                     if first_text:
                         first_text = False
                         metrics.ttft.labels(self.entry.name).observe(time.perf_counter() - self.started_at)
                     texts[item.channel].append(text)
-                    yield TextDelta(text, channel=item.channel)
+                    yield TextDelta(text, channel=item.channel, logprobs=carried)
+            if held and completion is not None and self._aborted is None:
+                logprobs += held
+                yield TextDelta("", logprobs=held)
             if self._aborted is not None:
                 raise self._aborted
             if completion is None:
@@ -343,6 +361,7 @@ class Inference:
         self.result = self._result(completion, "".join(texts["output"]), "".join(texts["reasoning"]) or None,
                                    backend_start, backend_end)
         self.result.tool_calls = [calls[i] for i in sorted(calls)]
+        self.result.logprobs = logprobs
         self.record("ok")
 
     def _result(self, completion: Completion, output: str, reasoning: str | None, backend_start: float,

@@ -47,8 +47,8 @@ def check_request(body: ResponseRequest, caps: Capabilities, name: str, *, promp
 
 def check_requested_features(body: ResponseRequest, caps: Capabilities, name: str, default_max_tokens: int) -> None:
     """The seed's ``thinking_token_budget`` and ``response_format`` admission, in its
-    order (after the reasoning controls), then the OpenAI surfaces' tools: ApiError 400
-    when the model cannot honour them (the backend is never called)."""
+    order (after the reasoning controls), then the OpenAI surfaces' tools, logprobs and raw
+    prompts: ApiError 400 when the model cannot honour them (the backend is never called)."""
     budget = body.thinking_token_budget
     if budget is not None:
         effort = body.reasoning_effort
@@ -72,6 +72,10 @@ def check_requested_features(body: ResponseRequest, caps: Capabilities, name: st
     if agent is not None and agent.uses_tools and not caps.tools:
         raise ApiError(400, "tools_unsupported", f"model '{name}' does not support tool calling", model=name,
                        param="tools" if agent.tools else "messages")
+    if agent is not None and agent.logprobs is not None and not caps.logprobs:
+        raise ApiError(400, "logprobs_unsupported",
+                       f"model '{name}' does not return token log probabilities (logprobs)", model=name,
+                       param="logprobs")
     if agent is not None and agent.raw_prompt and not caps.raw_prompt:
         raise ApiError(400, "completions_unsupported",
                        f"model '{name}' cannot continue a raw prompt (legacy completions); use chat completions",

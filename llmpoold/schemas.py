@@ -160,6 +160,9 @@ class AgentFields:
     # Legacy text completions: the input is the whole prompt (the ``raw`` format, no
     # template, no instructions) and the output is not stripped.
     raw_prompt: bool = False
+    # Token log probabilities: None off, else the number of top alternatives per token
+    # (Chat's ``top_logprobs``, the legacy completions' ``logprobs``).
+    logprobs: int | None = None
 
     @property
     def uses_tools(self) -> bool:

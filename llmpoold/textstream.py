@@ -228,6 +228,11 @@ class TextPipeline:
 
     After a stop string matched, :attr:`stopped` is True, :attr:`matched` names it, and
     further pieces are ignored: the runtime should end generation.
+
+    :attr:`decoded` counts the characters the decoder has produced, :attr:`released`
+    those the stop filter has let through (what is not a stop string or held as a
+    possible start of one); :class:`llmpoold.logprobs.LogprobText` aligns tokens with
+    text by them.
     """
 
     def __init__(self, stops: Sequence[str] = (), reasoning_markers: tuple[str, str] | None = None, *,
@@ -236,6 +241,8 @@ class TextPipeline:
         self.stop_filter = StopFilter(stops)
         self.splitter = ReasoningSplitter(reasoning_markers, inside=reasoning_open)
         self._finished = False
+        self.decoded = 0
+        self.released = 0
 
     @property
     def stopped(self) -> bool:
@@ -250,7 +257,11 @@ class TextPipeline:
     def push(self, piece: bytes | int | str) -> list[TextDelta]:
         if self.stopped or self._finished:
             return []
-        return self.splitter.push(self.stop_filter.push(self.decoder.push(piece)))
+        text = self.decoder.push(piece)
+        self.decoded += len(text)
+        passed = self.stop_filter.push(text)
+        self.released += len(passed)
+        return self.splitter.push(passed)
 
     def finish(self, *, cancelled: bool = False) -> list[TextDelta]:
         """The deltas still held, once; later calls return []."""
@@ -259,7 +270,11 @@ class TextPipeline:
         self._finished = True
         out: list[TextDelta] = []
         if not self.stopped and not cancelled:
-            out += self.splitter.push(self.stop_filter.push(self.decoder.flush()) + self.stop_filter.flush())
+            text = self.decoder.flush()
+            self.decoded += len(text)
+            passed = self.stop_filter.push(text) + self.stop_filter.flush()
+            self.released += len(passed)
+            out += self.splitter.push(passed)
         return out + self.splitter.flush()
 
 

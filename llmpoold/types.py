@@ -101,17 +101,39 @@ class GenerationRequest:
     tools: tuple[Mapping[str, Any], ...] = ()
     tool_choice: str | Mapping[str, Any] | None = None
     parallel_tool_calls: bool | None = None  # None: the runtime's default
+    # Token log probabilities (OpenAI's ``logprobs``; only for Capabilities.logprobs):
+    # None: off; else how many top alternatives to report per token (0..20). The
+    # backend then attaches a TokenLogprob per generated token to its TextDelta items.
+    logprobs: int | None = None
     cancel: CancelToken = field(default_factory=CancelToken, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One generated token's log probability (natural log) under the model, and, for
+    the token itself, the ``top`` most likely alternatives at its position (most likely
+    first; alternatives have no ``top`` of their own). ``token`` is the token's text
+    (a token holding part of a UTF-8 character shows U+FFFD), ``bytes`` its exact bytes."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...] = ()
+    top: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class TextDelta:
     """A piece of generated text, in order. ``channel`` separates visible output from
     reasoning ("thinking") text. Never contains a partial UTF-8 character or any part of
-    a matched stop string."""
+    a matched stop string.
+
+    ``logprobs`` (only when the request asked for them): the tokens whose text ends in
+    this delta (or that had text held back until it), in order; a delta may carry
+    logprobs and no text (tokens whose text the daemon trims away)."""
 
     text: str
     channel: Literal["output", "reasoning"] = "output"
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +199,8 @@ class Capabilities:
     # Raw prompts (legacy text completions, rendered with the ``raw`` format): every
     # local text backend; an upstream chat API cannot continue a raw prompt.
     raw_prompt: bool = True
+    # Token log probabilities (GenerationRequest.logprobs → TextDelta.logprobs).
+    logprobs: bool = False
     # Embeddings (``llmpool_embed``; ``POST /openai/v1/embeddings``), and whether the model
     # generates at all: an embedding model (``gguf_embedding: true``) serves only vectors.
     embeddings: bool = False
@@ -194,6 +218,7 @@ class Capabilities:
             "response_formats": list(self.response_formats),
             "tools": self.tools,
             "raw_prompt": self.raw_prompt,
+            "logprobs": self.logprobs,
             "embeddings": self.embeddings,
             "generation": self.generation,
         }

@@ -133,7 +133,7 @@ async def test_completions_json_stream_and_list(aio: openai.AsyncOpenAI, client:
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"echo": True}, "echo"), ({"logprobs": 2}, "logprobs"), ({"suffix": "x"}, "suffix"), ({"n": 2}, "n"),
+    ({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"n": 2}, "n"),
     ({"best_of": 3}, "best_of"), ({"prompt": [[1, 2, 3]]}, "prompt"),
     ({"prompt": ["a", "b"], "stream": True}, "stream"),
 ])
@@ -142,6 +142,17 @@ async def test_completions_refusals_name_the_parameter(aio: openai.AsyncOpenAI, 
     with pytest.raises(openai.BadRequestError) as err:
         await aio.completions.create(**body)
     assert (err.value.code, err.value.param) == ("unsupported_parameter", param)
+
+
+async def test_completions_logprobs_need_a_model_that_scores_tokens(aio: openai.AsyncOpenAI) -> None:
+    """``logprobs`` is admitted only where the model's backend returns them (GGUF:
+    tests/test_openai_gguf.py), never ignored; beyond 20 it is malformed."""
+    with pytest.raises(openai.BadRequestError) as err:
+        await aio.completions.create(model="echo", prompt="x", logprobs=2)
+    assert (err.value.code, err.value.param) == ("logprobs_unsupported", "logprobs")
+    with pytest.raises(openai.UnprocessableEntityError) as malformed:
+        await aio.completions.create(model="echo", prompt="x", logprobs=21)
+    assert malformed.value.param == "logprobs"
 
 
 async def test_completions_of_an_unknown_model_and_a_failure(aio: openai.AsyncOpenAI) -> None:

@@ -8,6 +8,7 @@ import json
 from enum import StrEnum
 from typing import Annotated, Any
 
+import echo_backend
 import openai
 import pytest
 from pydantic import BaseModel, Field
@@ -100,6 +101,11 @@ async def test_legacy_completions_continue_the_raw_prompt_on_gguf(aiohttp_client
     stream = await aio.completions.create(model="chat", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
                                           extra_body={"top_k": 1}, stream=True)
     assert "".join([c.choices[0].text async for c in stream if c.choices]) == text
+    # logprobs from an in-daemon (inline) replica; a worker's: test_logprobs_on_gguf_chat_and_completions
+    scored = await aio.completions.create(model="chat", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0.0,
+                                          extra_body={"top_k": 1}, logprobs=1)
+    logprobs = scored.choices[0].logprobs
+    assert scored.choices[0].text == text and logprobs is not None and "".join(logprobs.tokens or ()) == text
 
 
 async def test_context_overflow_is_a_bad_request_with_the_numbers(aiohttp_client: Any, gguf_path: str) -> None:
@@ -181,3 +187,93 @@ async def test_structured_output_on_gguf(aiohttp_client: Any, gguf_path: str) ->
     free = await aio.chat.completions.create(model="chat", messages=messages, max_tokens=48, **greedy)
     with pytest.raises(ValueError):  # the guard: unconstrained, the model writes prose
         json.loads(free.choices[0].message.content or "")
+
+
+async def test_logprobs_on_gguf_chat_and_completions(aiohttp_client: Any, gguf_path: str) -> None:
+    """Token log probabilities in OpenAI's shapes, JSON and streamed, from a GGUF model in
+    a worker process (they cross the worker wire); a model without them is a 400."""
+    entry = {"backend": "gguf", "model_path": gguf_path, "gguf_n_ctx": 1024, "prompt_format": "gemma3_template",
+             "isolation": "process"}
+    app = create_app(settings_from({"engine": {"models": {
+        "chat": entry, "echo": {"backend": "echo", "isolation": "inline"}}}}), make_registry("gguf", echo_backend))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    messages = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    greedy = {"temperature": 0.0, "max_tokens": 16, "extra_body": {"top_k": 1}}
+
+    # The first request fills a slot's cache; the later ones reuse the same prefix, so their
+    # logits (and greedy tokens) come from the same computation (a cold prompt's may differ
+    # in the last digits, enough to flip a near tie).
+    cold = await aio.chat.completions.create(model="chat", messages=messages, **greedy)
+    assert cold.choices[0].logprobs is None
+    done = await aio.chat.completions.create(model="chat", messages=messages, logprobs=True, top_logprobs=3,
+                                             **greedy)
+    content, choice = done.choices[0].message.content, done.choices[0]
+    assert content and choice.logprobs is not None and choice.logprobs.content
+    entries = choice.logprobs.content
+    assert "".join(e.token for e in entries) == content
+    assert done.usage is not None and len(entries) == done.usage.completion_tokens - (choice.finish_reason == "stop")
+    for e in entries:
+        assert e.logprob <= 0 and e.bytes is not None and bytes(e.bytes).decode("utf-8", "replace") == e.token
+        values = [alt.logprob for alt in e.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert (e.top_logprobs[0].token, e.top_logprobs[0].logprob) == (e.token, e.logprob)  # greedy: the top-1
+    plain = await aio.chat.completions.create(model="chat", messages=messages, **greedy)
+    assert plain.choices[0].message.content == content and plain.choices[0].logprobs is None
+
+    chunks = [c async for c in await aio.chat.completions.create(
+        model="chat", messages=messages, logprobs=True, top_logprobs=3, stream=True, **greedy) if c.choices]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    streamed = [e for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content or ()]
+    assert text == content and "".join(e.token for e in streamed) == text
+    assert [e.token for e in streamed] == [e.token for e in entries]
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in entries], abs=1e-6)
+
+    # The Responses API: include=["message.output_text.logprobs"], top_logprobs.
+    asked = {"include": ["message.output_text.logprobs"], "top_logprobs": 2, "temperature": 0.0,
+             "max_output_tokens": 16, "extra_body": {"top_k": 1}}
+    response = await aio.responses.create(model="chat", input=messages[0]["content"], **asked)
+    part = response.output[-1].content[0]
+    assert part.type == "output_text" and part.text == content and part.logprobs is not None
+    assert [(lp.token, len(lp.top_logprobs)) for lp in part.logprobs] == [(e.token, 2) for e in entries]
+    events = [e async for e in await aio.responses.create(model="chat", input=messages[0]["content"], stream=True,
+                                                           **asked)]
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert "".join(e.delta for e in deltas) == content
+    assert [lp.token for e in deltas for lp in e.logprobs] == [e.token for e in entries]
+
+    # Legacy completions: logprobs=2 (the raw prompt continued).
+    prompt = "The capital of France is"
+    cold_text = await aio.completions.create(model="chat", prompt=prompt, max_tokens=8, temperature=0.0,
+                                             extra_body={"top_k": 1})
+    assert cold_text.choices[0].logprobs is None
+    completion = await aio.completions.create(model="chat", prompt=prompt, max_tokens=8, temperature=0.0,
+                                              extra_body={"top_k": 1}, logprobs=2)
+    text, lp = completion.choices[0].text, completion.choices[0].logprobs
+    assert lp is not None and lp.tokens and lp.token_logprobs and lp.top_logprobs and lp.text_offset is not None
+    assert "".join(lp.tokens) == text and len(lp.tokens) == 8
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    for token, value, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert value <= 0 and len(top) == 2 and max(top.values()) == value and top[token] == value
+    stream = await aio.completions.create(model="chat", prompt=prompt, max_tokens=8, temperature=0.0,
+                                          extra_body={"top_k": 1}, logprobs=2, stream=True)
+    pieces = [c.choices[0] async for c in stream if c.choices]
+    assert "".join(p.text for p in pieces) == text
+    assert [t for p in pieces if p.logprobs for t in p.logprobs.tokens or ()] == lp.tokens
+    assert [o for p in pieces if p.logprobs for o in p.logprobs.text_offset or ()] == lp.text_offset
+
+    # Refusals: a backend without logprobs, OpenAI's bounds and pairing.
+    for call, param in ((aio.chat.completions.create(model="echo", messages=messages, logprobs=True), "logprobs"),
+                        (aio.completions.create(model="echo", prompt=prompt, logprobs=1), "logprobs"),
+                        (aio.responses.create(model="echo", input="x", include=["message.output_text.logprobs"]),
+                         "include")):
+        with pytest.raises(openai.BadRequestError) as err:
+            await call
+        assert (err.value.code, err.value.param) == ("logprobs_unsupported", param)
+    with pytest.raises(openai.UnprocessableEntityError) as unprocessable:
+        await aio.chat.completions.create(model="chat", messages=messages, logprobs=True, top_logprobs=21)
+    assert unprocessable.value.param == "top_logprobs"
+    with pytest.raises(openai.BadRequestError) as err:
+        await aio.chat.completions.create(model="chat", messages=messages, top_logprobs=2)
+    assert err.value.param == "top_logprobs" and "logprobs" in err.value.message

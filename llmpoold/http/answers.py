@@ -265,7 +265,8 @@ class ChatChoice(_Answer):
     index: int
     message: ChatMessage
     finish_reason: Literal["stop", "length", "tool_calls"]
-    logprobs: None = None
+    # with ``logprobs: true``: {"content": [{"token", "logprob", "bytes", "top_logprobs"}], "refusal": null}
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatUsage(_Answer):
@@ -290,7 +291,8 @@ class TextChoice(_Answer):
     index: int
     text: str
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    # with ``logprobs: N``: {"tokens", "token_logprobs", "top_logprobs": [{token: logprob}], "text_offset"}
+    logprobs: dict[str, Any] | None = None
 
 
 class TextCompletion(_Answer):

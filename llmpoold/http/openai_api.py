@@ -46,13 +46,13 @@ def validation_response(exc: ValidationError) -> web.Response:
 def _chat(data: Any) -> Parsed:
     body, seed = chat_request(data)
     usage = bool(body.stream_options and body.stream_options.include_usage)
-    return seed, lambda _response_id: ChatShape(model=seed.model, include_usage=usage)
+    return seed, lambda _response_id: ChatShape(model=seed.model, include_usage=usage, logprobs=bool(body.logprobs))
 
 
 def _responses(data: Any) -> Parsed:
     body, seed = responses_request(data)
     echo = body.model_dump(include={"instructions", "temperature", "top_p", "max_output_tokens", "metadata",
-                                    "tools", "tool_choice", "parallel_tool_calls", "text"})
+                                    "tools", "tool_choice", "parallel_tool_calls", "text", "top_logprobs"})
     return seed, lambda response_id: ResponsesShape(response_id=response_id, model=seed.model, echo=echo)
 
 
@@ -65,7 +65,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
         return await respond(request, _responses)
     except ApiError as exc:
         # admission names Chat's fields; the Responses API calls them text.format and input
-        exc.param = {"response_format": "text.format", "messages": "input"}.get(exc.param or "", exc.param)
+        exc.param = {"response_format": "text.format", "messages": "input", "logprobs": "include"}.get(
+            exc.param or "", exc.param)
         raise
 
 

@@ -5,7 +5,11 @@ is: the request runs on the raw prompt path (the ``raw`` prompt format: no templ
 instructions, the model's special tokens parsed as written; output not stripped), with
 the same admission, fair queue, cancellation and metrics as every other surface.
 ``max_tokens``, ``stop``, ``temperature``, ``top_p`` and llmpool's own fields map as
-on Chat Completions. ``echo: true``, ``suffix``, ``logprobs``, ``best_of`` > 1, ``n`` > 1
+on Chat Completions. ``logprobs: N`` (0..20; OpenAI's limit is 5) returns each token's
+log probability and the N most likely alternatives in the legacy shape (``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``: character offsets in the choice's
+text, from 0 as no prompt is echoed), on models with ``Capabilities.logprobs`` (else 400
+``logprobs_unsupported``). ``echo: true``, ``suffix``, ``best_of`` > 1, ``n`` > 1
 and token-id prompts are 400 ``unsupported_parameter``; several prompts stream only one
 at a time (a list with ``stream: true`` is refused). A model that cannot continue a raw
 prompt (the remote backend, whose upstream is a chat API) is 400
@@ -15,9 +19,11 @@ prompt (the remote backend, whose upstream is a chat API) is 400
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Annotated, Any
 
@@ -33,7 +39,7 @@ from llmpoold.http.openai_tools import unsupported
 from llmpoold.http.respond import Event, Parsed, parse_body, read_json, respond
 from llmpoold.inference import Inference, InferenceResult, record_refused_body
 from llmpoold.schemas import MAX_TEXT_CHARS, ResponseRequest, Text
-from llmpoold.types import TextDelta, ToolCallDelta
+from llmpoold.types import TextDelta, TokenLogprob, ToolCallDelta
 
 MAX_PROMPTS = 16
 
@@ -44,7 +50,7 @@ class CompletionsBody(OpenAIExtras):
     stop: str | Stop | None = Field(None)
     echo: bool | None = None
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)  # OpenAI allows 5; llama.cpp's server 20
     best_of: int | None = None
     n: int | None = None
     stream_options: StreamOptions | None = None
@@ -54,7 +60,7 @@ def completions_request(data: Any) -> tuple[CompletionsBody, list[ResponseReques
     """The body and one seed request per prompt. Raises ApiError 400/422."""
     body: CompletionsBody = parse_body(CompletionsBody, data)
     for name, value, neutral in (("echo", body.echo, False), ("suffix", body.suffix, None),
-                                 ("logprobs", body.logprobs, None), ("best_of", body.best_of, 1), ("n", body.n, 1)):
+                                 ("best_of", body.best_of, 1), ("n", body.n, 1)):
         if value is not None and value != neutral:
             raise unsupported(name, f"{name}={value!r} is not supported on completions")
     if body.tools is not None or body.tool_choice is not None:
@@ -71,8 +77,29 @@ def completions_request(data: Any) -> tuple[CompletionsBody, list[ResponseReques
         seed = seed_request_of(body, {"input": prompt}, conversation_param="prompt",
                              max_tokens=(body.max_tokens, "max_tokens"), stop=body.stop)
         assert seed.agent is not None
-        seeds.append(seed.with_agent(replace(seed.agent, raw_prompt=True)))
+        seeds.append(seed.with_agent(replace(seed.agent, raw_prompt=True, logprobs=body.logprobs)))
     return body, seeds
+
+
+class TextLogprobs:
+    """The legacy ``logprobs`` object of one choice, built token by token (a stream's
+    chunks continue the text offsets of the chunks before)."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._offset = 0
+
+    def of(self, entries: Iterable[TokenLogprob]) -> dict[str, Any]:
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for entry in entries:
+            out["tokens"].append(entry.token)
+            out["token_logprobs"].append(entry.logprob)
+            top = {alt.token: alt.logprob for alt in entry.top}
+            top.setdefault(entry.token, entry.logprob)  # as OpenAI: the sampled token is always there
+            out["top_logprobs"].append(top)
+            out["text_offset"].append(self._offset)  # a partial character's tokens share its offset
+            self._offset += len(self._decoder.decode(bytes(entry.bytes)))
+        return out
 
 
 class CompletionShape:
@@ -80,24 +107,28 @@ class CompletionShape:
 
     metrics_header = True
 
-    def __init__(self, *, model: str, include_usage: bool = False) -> None:
+    def __init__(self, *, model: str, include_usage: bool = False, logprobs: bool = False) -> None:
+        """``logprobs``: the request asked for them (each choice then has its object)."""
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.logprobs = TextLogprobs() if logprobs else None
 
     def _object(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
                 "choices": choices, "system_fingerprint": None, **extra}
 
     @staticmethod
-    def _choice(index: int, text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def _choice(index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def many(self, results: list[InferenceResult]) -> dict[str, Any]:
         usages = [chat_usage(r) for r in results]
         usage = {key: sum(u[key] for u in usages) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
-        choices = [self._choice(i, r.output_text, chat_finish(r)) for i, r in enumerate(results)]
+        choices = [self._choice(i, r.output_text, chat_finish(r),
+                                TextLogprobs().of(r.logprobs) if self.logprobs is not None else None)
+                   for i, r in enumerate(results)]
         return self._object(choices, usage=usage, metrics=[r.metrics for r in results])
 
     def json(self, result: InferenceResult) -> dict[str, Any]:
@@ -111,7 +142,8 @@ class CompletionShape:
     def delta(self, delta: TextDelta | ToolCallDelta) -> list[Event]:
         if isinstance(delta, ToolCallDelta) or delta.channel != "output":
             return []  # a completion is text: reasoning and tool calls have no place in it
-        return [(None, self._object([self._choice(0, delta.text, None)]))]
+        logprobs = self.logprobs.of(delta.logprobs) if self.logprobs is not None else None
+        return [(None, self._object([self._choice(0, delta.text, None, logprobs)]))]
 
     def finish(self, result: InferenceResult) -> list[Event]:
         events: list[Event] = [(None, self._object([self._choice(0, "", chat_finish(result))],
@@ -127,7 +159,9 @@ class CompletionShape:
 def _parse(data: Any) -> Parsed:
     body, seeds = completions_request(data)
     usage = bool(body.stream_options and body.stream_options.include_usage)
-    return seeds[0], lambda _response_id: CompletionShape(model=seeds[0].model, include_usage=usage)
+    logprobs = body.logprobs is not None
+    return seeds[0], lambda _response_id: CompletionShape(model=seeds[0].model, include_usage=usage,
+                                                          logprobs=logprobs)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -159,5 +193,5 @@ async def completions(request: web.Request) -> web.StreamResponse:
     finally:
         for inf in runs:
             inf.close()
-    answer = CompletionShape(model=body.model).many(list(results))
+    answer = CompletionShape(model=body.model, logprobs=body.logprobs is not None).many(list(results))
     return web.json_response(answer, headers={"X-Llmpool-Metrics": json.dumps([r.metrics for r in results])})

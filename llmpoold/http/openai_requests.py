@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -132,6 +133,9 @@ class ResponsesBody(OpenAIExtras):
     # As OpenAI bounds it (it is echoed in the answer): 16 pairs, keys of 64 and values of 512 characters.
     metadata: Annotated[dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
                         Field(max_length=16)] | None = None
+    # logprobs: ``include: ["message.output_text.logprobs"]`` (or ``top_logprobs`` > 0) turns them on
+    include: Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=16)] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 def _content_item(part: _Part, param: str) -> dict[str, Any]:
@@ -282,15 +286,28 @@ def chat_request(data: Any) -> tuple[ChatBody, ResponseRequest]:
     body: ChatBody = parse_body(ChatBody, data)
     if body.n is not None and body.n != 1:
         raise _unsupported("n", "n must be 1: llmpool returns one choice per request")
-    if body.logprobs or body.top_logprobs:  # refused, never ignored silently (issue 16)
-        raise _unsupported("logprobs" if body.logprobs else "top_logprobs",
-                           "logprobs and top_logprobs are not supported yet: no llmpool backend returns token "
-                           "log probabilities")
+    if body.top_logprobs and not body.logprobs:  # as OpenAI answers it (0 is neutral)
+        raise ApiError(400, "invalid_request", "the 'top_logprobs' parameter is only allowed when 'logprobs' is "
+                       "enabled", extra={"param": "top_logprobs"})
     limit = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens is not None
              else (body.max_tokens, "max_tokens"))
-    return body, seed_request_of(body, _conversation(body.messages, "messages", None), conversation_param="messages",
-                               max_tokens=limit, stop=body.stop, reasoning_effort=body.reasoning_effort,
-                               response_format=body.response_format)
+    seed = seed_request_of(body, _conversation(body.messages, "messages", None), conversation_param="messages",
+                           max_tokens=limit, stop=body.stop, reasoning_effort=body.reasoning_effort,
+                           response_format=body.response_format)
+    if body.logprobs:  # admission refuses it for a model without Capabilities.logprobs
+        assert seed.agent is not None
+        seed.with_agent(replace(seed.agent, logprobs=body.top_logprobs or 0))
+    return body, seed
+
+
+RESPONSES_LOGPROBS = "message.output_text.logprobs"
+
+
+def responses_logprobs(body: ResponsesBody) -> int | None:
+    """How many top alternatives a Responses request wants per token; None: no logprobs."""
+    if RESPONSES_LOGPROBS in (body.include or ()) or body.top_logprobs:
+        return body.top_logprobs or 0
+    return None
 
 
 def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
@@ -302,7 +319,12 @@ def responses_request(data: Any) -> tuple[ResponsesBody, ResponseRequest]:
         conversation = {"input": body.input, **({"instructions": body.instructions} if body.instructions else {})}
     else:
         conversation = _conversation(body.input, "input", body.instructions)
-    return body, seed_request_of(body, conversation, conversation_param="input",
-                               max_tokens=(body.max_output_tokens, "max_output_tokens"),
-                               reasoning_effort=body.reasoning.effort if body.reasoning else None,
-                               response_format=(body.text or {}).get("format"), flat=True)
+    seed = seed_request_of(body, conversation, conversation_param="input",
+                           max_tokens=(body.max_output_tokens, "max_output_tokens"),
+                           reasoning_effort=body.reasoning.effort if body.reasoning else None,
+                           response_format=(body.text or {}).get("format"), flat=True)
+    logprobs = responses_logprobs(body)
+    if logprobs is not None:  # admission refuses it for a model without Capabilities.logprobs
+        assert seed.agent is not None
+        seed.with_agent(replace(seed.agent, logprobs=logprobs))
+    return body, seed

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
 from llmpoold.errors import ApiError
 from llmpoold.http.respond import Event
 from llmpoold.inference import InferenceResult
-from llmpoold.types import TextDelta, ToolCallDelta
+from llmpoold.types import TextDelta, TokenLogprob, ToolCallDelta
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error"}
@@ -28,6 +29,19 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     param = exc.param or exc.extra.get("param", "model" if exc.code == "unknown_model" else None)
     kind = _ERROR_TYPES.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
     return {"error": {"message": message, "type": kind, "code": exc.code, "param": param}}
+
+
+def chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
+    """One token in Chat's ``logprobs.content`` shape, its top alternatives included."""
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes),
+            "top_logprobs": [{"token": alt.token, "logprob": alt.logprob, "bytes": list(alt.bytes)}
+                             for alt in entry.top]}
+
+
+def chat_logprobs(entries: Iterable[TokenLogprob]) -> dict[str, Any]:
+    """Chat's ``choices[].logprobs`` for these tokens (the values are the backend's; GGUF's
+    are the log-softmax of the raw logits, before temperature, penalties and grammar)."""
+    return {"content": [chat_logprob(entry) for entry in entries], "refusal": None}
 
 
 def _tokens(result: InferenceResult) -> tuple[int, int, int]:
@@ -52,11 +66,14 @@ class ChatShape:
 
     metrics_header = True
 
-    def __init__(self, *, model: str, include_usage: bool = False) -> None:
+    def __init__(self, *, model: str, include_usage: bool = False, logprobs: bool = False) -> None:
+        """``logprobs``: the request asked for them (``choices[].logprobs`` is then an
+        object on the answer and on every chunk of content, else null)."""
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.include_usage = include_usage
+        self.logprobs = logprobs
         self.calls_started: set[int] = set()
 
     def json(self, result: InferenceResult) -> dict[str, Any]:
@@ -67,12 +84,14 @@ class ChatShape:
             message["tool_calls"] = result.tool_calls
             message["content"] = result.output_text or None
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": chat_finish(result), "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": chat_finish(result),
+                             "logprobs": chat_logprobs(result.logprobs) if self.logprobs else None}],
                 "usage": chat_usage(result), "system_fingerprint": None, "metrics": result.metrics}
 
-    def _chunk(self, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+    def _chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: dict[str, Any] | None = None,
+               **extra: Any) -> dict[str, Any]:
         chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}], **extra}
         if self.include_usage:
             chunk.setdefault("usage", None)
         return chunk
@@ -88,8 +107,10 @@ class ChatShape:
                 call = {"index": delta.index, "id": delta.id or f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                         "function": {"name": delta.name or "", "arguments": delta.arguments}}
             return [(None, self._chunk({"tool_calls": [call]}))]
-        key = "reasoning_content" if delta.channel == "reasoning" else "content"
-        return [(None, self._chunk({key: delta.text}))]
+        if delta.channel == "reasoning":  # OpenAI has no place for reasoning tokens' logprobs
+            return [(None, self._chunk({"reasoning_content": delta.text}))]
+        logprobs = chat_logprobs(delta.logprobs) if self.logprobs else None
+        return [(None, self._chunk({"content": delta.text}, logprobs=logprobs))]
 
     def finish(self, result: InferenceResult) -> list[Event]:
         events: list[Event] = [(None, self._chunk({}, chat_finish(result), metrics=result.metrics))]
@@ -122,6 +143,7 @@ class ResponsesShape:
         self.sequence = 0
         self.texts = {"reasoning": "", "output": ""}
         self.calls: dict[str, dict[str, str]] = {}  # tool channel -> {"call_id", "name"}
+        self.logprobs: list[dict[str, Any]] = []  # the message's tokens (requests that asked)
         self.open: str | None = None  # the channel whose output item is open
         self.items: list[dict[str, Any]] = []  # finished output items
 
@@ -136,6 +158,7 @@ class ResponsesShape:
             "tools": echo.get("tools") or [], "temperature": echo.get("temperature"),
             "top_p": echo.get("top_p"), "max_output_tokens": echo.get("max_output_tokens"),
             "text": echo.get("text") or {"format": {"type": "text"}}, "usage": None,
+            "top_logprobs": echo.get("top_logprobs"),
         }
         if result is not None:
             prompt, output, cached = _tokens(result)
@@ -152,7 +175,7 @@ class ResponsesShape:
     def _part(self, channel: str) -> dict[str, Any]:
         if channel == "reasoning":
             return {"type": "reasoning_text", "text": self.texts[channel]}
-        return {"type": "output_text", "text": self.texts[channel], "annotations": [], "logprobs": []}
+        return {"type": "output_text", "text": self.texts[channel], "annotations": [], "logprobs": list(self.logprobs)}
 
     def _item(self, channel: str, status: str) -> dict[str, Any]:
         if channel in self.calls:
@@ -195,7 +218,7 @@ class ResponsesShape:
         else:
             extra: dict[str, Any]
             done, extra = (("response.reasoning_text.done", {}) if channel == "reasoning"
-                           else ("response.output_text.done", {"logprobs": []}))
+                           else ("response.output_text.done", {"logprobs": list(self.logprobs)}))
             events = [self._event(done, **where, text=self.texts[channel], **extra),
                       self._event("response.content_part.done", **where, part=self._part(channel))]
         events.append(self._event("response.output_item.done", output_index=where["output_index"], item=item))
@@ -228,8 +251,12 @@ class ResponsesShape:
         events = self._open(channel) if self.open != channel else []
         self.texts[channel] += delta.text
         extra: dict[str, Any]
-        name, extra = (("response.reasoning_text.delta", {}) if channel == "reasoning"
-                       else ("response.output_text.delta", {"logprobs": []}))
+        if channel == "reasoning":
+            name, extra = "response.reasoning_text.delta", {}
+        else:
+            logprobs = [chat_logprob(entry) for entry in delta.logprobs]
+            self.logprobs += logprobs
+            name, extra = "response.output_text.delta", {"logprobs": logprobs}
         return [*events, self._event(name, **self._where(channel), delta=delta.text, **extra)]
 
     def finish(self, result: InferenceResult) -> list[Event]:
@@ -248,7 +275,7 @@ class ResponsesShape:
         if result.reasoning_text:
             self.delta(TextDelta(result.reasoning_text, channel="reasoning"))
         if result.output_text or not result.tool_calls:
-            self.delta(TextDelta(result.output_text))
+            self.delta(TextDelta(result.output_text, logprobs=tuple(result.logprobs)))
         for index, call in enumerate(result.tool_calls):
             self.delta(ToolCallDelta(index, id=call["id"], name=call["function"]["name"],
                                      arguments=call["function"]["arguments"]))

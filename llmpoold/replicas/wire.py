@@ -57,6 +57,7 @@ from llmpoold.types import (
     Message,
     StreamItem,
     TextDelta,
+    TokenLogprob,
     ToolCallDelta,
 )
 
@@ -176,9 +177,29 @@ def request_from_wire(data: Mapping[str, Any]) -> GenerationRequest:
     return GenerationRequest(decoding=Decoding(**decoding), messages=messages, **values)
 
 
+def logprob_to_wire(entry: TokenLogprob) -> dict[str, Any]:
+    data: dict[str, Any] = {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes)}
+    if entry.top:
+        data["top"] = [logprob_to_wire(alt) for alt in entry.top]
+    return data
+
+
+def logprob_from_wire(data: Mapping[str, Any]) -> TokenLogprob:
+    """KeyError/TypeError when malformed."""
+    token, logprob, raw = data["token"], data["logprob"], data["bytes"]
+    if not isinstance(token, str) or not isinstance(logprob, int | float) or not isinstance(raw, list) \
+            or not all(isinstance(b, int) and 0 <= b < 256 for b in raw):
+        raise TypeError("a logprob needs a string token, a number logprob and a list of bytes")
+    return TokenLogprob(token=token, logprob=float(logprob), bytes=tuple(raw),
+                        top=tuple(logprob_from_wire(alt) for alt in data.get("top") or ()))
+
+
 def item_to_wire(item: StreamItem) -> dict[str, Any]:
     if isinstance(item, TextDelta):
-        return {"t": "delta", "text": item.text, "channel": item.channel}
+        data: dict[str, Any] = {"t": "delta", "text": item.text, "channel": item.channel}
+        if item.logprobs:  # only on requests that asked for them
+            data["logprobs"] = [logprob_to_wire(entry) for entry in item.logprobs]
+        return data
     if isinstance(item, ToolCallDelta):
         return {"t": "delta", "channel": "tool", "index": item.index, "call_id": item.id, "name": item.name,
                 "arguments": item.arguments}
@@ -197,7 +218,8 @@ def item_from_wire(data: Mapping[str, Any]) -> StreamItem:
         text, channel = data["text"], data["channel"]
         if not isinstance(text, str) or channel not in CHANNELS:
             raise ValueError("delta text must be a string and channel one of " + ", ".join(CHANNELS))
-        return TextDelta(text=text, channel=channel)
+        return TextDelta(text=text, channel=channel,
+                         logprobs=tuple(logprob_from_wire(entry) for entry in data.get("logprobs") or ()))
     finish, metrics, metadata = data["finish_reason"], data["metrics"], data["metadata"]
     if not isinstance(finish, str) or not isinstance(metrics, dict) or not isinstance(metadata, dict):
         raise TypeError("completion needs a finish_reason string, metrics and metadata objects")

@@ -9,6 +9,10 @@ the Jinja template embedded in the GGUF through llama-cpp-python's
 them, a cancel is seen within one step, and stop strings and split UTF-8 characters are
 handled by :mod:`llmpoold.textstream` (:class:`~llmpool_gguf.prompt.TextChain`).
 
+Token log probabilities (``Capabilities.logprobs``) are scored by the decode loop from
+the raw logits (:mod:`llmpool_gguf.engine`) and follow the text through
+:class:`~llmpoold.logprobs.LogprobText`.
+
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
 ``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
 ``grammar`` (``response_format`` as a llama.cpp grammar), ``embedding`` (a model
@@ -45,6 +49,7 @@ from llmpool_gguf.prompt import _chat_template_prompt, prompt_segments, prompt_t
 from llmpoold import hookimpl
 from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
+from llmpoold.logprobs import LogprobText, token_logprob
 from llmpoold.prompts import SEED_THINKING_FORMATS, capabilities_for, render
 from llmpoold.textstream import GenerationClock
 from llmpoold.types import (
@@ -56,6 +61,7 @@ from llmpoold.types import (
     MemoryEstimate,
     ModelTraits,
     TextDelta,
+    TokenLogprob,
 )
 
 __all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_template_prompt", "estimate", "ggml_type",
@@ -97,8 +103,9 @@ def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
         return ModelTraits(capabilities=Capabilities(embeddings=True, generation=False, raw_prompt=False),
                            concurrency=1)
     capabilities = capabilities_for(model.prompt_format, ("text",), thinking_formats=SEED_THINKING_FORMATS["gguf"])
-    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar)
-    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS)
+    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar);
+    # logprobs are scored from the raw logits in the decode loop (llmpool_gguf.engine)
+    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS, logprobs=True)
     return ModelTraits(capabilities=capabilities, concurrency=model.options.gguf_parallel)
 
 
@@ -238,9 +245,10 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
                            f"prompt has {len(prompt)} tokens and max_tokens is {decoding.max_tokens}: "
                            f"{len(prompt) + decoding.max_tokens} tokens; the model's context is {engine.n_ctx_seq} "
                            "tokens per sequence (gguf_n_ctx)", param="messages")
-    job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding, cancel=request.cancel, grammar=grammar)
+    job = Job(prompt=prompt, budget=decoding.max_tokens, decoding=decoding, cancel=request.cancel, grammar=grammar,
+              logprobs=request.logprobs)
     engine.submit(job)
-    text = text_pipeline(rendered)
+    text = LogprobText(text_pipeline(rendered))
     finish: str | None = None
     left = False  # the loop has let go of the job (its last event was read)
     try:
@@ -260,7 +268,7 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
                 finish = "cancelled"
             elif event is not None:
                 clock.first_token()
-                yield from text.push(engine.piece(event))
+                yield from text.push(engine.piece(event), _scored(engine, job, event))
                 if text.stopped:
                     finish = "stop"
         yield from text.finish(cancelled=finish == "cancelled")
@@ -269,6 +277,16 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
             _let_go(job)
     yield Completion(finish_reason=finish, metrics=clock.metrics(
         prompt_tokens=len(prompt), cached_prompt_tokens=job.cached_tokens, output_tokens=job.produced))
+
+
+def _scored(engine: Engine, job: Job, token: int) -> TokenLogprob | None:
+    """The token's TokenLogprob (with its top alternatives) when the request asked for
+    logprobs; the loop put its values on ``job.scored`` before the token's event."""
+    if job.logprobs is None:
+        return None
+    logprob, top = job.scored.popleft()
+    return token_logprob(engine.piece(token), logprob,
+                         tuple(token_logprob(engine.piece(alt), value) for alt, value in top))
 
 
 def _let_go(job: Job) -> None:

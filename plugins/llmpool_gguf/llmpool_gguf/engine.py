@@ -21,6 +21,14 @@ Everything that touches the context runs on the loop thread; the request threads
 tokenize and detokenize (read-only vocabulary calls, thread-safe in llama.cpp) and talk
 to the loop through queues: a job's ``events`` carries sampled token ids, then
 ``("done", finish_reason)`` or ``("error", exception)``.
+
+Log probabilities (a job with ``logprobs`` set): after sampling, the loop reads that
+sequence's raw logits, takes their log-softmax and puts ``(logprob of the sampled token,
+[(token, logprob) of the top N]``) on the job's ``scored`` deque before the token's
+event, so the request thread finds it there when it reads the token. The values are
+the model's distribution: raw logits, before temperature, penalties, top-k/top-p and
+the grammar (as OpenAI reports them), computed only for jobs that asked (a Gemma
+vocabulary has 262k entries).
 """
 
 from __future__ import annotations
@@ -91,6 +99,9 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused
     produced: int = 0
+    logprobs: int | None = None  # None: off; else the number of top alternatives to score
+    # per generated token, in order: (its logprob, [(token, logprob)] of the top ``logprobs``)
+    scored: deque[tuple[float, list[tuple[int, float]]]] = field(default_factory=deque)
 
 
 @dataclass(eq=False)
@@ -457,6 +468,8 @@ class Engine:
             if self.is_eog(token):
                 self._release(slot, ("done", "stop"))
                 continue
+            if job.logprobs is not None:
+                job.scored.append(self._score(slot.i_batch, token, job.logprobs))
             job.events.put(token)
             slot.pending = token
             if job.produced >= job.budget:
@@ -465,6 +478,33 @@ class Engine:
         self.stats["tokens"] += n
         self.stats["peak_sequences"] = max(self.stats["peak_sequences"], len(chunks))
         self.stats["step_s"] += time.perf_counter() - started
+
+    def _score(self, i_batch: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """The log-softmax of the raw logits at ``i_batch``: ``token``'s log probability
+        and the ``top`` most likely tokens with theirs, most likely first (ties: the
+        lower id, as the greedy argmax picks). -inf is reported as -9999.0 (as OpenAI
+        does), so the values stay valid JSON."""
+        logits = np.ctypeslib.as_array(_low().llama_get_logits_ith(self.ctx, i_batch), shape=(self.n_vocab,))
+        peak = float(logits.max())
+        # stable: exp of (logit - max) in float32, summed in float64
+        log_total = peak + float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+
+        def logprob(value: float) -> float:
+            return max(float(value) - log_total, -9999.0)
+
+        best: list[tuple[int, float]] = []
+        if top > 0:
+            # The top N lie among the logits near the peak (tens to a few thousand of 262k):
+            # partitioning those costs a tenth of partitioning the whole vocabulary.
+            for margin in (8.0, 16.0, float("inf")):
+                candidates = np.flatnonzero(logits >= peak - margin)
+                if len(candidates) >= top:
+                    break
+            if len(candidates) > top:
+                candidates = candidates[np.argpartition(-logits[candidates], top - 1)[:top]]
+            ids = candidates[np.lexsort((candidates, -logits[candidates]))]
+            best = [(int(i), logprob(logits[i])) for i in ids]
+        return logprob(logits[token]), best
 
     @staticmethod
     def _put(batch: Any, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
