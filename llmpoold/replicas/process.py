@@ -5,10 +5,9 @@ running the plugin in a child process (``python -m llmpoold.replicas.worker``) a
 speaking :mod:`llmpoold.replicas.wire` over a Unix socket pair. A crash in a native
 runtime then takes down one replica, not the daemon:
 
-- in-flight requests of the dead worker end at once with 502 ``replica_crashed``
-  (a stream's consumer gets it as an exception, the HTTP layer as an ``error`` event);
-  a worker that sends a malformed frame is killed and handled the same way (its state
-  can no longer be trusted), and so is one that stops answering health checks;
+- in-flight requests of the dead worker end at once with 502 ``replica_crashed``; a
+  worker that sends a malformed frame is killed and handled the same way (its state can
+  no longer be trusted), and so is one that stops answering health checks;
 - the replica stops accepting work (``accepting`` is False, so the scheduler routes to
   the others or keeps requests queued), records the exit status or signal in
   ``last_error`` and is restarted with exponential backoff, at most
