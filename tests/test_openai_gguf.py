@@ -171,3 +171,101 @@ async def test_structured_output_on_gguf(aiohttp_client: Any, gguf_path: str) ->
     free = await aio.chat.completions.create(model="chat", messages=messages, max_tokens=48, **greedy)
     with pytest.raises(ValueError):  # the guard: unconstrained, the model writes prose
         json.loads(free.choices[0].message.content or "")
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather of a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
+        "city": {"type": "string", "maxLength": 16}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone.",
+    "parameters": {"type": "object", "required": ["zone"], "properties": {"zone": {"type": "string", "maxLength": 12}}}}}
+
+
+def valid_arguments(name: str, arguments: str) -> dict[str, Any]:
+    """The call's arguments, parsed and checked against its tool's schema."""
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}[name]
+    value = json.loads(arguments)
+    try:
+        import jsonschema
+    except ImportError:  # the checks jsonschema would make, for these two schemas
+        assert isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(schema["properties"])
+        for key, spec in schema["properties"].items():
+            assert isinstance(value[key], str) and len(value[key]) <= spec["maxLength"] if "maxLength" in spec else True
+            assert value[key] in spec.get("enum", [value[key]])
+    else:
+        jsonschema.validate(value, schema)
+    return dict(value)
+
+
+async def test_tool_calls_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:
+    """Function tools on a model whose prompt format has no tool syntax (Gemma 3, llmpool's
+    ``gemma3_template``; the GGUF carries no template): a named function and ``required``
+    are forced by a grammar over the parameters schema (arguments valid JSON of that schema),
+    through Chat (JSON and stream) and Responses; a tool result turn gets text back;
+    ``auto`` is refused with a 400 that says what works."""
+    entry = {"backend": "gguf", "model_path": gguf_path, "gguf_n_ctx": 1024, "isolation": "inline"}
+    app = create_app(settings_from({"engine": {"models": {"chat": {**entry, "prompt_format": "gemma3_template"}}}}),
+                     make_registry("gguf"))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    greedy = {"temperature": 0.0, "max_tokens": 64, "extra_body": {"top_k": 1}}
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    done = await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER, TIME],
+                                             tool_choice=named, **greedy)
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = valid_arguments("get_weather", call.function.arguments)
+
+    # streamed: the call's first piece names it, the arguments pieces join to the same greedy call
+    stream = await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER, TIME],
+                                               tool_choice=named, stream=True, **greedy)
+    pieces = [tc for chunk in [c async for c in stream] if chunk.choices
+              for tc in chunk.choices[0].delta.tool_calls or []]
+    assert len(pieces) > 2 and {p.index for p in pieces} == {0}
+    assert pieces[0].id and pieces[0].function.name == "get_weather"
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == arguments
+
+    # required: the model picks one of the tools, its arguments valid for that tool
+    done = await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER, TIME],
+                                             tool_choice="required", **greedy)
+    assert done.choices[0].finish_reason == "tool_calls"
+    [call] = done.choices[0].message.tool_calls or []
+    valid_arguments(call.function.name, call.function.arguments)
+    stream = await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER, TIME],
+                                               tool_choice="required", stream=True, **greedy)
+    chunks = [c async for c in stream]
+    pieces = [tc for chunk in chunks if chunk.choices for tc in chunk.choices[0].delta.tool_calls or []]
+    assert pieces[0].function.name == call.function.name
+    assert "".join(p.function.arguments or "" for p in pieces) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # Responses: a function_call output item
+    flat = {"type": "function", **WEATHER["function"]}
+    response = await aio.responses.create(model="chat", input=question[0]["content"], tools=[flat],
+                                          tool_choice={"type": "function", "name": "get_weather"},
+                                          temperature=0.0, max_output_tokens=64, extra_body={"top_k": 1})
+    [item] = response.output
+    assert item.type == "function_call" and item.name == "get_weather" and item.call_id.startswith("call_")
+    assert json.loads(item.arguments) == arguments
+
+    # the conversation goes on: the tool result in, text out (tools not offered: "none")
+    follow_up = [*question, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(arguments)}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'}]
+    for extra in ({"tools": [WEATHER], "tool_choice": "none"}, {}):
+        done = await aio.chat.completions.create(model="chat", messages=follow_up, **extra, **greedy)
+        assert done.choices[0].finish_reason in ("stop", "length") and not done.choices[0].message.tool_calls
+        assert (done.choices[0].message.content or "").strip()
+
+    # auto (and tools without tool_choice): Gemma 3's prompt has no tool-call format
+    for extra in ({"tool_choice": "auto"}, {}):
+        with pytest.raises(openai.BadRequestError) as err:
+            await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER], **extra, **greedy)
+        assert (err.value.code, err.value.param) == ("tools_unsupported", "tool_choice")
+        assert "'required' or a named function works" in err.value.message

@@ -11,7 +11,17 @@ handled by :mod:`llmpoold.textstream` (:class:`~llmpool_gguf.prompt.TextChain`).
 
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
 ``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
-``grammar`` (``response_format`` as a llama.cpp grammar).
+``grammar`` (``response_format`` as a llama.cpp grammar), ``tools`` (function tools).
+
+Function tools (``tools``, ``tool_choice``, tool turns; :mod:`llmpool_gguf.tools`):
+``tool_choice`` ``required`` or a named function works on every multi-turn prompt
+format, forced by a llama.cpp grammar over the parameters schema (one call per
+response); ``auto`` (the default with tools) only where the prompt is the GGUF's own
+chat template and that template renders tools in the Hermes / Qwen format
+(``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, the one format parsed),
+else admission refuses it (400 ``tools_unsupported``, ``param: "tool_choice"``);
+``none`` generates text without offering the tools. ``raw`` and
+``translategemma_template`` (single-turn, no instructions) take no tools.
 """
 
 from __future__ import annotations
@@ -39,12 +49,13 @@ from llmpool_gguf.options import (
     normalize_flash_attn,
 )
 from llmpool_gguf.prompt import _chat_template_prompt, prompt_segments, prompt_tokens, text_pipeline
+from llmpool_gguf.tools import ToolPlan, auto_supported, header_template, plan_for
 from llmpoold import hookimpl
 from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
 from llmpoold.prompts import SEED_THINKING_FORMATS, capabilities_for, render
 from llmpoold.textstream import GenerationClock
-from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta
+from llmpoold.types import Completion, GenerationRequest, MemoryEstimate, ModelTraits, TextDelta, ToolCallDelta
 
 __all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_template_prompt", "estimate", "ggml_type",
            "normalize_cache_type", "normalize_flash_attn", "prompt_segments", "prompt_tokens", "read_gguf_header"]
@@ -82,8 +93,13 @@ def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     if backend != BACKEND:
         return None
     capabilities = capabilities_for(model.prompt_format, ("text",), thinking_formats=SEED_THINKING_FORMATS["gguf"])
-    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar)
-    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS)
+    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar);
+    # forced tool calls too; "auto" needs a template with a call format we parse (the
+    # template read from the GGUF header, cached per file version).
+    templated = model.prompt_format in ("chat_template", "gemma4_template")
+    template = header_template(model.model_path) if templated else None
+    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS, tools=capabilities.multi_turn,
+                           tools_auto=auto_supported(model.prompt_format, template))
     return ModelTraits(capabilities=capabilities, concurrency=model.options.gguf_parallel)
 
 
@@ -177,21 +193,27 @@ def llmpool_stream(backend: str, runtime: GgufRuntime, request: GenerationReques
     return _generate(runtime, request)
 
 
-def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[TextDelta | Completion]:
+def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[TextDelta | ToolCallDelta | Completion]:
+    tools = plan_for(runtime, request)
+    request = tools.request  # the tool list and tool turns as text where the template does not render them
     rendered = render(request)
+    if tools.template_messages is not None:
+        rendered = replace(rendered, messages=tools.template_messages)
     if request.decoding.beam_size > 1:
         log.info("beam_size_ignored", beam_size=request.decoding.beam_size, model=request.model)
     engine = runtime.engine
     with engine.reading():
-        yield from _stream(runtime, engine, request, rendered)
+        yield from _stream(runtime, engine, request, rendered, tools)
 
 
 def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
-            rendered: Any) -> Iterator[TextDelta | Completion]:
+            rendered: Any, tools: ToolPlan | None = None) -> Iterator[TextDelta | ToolCallDelta | Completion]:
     decoding = request.decoding
-    grammar = grammar_for(request.response_format, request.model)
+    tools = tools or ToolPlan(request)
+    grammar = tools.grammar or grammar_for(request.response_format, request.model)  # a forced call wins
+    output = tools.output()  # text deltas in, text deltas and tool calls out
     clock = GenerationClock()
-    prompt = prompt_tokens(runtime, request, rendered)
+    prompt = prompt_tokens(runtime, request, rendered, tools.template_tools)
     clock.tokenized()
     # Honest limits (issue 16): the prompt and the whole max_tokens budget must fit the
     # sequence's context; a budget is never capped silently.
@@ -222,10 +244,13 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
                 finish = "cancelled"
             elif event is not None:
                 clock.first_token()
-                yield from text.push(engine.piece(event))
+                for item in text.push(engine.piece(event)):
+                    yield from output.push(item)
                 if text.stopped:
                     finish = "stop"
-        yield from text.finish(cancelled=finish == "cancelled")
+        for item in text.finish(cancelled=finish == "cancelled"):
+            yield from output.push(item)
+        yield from output.finish()
     finally:
         if not left:
             _let_go(job)
