@@ -179,7 +179,8 @@ WEATHER = {"type": "function", "function": {
         "city": {"type": "string", "maxLength": 16}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
 TIME = {"type": "function", "function": {
     "name": "get_time", "description": "The local time in a time zone.",
-    "parameters": {"type": "object", "required": ["zone"], "properties": {"zone": {"type": "string", "maxLength": 12}}}}}
+    "parameters": {"type": "object", "required": ["zone"],
+                   "properties": {"zone": {"type": "string", "maxLength": 12}}}}}
 
 
 def valid_arguments(name: str, arguments: str) -> dict[str, Any]:
