@@ -194,14 +194,15 @@ def llmpool_stream(backend: str, runtime: GgufRuntime, request: GenerationReques
 
 
 def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[TextDelta | ToolCallDelta | Completion]:
-    tools = plan_for(runtime, request)
+    engine = runtime.engine
+    with engine.reading():  # the plan reads the model's template and vocabulary
+        tools = plan_for(runtime, request)
     request = tools.request  # the tool list and tool turns as text where the template does not render them
     rendered = render(request)
     if tools.template_messages is not None:
         rendered = replace(rendered, messages=tools.template_messages)
     if request.decoding.beam_size > 1:
         log.info("beam_size_ignored", beam_size=request.decoding.beam_size, model=request.model)
-    engine = runtime.engine
     with engine.reading():
         yield from _stream(runtime, engine, request, rendered, tools)
 
