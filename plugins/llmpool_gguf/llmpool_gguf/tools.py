@@ -43,7 +43,7 @@ from functools import lru_cache
 from typing import Any
 
 from llmpool_gguf.toolcalls import CALL_OPEN, HermesCalls, NamedCall, OutputStream, RequiredCall, call_prefix
-from llmpoold.errors import BackendError
+from llmpoold.errors import BackendError, clip
 from llmpoold.prompts import chat_messages, content_text, prompt_format
 from llmpoold.types import GenerationRequest, Message
 
@@ -135,8 +135,11 @@ def tool_grammar(tools: Sequence[Mapping[str, Any]], choice: str | Mapping[str, 
             rule = converter.visit(schema, f"tool{i}")
         except Exception as exc:  # noqa: BLE001 - the converter raises bare Exception/ValueError/KeyError/AssertionError
             raise BackendError(400, "invalid_tools", f"model '{model}' cannot enforce the parameters schema of "
-                               f"tool {name!r}: {exc}", model=model, param="tools") from None
+                               f"tool {clip(name)}: {clip(str(exc))}", model=model, param="tools") from None
         alternatives.append(rule if named is not None else f"{json.dumps(call_prefix(str(name)))} {rule} \"}}\"")
+    if not alternatives:  # the door checks that a named function is among the tools
+        raise BackendError(400, "invalid_tools", f"tool_choice names no tool of the request: {clip(named)}",
+                           model=model, param="tool_choice")
     return converter.format_grammar() + "\nroot ::= " + " | ".join(alternatives)
 
 
