@@ -191,9 +191,10 @@ def valid_arguments(name: str, arguments: str) -> dict[str, Any]:
         import jsonschema
     except ImportError:  # the checks jsonschema would make, for these two schemas
         assert isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(schema["properties"])
-        for key, spec in schema["properties"].items():
-            assert isinstance(value[key], str) and len(value[key]) <= spec["maxLength"] if "maxLength" in spec else True
-            assert value[key] in spec.get("enum", [value[key]])
+        for key, item in value.items():
+            spec = schema["properties"][key]
+            assert isinstance(item, str) and len(item) <= spec.get("maxLength", len(item))
+            assert item in spec.get("enum", [item])
     else:
         jsonschema.validate(value, schema)
     return dict(value)
