@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import openai
@@ -272,3 +273,50 @@ async def test_tool_calls_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:
             await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER], **extra, **greedy)
         assert (err.value.code, err.value.param) == ("tools_unsupported", "tool_choice")
         assert "'required' or a named function works" in err.value.message
+
+
+@pytest.fixture(scope="module")
+def hermes_gguf(gguf_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same weights with a Hermes-format chat template in the header (a copy made by
+    gguf-py's ``gguf_new_metadata``, ~250 MB in a temporary folder): the template path of
+    tools on a real runtime (no small GGUF with such a template is at hand)."""
+    import subprocess
+    import sys
+
+    template = Path(__file__).parents[1] / "plugins" / "llmpool_gguf" / "tests" / "data" / "hermes_template.jinja"
+    out = tmp_path_factory.mktemp("hermes") / "hermes.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template-file", str(template),
+                    gguf_path, str(out)], check=True, capture_output=True)
+    return str(out)
+
+
+@pytest.mark.timeout(300)
+async def test_tools_through_a_hermes_template_on_gguf(aiohttp_client: Any, hermes_gguf: str) -> None:
+    """``prompt_format: chat_template`` on a GGUF whose template renders tools in the Hermes
+    format: admission lets ``auto`` through (read from the header before any request), the
+    template gets the tools and the tool turns, a forced call is still valid; the same model
+    file without the template refuses ``auto`` (test_tool_calls_on_gguf)."""
+    entry = {"backend": "gguf", "model_path": hermes_gguf, "gguf_n_ctx": 1024, "isolation": "inline",
+             "prompt_format": "chat_template"}
+    app = create_app(settings_from({"engine": {"models": {"hermes": entry}}}), make_registry("gguf"))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    [model] = (await (await client.get("/v1/admin/models")).json())["models"]
+    assert (model["capabilities"]["tools"], model["capabilities"]["tools_auto"]) == (True, True)
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    greedy = {"temperature": 0.0, "max_tokens": 48, "extra_body": {"top_k": 1}}
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    follow_up = [*question, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    for messages in (question, follow_up):  # auto: text, or calls parsed from <tool_call> blocks
+        done = await aio.chat.completions.create(model="hermes", messages=messages, tools=[WEATHER], **greedy)
+        choice = done.choices[0]
+        assert choice.finish_reason in ("stop", "length", "tool_calls")
+        assert choice.message.content or choice.message.tool_calls
+        for call in choice.message.tool_calls or []:
+            assert call.function.name and json.loads(call.function.arguments) is not None
+    done = await aio.chat.completions.create(model="hermes", messages=follow_up, tools=[WEATHER, TIME],
+                                             tool_choice="required", **greedy)
+    [call] = done.choices[0].message.tool_calls or []
+    valid_arguments(call.function.name, call.function.arguments)

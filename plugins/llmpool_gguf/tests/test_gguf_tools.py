@@ -37,25 +37,7 @@ CLOCK = {"type": "function", "function": {
 
 # A chat template in the Hermes / Qwen 2.5 style: tools listed in the system turn, calls as
 # <tool_call> blocks, results as <tool_response> inside a user turn.
-HERMES_TEMPLATE = """\
-{%- if tools %}\
-{{- '<|im_start|>system\\n' }}{%- if messages[0].role == 'system' %}{{- messages[0].content + '\\n\\n' }}\
-{%- endif %}{{- '# Tools\\n\\n<tools>' }}{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}\
-{{- '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within \
-<tool_call></tool_call> XML tags.<|im_end|>\\n' }}\
-{%- elif messages[0].role == 'system' %}\
-{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
-{%- for message in messages %}\
-{%- if message.role == 'user' or (message.role == 'assistant' and not message.tool_calls) %}\
-{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\
-{%- elif message.role == 'assistant' %}{{- '<|im_start|>assistant' }}\
-{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}\
-{%- for tool_call in message.tool_calls %}{%- set tool_call = tool_call.function %}\
-{{- '\\n<tool_call>\\n{"name": "' + tool_call.name + '", "arguments": ' }}{{- tool_call.arguments | tojson }}\
-{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}\
-{%- elif message.role == 'tool' %}{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + \
-'\\n</tool_response><|im_end|>\\n' }}{%- endif %}{%- endfor %}\
-{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"""
+HERMES_TEMPLATE = (Path(__file__).parent / "data" / "hermes_template.jinja").read_text()
 
 
 def split_everywhere(text: str) -> list[list[TextDelta]]:
