@@ -277,25 +277,30 @@ async def test_tool_calls_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def hermes_gguf(gguf_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The same weights with a Hermes-format chat template in the header (a copy made by
-    gguf-py's ``gguf_new_metadata``, ~250 MB in a temporary folder): the template path of
-    tools on a real runtime (no small GGUF with such a template is at hand)."""
+    """The same weights with chat templates in the header (a copy made by gguf-py's
+    ``gguf_new_metadata``, ~250 MB in a temporary folder): a ChatML default template without
+    tools and a Hermes-format ``tool_use`` one, as Hermes 2 Pro / Hermes 3 GGUFs carry them.
+    The template path of tools on a real runtime (no small GGUF with such templates is at hand)."""
     import subprocess
     import sys
 
-    template = Path(__file__).parents[1] / "plugins" / "llmpool_gguf" / "tests" / "data" / "hermes_template.jinja"
+    hermes = Path(__file__).parents[1] / "plugins" / "llmpool_gguf" / "tests" / "data" / "hermes_template.jinja"
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+              "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+    templates = [{"name": "default", "template": chatml}, {"name": "tool_use", "template": hermes.read_text()}]
     out = tmp_path_factory.mktemp("hermes") / "hermes.gguf"
-    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template-file", str(template),
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template", json.dumps(templates),
                     gguf_path, str(out)], check=True, capture_output=True)
     return str(out)
 
 
 @pytest.mark.timeout(300)
 async def test_tools_through_a_hermes_template_on_gguf(aiohttp_client: Any, hermes_gguf: str) -> None:
-    """``prompt_format: chat_template`` on a GGUF whose template renders tools in the Hermes
-    format: admission lets ``auto`` through (read from the header before any request), the
-    template gets the tools and the tool turns, a forced call is still valid; the same model
-    file without the template refuses ``auto`` (test_tool_calls_on_gguf)."""
+    """``prompt_format: chat_template`` on a GGUF whose ``tool_use`` template renders tools in
+    the Hermes format: admission lets ``auto`` through (read from the header before any
+    request), that template gets the tools and the tool turns, a forced call is still valid,
+    and a request without tools gets the default template; the same weights without these
+    templates refuse ``auto`` (test_tool_calls_on_gguf)."""
     entry = {"backend": "gguf", "model_path": hermes_gguf, "gguf_n_ctx": 1024, "isolation": "inline",
              "prompt_format": "chat_template"}
     app = create_app(settings_from({"engine": {"models": {"hermes": entry}}}), make_registry("gguf"))
@@ -320,3 +325,5 @@ async def test_tools_through_a_hermes_template_on_gguf(aiohttp_client: Any, herm
                                              tool_choice="required", **greedy)
     [call] = done.choices[0].message.tool_calls or []
     valid_arguments(call.function.name, call.function.arguments)
+    done = await aio.chat.completions.create(model="hermes", messages=question, **greedy)
+    assert done.choices[0].message.content and not done.choices[0].message.tool_calls

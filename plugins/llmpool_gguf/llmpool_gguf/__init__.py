@@ -11,16 +11,17 @@ handled by :mod:`llmpoold.textstream` (:class:`~llmpool_gguf.prompt.TextChain`).
 
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
 ``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
-``grammar`` (``response_format`` as a llama.cpp grammar), ``tools`` (function tools).
+``grammar`` (``response_format`` as a llama.cpp grammar), ``tools`` (function tools:
+prompts and grammars), ``toolcalls`` (calls read back from the output).
 
 Function tools (``tools``, ``tool_choice``, tool turns; :mod:`llmpool_gguf.tools`):
 ``tool_choice`` ``required`` or a named function works on every multi-turn prompt
 format, forced by a llama.cpp grammar over the parameters schema (one call per
 response); ``auto`` (the default with tools) only where the prompt is the GGUF's own
-chat template and that template renders tools in the Hermes / Qwen format
-(``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, the one format parsed),
-else admission refuses it (400 ``tools_unsupported``, ``param: "tool_choice"``);
-``none`` generates text without offering the tools. ``raw`` and
+chat template and that template (or its ``tool_use`` one) renders tools in the Hermes /
+Qwen format (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, the one format
+parsed), else admission refuses it (400 ``tools_unsupported``, ``param:
+"tool_choice"``); ``none`` generates text without offering the tools. ``raw`` and
 ``translategemma_template`` (single-turn, no instructions) take no tools.
 """
 
@@ -49,7 +50,7 @@ from llmpool_gguf.options import (
     normalize_flash_attn,
 )
 from llmpool_gguf.prompt import _chat_template_prompt, prompt_segments, prompt_tokens, text_pipeline
-from llmpool_gguf.tools import ToolPlan, auto_supported, header_template, plan_for
+from llmpool_gguf.tools import ToolPlan, auto_supported, header_templates, plan_for
 from llmpoold import hookimpl
 from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
@@ -70,13 +71,15 @@ _RELEASE_WAIT_S = 30.0
 
 @dataclass
 class GgufRuntime:
-    """One loaded model; ``chat_formatter`` is built on first use of ``chat_template``."""
+    """One loaded model; ``chat_formatter`` is built on first use of ``chat_template``
+    (``tool_formatter`` on first use of the GGUF's ``tool_use`` template)."""
 
     replica_id: str
     model_path: str
     options: GgufOptions
     engine: Engine
     chat_formatter: Any = None
+    tool_formatter: Any = None
 
 
 @hookimpl
@@ -97,9 +100,9 @@ def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
     # forced tool calls too; "auto" needs a template with a call format we parse (the
     # template read from the GGUF header, cached per file version).
     templated = model.prompt_format in ("chat_template", "gemma4_template")
-    template = header_template(model.model_path) if templated else None
+    template, tool_template = header_templates(model.model_path) if templated else (None, None)
     capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS, tools=capabilities.multi_turn,
-                           tools_auto=auto_supported(model.prompt_format, template))
+                           tools_auto=auto_supported(model.prompt_format, template, tool_template))
     return ModelTraits(capabilities=capabilities, concurrency=model.options.gguf_parallel)
 
 
@@ -178,7 +181,7 @@ def llmpool_unload(backend: str, runtime: GgufRuntime) -> bool | None:
     stats = runtime.engine.stats
     log.info("gguf_unloaded", replica=runtime.replica_id, steps=stats["steps"],
              decode_s=round(stats["decode_s"], 2), step_s=round(stats["step_s"], 2))
-    runtime.chat_formatter = None
+    runtime.chat_formatter = runtime.tool_formatter = None
     runtime.engine.close()
     return True
 
@@ -214,7 +217,7 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
     grammar = tools.grammar or grammar_for(request.response_format, request.model)  # a forced call wins
     output = tools.output()  # text deltas in, text deltas and tool calls out
     clock = GenerationClock()
-    prompt = prompt_tokens(runtime, request, rendered, tools.template_tools)
+    prompt = prompt_tokens(runtime, request, rendered, tools.template_tools, tools.template_source)
     clock.tokenized()
     # Honest limits (issue 16): the prompt and the whole max_tokens budget must fit the
     # sequence's context; a budget is never capped silently.

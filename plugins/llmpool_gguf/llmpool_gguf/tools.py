@@ -13,24 +13,27 @@ items.
   is honoured by making one).
 - **``auto``** (also ``tools`` without ``tool_choice``): only where the prompt is the
   model's own chat template (``chat_template``, or ``gemma4_template`` with an embedded
-  template) and that template renders ``tools`` and the Hermes / Qwen call format
-  (it mentions ``<tool_call>``). The model then writes free text and calls as
-  ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` (:class:`~llmpool_gguf.toolcalls.HermesCalls`
-  parses them; other formats are not recognised, so admission refuses ``auto`` there).
-  With ``parallel_tool_calls: false`` only the first call is kept.
+  template) and that template (or the GGUF's ``tool_use`` one) renders ``tools`` and the
+  Hermes / Qwen call format (it mentions ``<tool_call>``). The model then writes free
+  text and calls as ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
+  (:class:`~llmpool_gguf.toolcalls.HermesCalls` parses them; other formats are not
+  recognised, so admission refuses ``auto`` there). With ``parallel_tool_calls: false``
+  only the first call is kept.
 - **``none``**: the tools are not offered; plain text.
 
 The tools reach the model through the template when it renders ``tools`` (its Jinja
-source mentions them), with tool turns as the template wants them (assistant
-``tool_calls`` with arguments as objects, ``tool`` turns with ``tool_call_id`` and
-``name``). Otherwise (llmpool's own prompt formats, templates without tools) the tool
-list is a short text appended to the instructions (:func:`tools_text`) and tool turns
-become plain text turns (:func:`plain_turns`): an assistant call is the JSON object
-``{"name": ..., "arguments": ...}`` it made, a result is a user turn
-``Function <name> returned:\\n<result>``. Either way the client's words stay text
-(never special tokens): in the plain text path they are text segments; through a
-template, names, descriptions, schemas and arguments holding special tokens of the
-vocabulary are refused with 400 (the template renders them into its markup).
+source mentions them; a GGUF's ``tokenizer.chat_template.tool_use`` template, as Hermes
+2 Pro / Hermes 3 carry, is used for every request with tools or tool turns), with tool
+turns as the template wants them (assistant ``tool_calls`` with arguments as objects,
+``tool`` turns with ``tool_call_id`` and ``name``). Otherwise (llmpool's own prompt
+formats, templates without tools) the tool list is a short text appended to the
+instructions (:func:`tools_text`) and tool turns become plain text turns
+(:func:`plain_turns`): an assistant call is the JSON object ``{"name": ..., "arguments":
+...}`` it made, a result is a user turn ``Function <name> returned:\\n<result>``. Either
+way the client's words stay text (never special tokens): in the plain text path they are
+text segments; through a template, names, descriptions, schemas and arguments holding
+special tokens of the vocabulary are refused with 400 (the template renders them into
+its markup).
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ from llmpoold.prompts import chat_messages, content_text, prompt_format
 from llmpoold.types import GenerationRequest, Message
 
 _EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+CHAT_TEMPLATE = "tokenizer.chat_template"
+# A GGUF may carry a second template for requests with tools (llama.cpp's converter writes
+# a Hugging Face tokenizer's named templates as ``tokenizer.chat_template.<name>``; Hermes
+# 2 Pro / Hermes 3 name theirs ``tool_use``): used for every request with tools or tool turns.
+TOOL_USE_TEMPLATE = "tokenizer.chat_template.tool_use"
 
 
 # ----- what the model's template can do ------------------------------------------------
@@ -71,34 +79,36 @@ def embedded_template_in_use(format_name: str, template: str | None) -> bool:
     return prompt_format(format_name).runtime_template or (format_name == "gemma4_template" and bool(template))
 
 
-def header_template(path: str | None) -> str | None:
-    """``tokenizer.chat_template`` from a GGUF header, without loading the model (cached
-    per file version; None for a missing or unreadable file)."""
+def header_templates(path: str | None) -> tuple[str | None, str | None]:
+    """The chat template and the ``tool_use`` one (:data:`TOOL_USE_TEMPLATE`) from a GGUF
+    header, without loading the model (cached per file version; None where absent, and
+    for a missing or unreadable file)."""
     if not path:
-        return None
+        return None, None
     path = os.path.expanduser(path)
     try:
         stat = os.stat(path)
     except OSError:
-        return None
-    return _header_template(path, stat.st_mtime_ns, stat.st_size)
+        return None, None
+    return _header_templates(path, stat.st_mtime_ns, stat.st_size)
 
 
 @lru_cache(maxsize=64)
-def _header_template(path: str, mtime_ns: int, size: int) -> str | None:
+def _header_templates(path: str, mtime_ns: int, size: int) -> tuple[str | None, str | None]:
     from llmpool_gguf.memory import _read_gguf_metadata
 
     try:
         meta, _ = _read_gguf_metadata(path)
     except Exception:  # noqa: BLE001 - a header that does not parse has no template to read
-        return None
-    value = meta.get("tokenizer.chat_template")
-    return value if isinstance(value, str) else None
+        return None, None
+    default, tool_use = meta.get(CHAT_TEMPLATE), meta.get(TOOL_USE_TEMPLATE)
+    return (default if isinstance(default, str) else None), (tool_use if isinstance(tool_use, str) else None)
 
 
-def auto_supported(format_name: str, template: str | None) -> bool:
-    """``tool_choice: "auto"`` works: the embedded template renders the prompt and speaks Hermes."""
-    return embedded_template_in_use(format_name, template) and template_calls_hermes(template)
+def auto_supported(format_name: str, template: str | None, tool_template: str | None = None) -> bool:
+    """``tool_choice: "auto"`` works: the embedded template renders the prompt and (its
+    ``tool_use`` variant where the GGUF has one) speaks Hermes."""
+    return embedded_template_in_use(format_name, template) and template_calls_hermes(tool_template or template)
 
 
 # ----- grammars --------------------------------------------------------------------------
@@ -243,13 +253,15 @@ class ToolPlan:
 
     ``request``: the request to render (plain-text tool turns and tool list folded into
     it where the template does not render them). ``template_tools`` / ``template_messages``:
-    what the embedded template gets (None: the rendered prompt's own). ``grammar``: forces
+    what the embedded template gets (None: the rendered prompt's own), ``template_source``
+    the template to render them with (None: the default one). ``grammar``: forces
     the call. ``output``: makes the output stream (text deltas in, deltas and calls out)."""
 
     request: GenerationRequest
     grammar: str | None = None
     template_tools: list[dict[str, Any]] | None = None
     template_messages: tuple[dict[str, Any], ...] | None = None
+    template_source: str | None = None  # the ``tool_use`` template to render instead of the default one
     output: Callable[[], OutputStream] = OutputStream
 
 
@@ -267,13 +279,15 @@ def plan_for(runtime: Any, request: GenerationRequest) -> ToolPlan:
         data = text.encode("utf-8")
         return engine.tokenize(data, special=True) != engine.tokenize(data, special=False)
 
-    return plan(request, engine.metadata("tokenizer.chat_template"), is_special=is_special)
+    return plan(request, engine.metadata(CHAT_TEMPLATE), tool_template=engine.metadata(TOOL_USE_TEMPLATE),
+                is_special=is_special)
 
 
-def plan(request: GenerationRequest, template: str | None, *,
+def plan(request: GenerationRequest, template: str | None, *, tool_template: str | None = None,
          is_special: Callable[[str], bool] = lambda text: False) -> ToolPlan:
     """The :class:`ToolPlan` for ``request`` on a model whose embedded chat template is
-    ``template``. ``is_special(text)``: whether ``text`` holds a special token of the vocabulary.
+    ``template`` (and ``tool_template`` its ``tool_use`` one, if any). ``is_special(text)``:
+    whether ``text`` holds a special token of the vocabulary.
     Raises a 400 ``tools_unsupported`` for ``auto`` where it cannot work (admission
     refuses it first; this guards requests made elsewhere)."""
     if not uses_tools(request):
@@ -281,23 +295,25 @@ def plan(request: GenerationRequest, template: str | None, *,
     choice = request.tool_choice if request.tools else "none"
     choice = "auto" if choice is None else choice
     offered = list(request.tools) if choice != "none" else []
-    if choice == "auto" and not auto_supported(request.prompt_format, template):
+    if choice == "auto" and not auto_supported(request.prompt_format, template, tool_template):
         raise BackendError(400, "tools_unsupported", auto_refusal(request.model), model=request.model,
                            param="tool_choice")
     grammar = tool_grammar(offered, choice, request.model)
     output = _output_for(offered, choice, request.parallel_tool_calls)
-    if embedded_template_in_use(request.prompt_format, template) and template_renders_tools(template):
+    templated = embedded_template_in_use(request.prompt_format, template)
+    if templated and template_renders_tools(tool_template or template):
         for word in template_words(offered, request.messages):
             if is_special(word):
                 raise BackendError(400, "invalid_request", "the tools or tool calls contain special tokens of the "
                                    "model, which its chat template would render as markup; remove them",
                                    model=request.model, param="tools")
-        return ToolPlan(request, grammar, [dict(t) for t in offered] or None, template_messages(request), output)
+        return ToolPlan(request, grammar, template_tools=[dict(t) for t in offered] or None,
+                        template_messages=template_messages(request), template_source=tool_template, output=output)
     instructions = request.instructions
     if offered:
         instructions = "\n\n".join(part for part in (instructions, tools_text(offered, choice)) if part)
     rewritten = replace(request, instructions=instructions, messages=plain_turns(request.messages))
-    return ToolPlan(rewritten, grammar, None, None, output)
+    return ToolPlan(rewritten, grammar, output=output)
 
 
 def auto_refusal(model: str) -> str:

@@ -170,6 +170,10 @@ def test_tools_through_a_hermes_template(runtime: Any) -> None:
         plan(dataclasses.replace(request, tools=(forged,)), HERMES_TEMPLATE,
              is_special=lambda t: tokenize(t, True) != tokenize(t, False))
     assert (err.value.status, err.value.code) == (400, "invalid_request")
+    # a tool_use template beside a default one without tools: the tools go through it
+    tools = plan(request, CHATML, tool_template=HERMES_TEMPLATE)
+    assert tools.template_source == HERMES_TEMPLATE and tools.template_tools == [WEATHER]
+    assert plan(request, HERMES_TEMPLATE).template_source is None
     # auto on a template without a call format we parse (or not rendering the prompt): 400
     for template, fmt in (("{{ messages }}", "chat_template"), (HERMES_TEMPLATE, "gemma3_template")):
         with pytest.raises(BackendError) as err:
@@ -178,11 +182,18 @@ def test_tools_through_a_hermes_template(runtime: Any) -> None:
         assert "'required' or a named function works" in (err.value.message or "")
 
 
-def write_gguf_header(path: Path, template: str | None) -> None:
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+          "{{ '<|im_start|>assistant\\n' }}")  # no tools
+
+
+def write_gguf_header(path: Path, template: str | None, tool_use: str | None = None) -> None:
     from gguf import GGUFWriter
 
     writer = GGUFWriter(str(path), "llama")
-    if template is not None:
+    if tool_use is not None:  # named templates, as llama.cpp's converter writes a tokenizer's list
+        writer.add_chat_template([{"name": "default", "template": template or ""},
+                                  {"name": "tool_use", "template": tool_use}])
+    elif template is not None:
         writer.add_chat_template(template)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -192,6 +203,7 @@ def write_gguf_header(path: Path, template: str | None) -> None:
 
 @pytest.mark.parametrize(("prompt_format", "template", "tools", "auto"), [
     ("chat_template", HERMES_TEMPLATE, True, True),
+    ("chat_template", (CHATML, HERMES_TEMPLATE), True, True),  # a tool_use template beside the default one
     ("gemma4_template", HERMES_TEMPLATE, True, True),
     ("chat_template", "{{ messages }} {{ tools }}", True, False),  # renders tools, no call format we parse
     ("chat_template", None, True, False),
@@ -200,10 +212,10 @@ def write_gguf_header(path: Path, template: str | None) -> None:
     ("raw", None, False, False),  # single turn, no instructions: nowhere to put tools
     ("translategemma_template", None, False, False),
 ])
-def test_traits_say_where_auto_works(registry: Any, tmp_path: Path, prompt_format: str, template: str | None,
-                                     tools: bool, auto: bool) -> None:
+def test_traits_say_where_auto_works(registry: Any, tmp_path: Path, prompt_format: str,
+                                     template: str | tuple[str, str] | None, tools: bool, auto: bool) -> None:
     path = tmp_path / "m.gguf"
-    write_gguf_header(path, template)
+    write_gguf_header(path, *(template if isinstance(template, tuple) else (template,)))
     entry = {"backend": "gguf", "model_path": str(path), "prompt_format": prompt_format}
     model = resolve_model_options(settings_from({"engine": {"models": {"g": entry}}}).engine.models["g"],
                                   registry.spec("gguf").options_model, backend="gguf", requires_model_path=True)
