@@ -72,6 +72,11 @@ def check_requested_features(body: ResponseRequest, caps: Capabilities, name: st
     if agent is not None and agent.uses_tools and not caps.tools:
         raise ApiError(400, "tools_unsupported", f"model '{name}' does not support tool calling", model=name,
                        param="tools" if agent.tools else "messages")
+    if agent is not None and agent.tools and agent.tool_choice in (None, "auto") and not caps.tools_auto:
+        raise ApiError(400, "tools_unsupported",
+                       f"model '{name}' cannot choose tools itself (tool_choice 'auto', the default with tools): "
+                       "tool_choice 'required' or a named function works on this model", model=name,
+                       param="tool_choice")
     if agent is not None and agent.logprobs is not None and not caps.logprobs:
         raise ApiError(400, "logprobs_unsupported",
                        f"model '{name}' does not return token log probabilities (logprobs)", model=name,

@@ -72,8 +72,8 @@ def template_segments(messages: Sequence[Mapping[str, str]], render_template: Ca
 
     ``render_template(messages)`` renders the model's template to text. It is rendered
     once with the messages and once with a unique placeholder for each message's
-    content; the placeholder rendering split at the placeholders gives the markup, and
-    the contents go between as text. That holds when putting the contents (as they are,
+    (non-empty) content; the placeholder rendering split at the placeholders gives the
+    markup, and the contents go between as text. That holds when putting the contents (as they are,
     or stripped: templates that ``trim``) into the placeholders reproduces the real
     rendering. A template that changes contents otherwise cannot be split: its output
     is used as markup when no content holds a special token of the vocabulary, else the
@@ -81,10 +81,13 @@ def template_segments(messages: Sequence[Mapping[str, str]], render_template: Ca
     """
     real = render_template([dict(m) for m in messages])
     nonce = secrets.token_hex(8)
-    holders = [f"LLMPOOL{nonce}SLOT{i}END" for i in range(len(messages))]
-    shaped = render_template([{**m, "content": holder} for m, holder in zip(messages, holders, strict=True)])
-    parts = _split_at(shaped, holders)
-    contents = [m["content"] for m in messages]
+    # An empty content needs no placeholder (templates skip it: an assistant turn that
+    # only calls tools); every other content gets one.
+    holders = {i: f"LLMPOOL{nonce}SLOT{i}END" for i, m in enumerate(messages) if m["content"]}
+    shaped = render_template([{**m, "content": holders[i]} if i in holders else dict(m)
+                              for i, m in enumerate(messages)])
+    parts = _split_at(shaped, list(holders.values()))
+    contents = [messages[i]["content"] for i in holders]
     if parts is not None:
         for shape in (lambda c: c, str.strip):
             filled = [shape(c) for c in contents]

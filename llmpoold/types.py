@@ -196,6 +196,10 @@ class Capabilities:
     thinking_token_budget: int | None = None
     # Function tools: ``tools``, ``tool_choice``, tool turns and ToolCallDelta output.
     tools: bool = False
+    # With ``tools``: whether the model may choose itself (``tool_choice`` "auto", the
+    # default with tools). False where only a forced call works ("required" or a named
+    # function, e.g. a GGUF model whose chat template has no tool-call format we parse).
+    tools_auto: bool = True
     # Raw prompts (legacy text completions, rendered with the ``raw`` format): every
     # local text backend; an upstream chat API cannot continue a raw prompt.
     raw_prompt: bool = True
@@ -217,6 +221,7 @@ class Capabilities:
                                       else {"minimum": 1, "maximum": self.thinking_token_budget}),
             "response_formats": list(self.response_formats),
             "tools": self.tools,
+            "tools_auto": self.tools and self.tools_auto,
             "raw_prompt": self.raw_prompt,
             "logprobs": self.logprobs,
             "embeddings": self.embeddings,

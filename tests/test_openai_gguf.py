@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import echo_backend
@@ -277,3 +278,158 @@ async def test_logprobs_on_gguf_chat_and_completions(aiohttp_client: Any, gguf_p
     with pytest.raises(openai.BadRequestError) as err:
         await aio.chat.completions.create(model="chat", messages=messages, top_logprobs=2)
     assert err.value.param == "top_logprobs" and "logprobs" in err.value.message
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather of a city.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"], "properties": {
+        "city": {"type": "string", "maxLength": 16}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a time zone.",
+    "parameters": {"type": "object", "required": ["zone"],
+                   "properties": {"zone": {"type": "string", "maxLength": 12}}}}}
+
+
+def valid_arguments(name: str, arguments: str) -> dict[str, Any]:
+    """The call's arguments, parsed and checked against its tool's schema."""
+    schema = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}[name]
+    value = json.loads(arguments)
+    try:
+        import jsonschema
+    except ImportError:  # the checks jsonschema would make, for these two schemas
+        assert isinstance(value, dict) and set(schema["required"]) <= set(value) <= set(schema["properties"])
+        for key, item in value.items():
+            spec = schema["properties"][key]
+            assert isinstance(item, str) and len(item) <= spec.get("maxLength", len(item))
+            assert item in spec.get("enum", [item])
+    else:
+        jsonschema.validate(value, schema)
+    return dict(value)
+
+
+@pytest.mark.timeout(360)  # eight requests (four constrained by a grammar), on a shared machine
+async def test_tool_calls_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:
+    """Function tools on a model whose prompt format has no tool syntax (Gemma 3, llmpool's
+    ``gemma3_template``; the GGUF carries no template): a named function and ``required``
+    are forced by a grammar over the parameters schema (arguments valid JSON of that schema),
+    through Chat (JSON and stream) and Responses; a tool result turn gets text back;
+    ``auto`` is refused with a 400 that says what works."""
+    entry = {"backend": "gguf", "model_path": gguf_path, "gguf_n_ctx": 1024, "isolation": "inline"}
+    app = create_app(settings_from({"engine": {"models": {"chat": {**entry, "prompt_format": "gemma3_template"}}}}),
+                     make_registry("gguf"))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    greedy = {"temperature": 0.0, "max_tokens": 64, "extra_body": {"top_k": 1}}
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+
+    done = await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER, TIME],
+                                             tool_choice=named, **greedy)
+    choice = done.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.function.name == "get_weather" and call.id.startswith("call_")
+    arguments = valid_arguments("get_weather", call.function.arguments)
+
+    # streamed: the call's first piece names it, the arguments pieces join to the same greedy call
+    stream = await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER, TIME],
+                                               tool_choice=named, stream=True, **greedy)
+    pieces = [tc for chunk in [c async for c in stream] if chunk.choices
+              for tc in chunk.choices[0].delta.tool_calls or []]
+    assert len(pieces) > 2 and {p.index for p in pieces} == {0}
+    assert pieces[0].id and pieces[0].function.name == "get_weather"
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == arguments
+
+    # required (streamed): the model picks one of the tools, its arguments valid for that tool
+    stream = await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER, TIME],
+                                               tool_choice="required", stream=True, **greedy)
+    chunks = [c async for c in stream]
+    pieces = [tc for chunk in chunks if chunk.choices for tc in chunk.choices[0].delta.tool_calls or []]
+    assert pieces[0].id and pieces[0].function.name in ("get_weather", "get_time") and len(pieces) > 2
+    valid_arguments(pieces[0].function.name, "".join(p.function.arguments or "" for p in pieces))
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    # Responses (streamed): function_call_arguments deltas, then a function_call output item
+    flat = {"type": "function", **WEATHER["function"]}
+    events = [e async for e in await aio.responses.create(
+        model="chat", input=question[0]["content"], tools=[flat], stream=True,
+        tool_choice={"type": "function", "name": "get_weather"}, temperature=0.0, max_output_tokens=64,
+        extra_body={"top_k": 1})]
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(deltas) > 2 and json.loads("".join(deltas)) == arguments
+    assert events[-1].type == "response.completed"
+    [item] = events[-1].response.output
+    assert item.type == "function_call" and item.name == "get_weather" and item.call_id.startswith("call_")
+    assert item.arguments == "".join(deltas)
+
+    # the conversation goes on: the tool result in, text out (tools not offered: "none")
+    follow_up = [*question, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(arguments)}}]},
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature": 21, "sky": "sunny"}'}]
+    for extra in ({"tools": [WEATHER], "tool_choice": "none"}, {}):
+        done = await aio.chat.completions.create(model="chat", messages=follow_up, **extra,
+                                                 **{**greedy, "max_tokens": 24})
+        assert done.choices[0].finish_reason in ("stop", "length") and not done.choices[0].message.tool_calls
+        assert (done.choices[0].message.content or "").strip()
+
+    # auto (and tools without tool_choice): Gemma 3's prompt has no tool-call format
+    for extra in ({"tool_choice": "auto"}, {}):
+        with pytest.raises(openai.BadRequestError) as err:
+            await aio.chat.completions.create(model="chat", messages=question, tools=[WEATHER], **extra, **greedy)
+        assert (err.value.code, err.value.param) == ("tools_unsupported", "tool_choice")
+        assert "'required' or a named function works" in err.value.message
+
+
+@pytest.fixture(scope="module")
+def hermes_gguf(gguf_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The same weights with chat templates in the header (a copy made by gguf-py's
+    ``gguf_new_metadata``, ~250 MB in a temporary folder): a ChatML default template without
+    tools and a Hermes-format ``tool_use`` one, as Hermes 2 Pro / Hermes 3 GGUFs carry them.
+    The template path of tools on a real runtime (no small GGUF with such templates is at hand)."""
+    import subprocess
+    import sys
+
+    hermes = Path(__file__).parents[1] / "plugins" / "llmpool_gguf" / "tests" / "data" / "hermes_template.jinja"
+    chatml = ("{% for m in messages %}{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+              "{% endfor %}{{ '<|im_start|>assistant\\n' }}")
+    templates = [{"name": "default", "template": chatml}, {"name": "tool_use", "template": hermes.read_text()}]
+    out = tmp_path_factory.mktemp("hermes") / "hermes.gguf"
+    subprocess.run([sys.executable, "-m", "gguf.scripts.gguf_new_metadata", "--chat-template", json.dumps(templates),
+                    gguf_path, str(out)], check=True, capture_output=True)
+    return str(out)
+
+
+@pytest.mark.timeout(300)
+async def test_tools_through_a_hermes_template_on_gguf(aiohttp_client: Any, hermes_gguf: str) -> None:
+    """``prompt_format: chat_template`` on a GGUF whose ``tool_use`` template renders tools in
+    the Hermes format: admission lets ``auto`` through (read from the header before any
+    request), that template gets the tools and the tool turns, a forced call is still valid,
+    and a request without tools gets the default template; the same weights without these
+    templates refuse ``auto`` (test_tool_calls_on_gguf)."""
+    entry = {"backend": "gguf", "model_path": hermes_gguf, "gguf_n_ctx": 1024, "isolation": "inline",
+             "prompt_format": "chat_template"}
+    app = create_app(settings_from({"engine": {"models": {"hermes": entry}}}), make_registry("gguf"))
+    client = await aiohttp_client(app)
+    await app[POOL].startup_done.wait()
+    [model] = (await (await client.get("/v1/admin/models")).json())["models"]
+    assert (model["capabilities"]["tools"], model["capabilities"]["tools_auto"]) == (True, True)
+    aio = openai.AsyncOpenAI(base_url=str(client.make_url("/openai/v1")), api_key="k", max_retries=0)
+    greedy = {"temperature": 0.0, "max_tokens": 48, "extra_body": {"top_k": 1}}
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    follow_up = [*question, {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+                 "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    for messages in (question, follow_up):  # auto: text, or calls parsed from <tool_call> blocks
+        done = await aio.chat.completions.create(model="hermes", messages=messages, tools=[WEATHER], **greedy)
+        choice = done.choices[0]
+        assert choice.finish_reason in ("stop", "length", "tool_calls")
+        assert choice.message.content or choice.message.tool_calls
+        for call in choice.message.tool_calls or []:
+            assert call.function.name and json.loads(call.function.arguments) is not None
+    done = await aio.chat.completions.create(model="hermes", messages=follow_up, tools=[WEATHER, TIME],
+                                             tool_choice="required", **greedy)
+    [call] = done.choices[0].message.tool_calls or []
+    valid_arguments(call.function.name, call.function.arguments)
+    done = await aio.chat.completions.create(model="hermes", messages=question, **greedy)
+    assert done.choices[0].message.content and not done.choices[0].message.tool_calls

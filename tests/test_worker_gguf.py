@@ -145,3 +145,26 @@ async def test_gguf_worker_that_fails_to_load(gguf_path: str, tmp_path: Path) ->
                                                         "decoding": {"max_tokens": 4}})
         assert resp.status == 200
         print(json.dumps({n: (await admin(client, n))["last_error"] for n in ("missing", "corrupt")}))
+
+
+async def test_gguf_tool_call_through_a_worker(gguf_path: str) -> None:
+    """A forced tool call made in a worker process: the tools and tool_choice cross to the
+    worker, its call pieces (ToolCallDelta) cross back, streamed as Chat's ``tool_calls``."""
+    app = app_for({"proc": gguf(gguf_path, prompt_format="gemma3_template")})
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "required": ["city"], "properties": {"city": {"type": "string", "maxLength": 12}}}}}
+    body = {"model": "proc", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}, "max_tokens": 32,
+            "temperature": 0, "stream": True}
+    async with TestClient(TestServer(app)) as client:
+        await app[POOL].startup_done.wait()
+        resp = await client.post("/openai/v1/chat/completions", json=body)
+        assert resp.status == 200
+        lines = [line[5:].strip() for line in (await resp.text()).splitlines() if line.startswith("data:")]
+        assert lines[-1] == "[DONE]"
+        chunks = [json.loads(line) for line in lines[:-1]]
+        calls = [c for chunk in chunks if chunk["choices"] for c in chunk["choices"][0]["delta"].get("tool_calls", [])]
+        assert calls[0]["id"].startswith("call_") and calls[0]["function"]["name"] == "get_weather"
+        arguments = json.loads("".join(c["function"]["arguments"] for c in calls))
+        assert isinstance(arguments["city"], str) and len(arguments["city"]) <= 12
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"

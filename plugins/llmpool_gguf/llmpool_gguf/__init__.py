@@ -15,9 +15,20 @@ the raw logits (:mod:`llmpool_gguf.engine`) and follow the text through
 
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
 ``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
-``grammar`` (``response_format`` as a llama.cpp grammar), ``embedding`` (a model
-configured ``gguf_embedding: true``: pooled vectors through ``llmpool_embed``, no
-generation; such a runtime is an :class:`~llmpool_gguf.embedding.EmbeddingRuntime`).
+``grammar`` (``response_format`` as a llama.cpp grammar), ``tools`` (function tools:
+prompts and grammars), ``toolcalls`` (calls read back from the output), ``embedding``
+(a model configured ``gguf_embedding: true``: pooled vectors through ``llmpool_embed``,
+no generation; such a runtime is an :class:`~llmpool_gguf.embedding.EmbeddingRuntime`).
+
+Function tools (``tools``, ``tool_choice``, tool turns; :mod:`llmpool_gguf.tools`):
+``tool_choice`` ``required`` or a named function works on every multi-turn prompt
+format, forced by a llama.cpp grammar over the parameters schema (one call per
+response); ``auto`` (the default with tools) only where the prompt is the GGUF's own
+chat template and that template (or its ``tool_use`` one) renders tools in the Hermes /
+Qwen format (``<tool_call>{"name": ..., "arguments": ...}</tool_call>``, the one format
+parsed), else admission refuses it (400 ``tools_unsupported``, ``param:
+"tool_choice"``); ``none`` generates text without offering the tools. ``raw`` and
+``translategemma_template`` (single-turn, no instructions) take no tools.
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ from llmpool_gguf.options import (
     normalize_flash_attn,
 )
 from llmpool_gguf.prompt import _chat_template_prompt, prompt_segments, prompt_tokens, text_pipeline
+from llmpool_gguf.tools import ToolPlan, auto_supported, header_templates, plan_for
 from llmpoold import hookimpl
 from llmpoold.errors import ApiError, BackendError, LoadError
 from llmpoold.hookspecs import BackendSpec
@@ -62,6 +74,7 @@ from llmpoold.types import (
     ModelTraits,
     TextDelta,
     TokenLogprob,
+    ToolCallDelta,
 )
 
 __all__ = ["BACKEND", "CACHE_TYPES", "GgufOptions", "GgufRuntime", "_chat_template_prompt", "estimate", "ggml_type",
@@ -77,13 +90,15 @@ _RELEASE_WAIT_S = 30.0
 
 @dataclass
 class GgufRuntime:
-    """One loaded model; ``chat_formatter`` is built on first use of ``chat_template``."""
+    """One loaded model; ``chat_formatter`` is built on first use of ``chat_template``
+    (``tool_formatter`` on first use of the GGUF's ``tool_use`` template)."""
 
     replica_id: str
     model_path: str
     options: GgufOptions
     engine: Engine
     chat_formatter: Any = None
+    tool_formatter: Any = None
 
 
 @hookimpl
@@ -103,9 +118,15 @@ def llmpool_model_traits(backend: str, model: Any) -> ModelTraits | None:
         return ModelTraits(capabilities=Capabilities(embeddings=True, generation=False, raw_prompt=False),
                            concurrency=1)
     capabilities = capabilities_for(model.prompt_format, ("text",), thinking_formats=SEED_THINKING_FORMATS["gguf"])
-    # response_format is enforced by a llama.cpp grammar sampler (llmpool_gguf.grammar);
-    # logprobs are scored from the raw logits in the decode loop (llmpool_gguf.engine)
-    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS, logprobs=True)
+    # response_format and forced tool calls are enforced by a llama.cpp grammar sampler
+    # (llmpool_gguf.grammar, .tools); "auto" needs a template with a call format we parse
+    # (read from the GGUF header, cached per file version); logprobs are scored from the
+    # raw logits in the decode loop (llmpool_gguf.engine).
+    templated = model.prompt_format in ("chat_template", "gemma4_template")
+    template, tool_template = header_templates(model.model_path) if templated else (None, None)
+    capabilities = replace(capabilities, response_formats=RESPONSE_FORMATS, logprobs=True,
+                           tools=capabilities.multi_turn,
+                           tools_auto=auto_supported(model.prompt_format, template, tool_template))
     return ModelTraits(capabilities=capabilities, concurrency=model.options.gguf_parallel)
 
 
@@ -196,7 +217,7 @@ def llmpool_unload(backend: str, runtime: GgufRuntime | EmbeddingRuntime) -> boo
     stats = runtime.engine.stats
     log.info("gguf_unloaded", replica=runtime.replica_id, steps=stats["steps"],
              decode_s=round(stats["decode_s"], 2), step_s=round(stats["step_s"], 2))
-    runtime.chat_formatter = None
+    runtime.chat_formatter = runtime.tool_formatter = None
     runtime.engine.close()
     return True
 
@@ -222,21 +243,28 @@ def llmpool_embed(backend: str, runtime: GgufRuntime | EmbeddingRuntime,
     return runtime.engine.embed(request.inputs, request.cancel)
 
 
-def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[TextDelta | Completion]:
+def _generate(runtime: GgufRuntime, request: GenerationRequest) -> Iterator[TextDelta | ToolCallDelta | Completion]:
+    engine = runtime.engine
+    with engine.reading():  # the plan reads the model's template and vocabulary
+        tools = plan_for(runtime, request)
+    request = tools.request  # the tool list and tool turns as text where the template does not render them
     rendered = render(request)
+    if tools.template_messages is not None:
+        rendered = replace(rendered, messages=tools.template_messages)
     if request.decoding.beam_size > 1:
         log.info("beam_size_ignored", beam_size=request.decoding.beam_size, model=request.model)
-    engine = runtime.engine
     with engine.reading():
-        yield from _stream(runtime, engine, request, rendered)
+        yield from _stream(runtime, engine, request, rendered, tools)
 
 
 def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
-            rendered: Any) -> Iterator[TextDelta | Completion]:
+            rendered: Any, tools: ToolPlan | None = None) -> Iterator[TextDelta | ToolCallDelta | Completion]:
     decoding = request.decoding
-    grammar = grammar_for(request.response_format, request.model)
+    tools = tools or ToolPlan(request)
+    grammar = tools.grammar or grammar_for(request.response_format, request.model)  # a forced call wins
+    output = tools.output()  # text deltas in, text deltas and tool calls out
     clock = GenerationClock()
-    prompt = prompt_tokens(runtime, request, rendered)
+    prompt = prompt_tokens(runtime, request, rendered, tools.template_tools, tools.template_source)
     clock.tokenized()
     # Honest limits (issue 16): the prompt and the whole max_tokens budget must fit the
     # sequence's context; a budget is never capped silently.
@@ -268,10 +296,13 @@ def _stream(runtime: GgufRuntime, engine: Engine, request: GenerationRequest,
                 finish = "cancelled"
             elif event is not None:
                 clock.first_token()
-                yield from text.push(engine.piece(event), _scored(engine, job, event))
+                for item in text.push(engine.piece(event), _scored(engine, job, event)):
+                    yield from output.push(item)
                 if text.stopped:
                     finish = "stop"
-        yield from text.finish(cancelled=finish == "cancelled")
+        for item in text.finish(cancelled=finish == "cancelled"):
+            yield from output.push(item)
+        yield from output.finish()
     finally:
         if not left:
             _let_go(job)
