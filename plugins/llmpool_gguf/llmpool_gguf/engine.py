@@ -6,8 +6,8 @@ not unified, as llama-server's ``--parallel N``), one ``llama_batch`` of ``gguf_
 tokens and a thread that runs the loop. Each step builds one batch: the next token of
 every generating sequence, then prompt chunks of newly admitted ones while room is left
 (so a long prompt does not stall the others' decoding), calls ``llama_decode`` once and
-samples each sequence that produced logits with its own sampler chain
-(``llama_sampler_sample`` reads them with ``llama_get_logits_ith``).
+samples each sequence that produced logits with its own sampler
+(:class:`~llmpool_gguf.sampling.RequestSampler`, reading them with ``llama_get_logits_ith``).
 
 Slots keep their KV cache after a request: a new request takes the free slot that keeps
 the most (the prefix of its prompt the slot holds, minus the cached tokens it would
@@ -47,6 +47,7 @@ import numpy as np
 import structlog
 
 from llmpool_gguf.options import CACHE_TYPES, GgufOptions, ggml_type
+from llmpool_gguf.sampling import RequestSampler
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.types import Decoding
 
@@ -109,7 +110,7 @@ class _Slot:
     seq_id: int
     tokens: list[int] = field(default_factory=list)  # what this sequence's KV cache holds, in order
     job: Job | None = None
-    sampler: Any = None
+    sampler: RequestSampler | None = None
     pending: int | None = None  # the sampled token, decoded in the next step
     i_batch: int = -1  # index of this slot's logits in the current batch
     last_used: float = 0.0
@@ -233,40 +234,11 @@ class Engine:
 
     # ----- requests (request threads) ----------------------------------------------------
 
-    def new_sampler(self, decoding: Decoding, grammar: str | None = None) -> Any:
-        """A sampler chain for one request, as llama-cpp-python's ``Llama.generate``
-        builds it: the grammar first (it masks every token that would leave the
-        grammar's language), repetition penalty over the last 64 tokens, then greedy when
-        ``temperature`` is 0 or ``top_k`` is 1, else top-k, top-p, temperature and a draw.
-        None for plain greedy decoding without a grammar: the loop then takes the argmax
-        of the logits itself (llama.cpp's greedy sampler picks the same token, the first
-        of the highest logits, but first copies all 262k candidates of a Gemma vocabulary
-        per token). Raises ValueError where llama.cpp cannot parse ``grammar``."""
-        low = _low()
-        greedy = decoding.temperature <= 0 or decoding.top_k == 1
-        if greedy and decoding.repetition_penalty == 1.0 and grammar is None:
-            return None
-        chain = low.llama_sampler_chain_init(low.llama_sampler_chain_default_params())
-        if grammar is not None:
-            constrained = low.llama_sampler_init_grammar(self.vocab, grammar.encode(), b"root")
-            if not constrained:
-                low.llama_sampler_free(chain)
-                raise ValueError("llama.cpp could not parse the grammar")
-            low.llama_sampler_chain_add(chain, constrained)
-        if decoding.repetition_penalty != 1.0:
-            low.llama_sampler_chain_add(chain, low.llama_sampler_init_penalties(
-                self.n_vocab, 64, decoding.repetition_penalty, 0.0, 0.0))
-        if greedy:
-            low.llama_sampler_chain_add(chain, low.llama_sampler_init_greedy())
-        else:
-            if decoding.top_k > 0:
-                low.llama_sampler_chain_add(chain, low.llama_sampler_init_top_k(decoding.top_k))
-            if decoding.top_p < 1.0:
-                low.llama_sampler_chain_add(chain, low.llama_sampler_init_top_p(decoding.top_p, 1))
-            low.llama_sampler_chain_add(chain, low.llama_sampler_init_temp(decoding.temperature))
-            seed = self.options.gguf_seed or low.LLAMA_DEFAULT_SEED
-            low.llama_sampler_chain_add(chain, low.llama_sampler_init_dist(seed))
-        return chain
+    def new_sampler(self, decoding: Decoding, grammar: str | None = None) -> RequestSampler:
+        """The sampler of one request (:mod:`llmpool_gguf.sampling`): ``decoding``'s
+        chain, and ``grammar`` (GBNF) checked on each chosen token. Raises ValueError
+        where llama.cpp cannot parse ``grammar``."""
+        return RequestSampler(self.vocab, self.n_vocab, decoding, grammar, self.options.gguf_seed)
 
     def submit(self, job: Job) -> None:
         if self._closing:
@@ -458,12 +430,8 @@ class Engine:
             if slot.i_batch < 0:
                 continue
             job = slot.job
-            assert job is not None
-            if slot.sampler is None:
-                logits = np.ctypeslib.as_array(low.llama_get_logits_ith(self.ctx, slot.i_batch), shape=(self.n_vocab,))
-                token = int(logits.argmax())
-            else:
-                token = low.llama_sampler_sample(slot.sampler, self.ctx, slot.i_batch)
+            assert job is not None and slot.sampler is not None
+            token = slot.sampler.sample(self.ctx, slot.i_batch)
             job.produced += 1
             if self.is_eog(token):
                 self._release(slot, ("done", "stop"))
@@ -517,7 +485,7 @@ class Engine:
     def _release(self, slot: _Slot, event: tuple[str, Any]) -> None:
         """The job leaves its slot; the slot's KV cache stays for the next prompt."""
         if slot.sampler is not None:
-            _low().llama_sampler_free(slot.sampler)
+            slot.sampler.free()
             slot.sampler = None
         if slot.job is not None:
             slot.job.events.put(event)

@@ -3,6 +3,7 @@ model's output inside the JSON schema (or inside JSON at all, for ``json_object`
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 from enum import StrEnum
@@ -76,3 +77,28 @@ def test_schema_the_converter_cannot_express_is_a_400(registry: Any, runtime: An
 def test_traits_declare_the_formats(registry: Any, model: Any) -> None:
     traits = registry.hook.llmpool_model_traits(backend="gguf", model=model)
     assert traits.capabilities.response_formats == ("text", "json_schema", "json_object")
+
+
+def test_checking_the_chosen_token_gives_the_grammar_first_tokens(registry: Any, runtime: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampler shows the grammar the chosen token, then the leading candidates, and
+    all 262k only when none of those is allowed (llmpool_gguf.sampling). Its tokens must
+    be those of the grammar applied to every candidate first, then the argmax."""
+    from llama_cpp import llama_cpp as low
+    from llmpool_gguf.sampling import RequestSampler
+
+    schema = {"type": "json_schema", "json_schema": {"name": "Person", "schema": Person.model_json_schema()}}
+    run(registry, runtime, "A person as JSON:", schema)  # both runs below then start from the same cached prompt
+    checked = [run(registry, runtime, "A person as JSON:", fmt)[0] for fmt in (schema, {"type": "json_object"})]
+
+    def grammar_first(self: RequestSampler, ctx: Any, i_batch: int) -> int:
+        records, array = self._fill(self._logits(ctx, i_batch))
+        low.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        token = int(records["id"][int(records["logit"].argmax())])
+        low.llama_sampler_accept(self.grammar, token)
+        return token
+
+    monkeypatch.setattr(RequestSampler, "sample", grammar_first)
+    reference = [run(registry, runtime, "A person as JSON:", fmt)[0] for fmt in (schema, {"type": "json_object"})]
+    assert checked == reference
+    assert Person.model_validate_json(checked[0])  # json_object's free JSON may run past the budget here
