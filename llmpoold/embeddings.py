@@ -11,21 +11,15 @@ turn refuses generation (400 ``embeddings_only``, :mod:`llmpoold.request_checks`
 
 from __future__ import annotations
 
-import asyncio
 import time
 
-import structlog
-
 from llmpoold.entries import ModelEntry, ModelState
-from llmpoold.errors import ApiError, WorkerError, describe, internal_error, model_state_error
+from llmpoold.errors import ApiError, model_state_error
 from llmpoold.inference import Inference
 from llmpoold.pool import Pool
 from llmpoold.schemas import ResponseRequest
 from llmpoold.tenants import Tenant
 from llmpoold.types import Completion, EmbeddingRequest, EmbeddingResult
-
-log = structlog.get_logger("llmpoold.http")
-
 
 class Embedding(Inference):
     """Admission, queueing and the vectors of one embeddings request.
@@ -65,21 +59,10 @@ class Embedding(Inference):
             result = await lease.replica.embed(job)
             if self._aborted is not None:
                 raise self._aborted
-        except ApiError as exc:
-            failure = exc.with_model(entry.name)
-            raise failure from None
-        except asyncio.CancelledError:
-            if self._aborted is None:
+        except BaseException as exc:
+            failure = self.backend_failure(exc)
+            if failure is None:
                 raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # our own cut (unload), not the client leaving
-            failure = self._aborted
-            raise failure from None
-        except Exception as exc:  # noqa: BLE001 - plugin failure: the log has it, the client an id
-            log.error("backend_error", model=entry.name, backend=entry.backend, error=describe(exc),
-                      exc_info=not isinstance(exc, WorkerError))
-            failure = internal_error(self.request_id, code="backend_error", model=entry.name)
             raise failure from None
         finally:
             backend_end = time.perf_counter()

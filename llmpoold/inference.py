@@ -326,21 +326,10 @@ class Inference:
                 raise ApiError(502, "backend_protocol_error",
                                f"backend '{self.entry.backend}' ended the stream without a completion",
                                model=self.entry.name)
-        except ApiError as exc:
-            failure = exc.with_model(self.entry.name)
-            raise failure from None
-        except asyncio.CancelledError:
-            if self._aborted is None:
+        except BaseException as exc:
+            failure = self.backend_failure(exc)
+            if failure is None:
                 raise
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # our own cut, not the client leaving: answer with the reason
-            failure = self._aborted
-            raise failure from None
-        except Exception as exc:  # noqa: BLE001 - plugin failure: the log has it, the client an id
-            log.error("backend_error", model=self.entry.name, backend=self.entry.backend, error=describe(exc),
-                      exc_info=not isinstance(exc, WorkerError))  # a worker's traceback is in the worker's log
-            failure = internal_error(self.request_id, code="backend_error", model=self.entry.name)
             raise failure from None
         finally:
             if completion is None:
@@ -363,6 +352,27 @@ class Inference:
         self.result.tool_calls = [calls[i] for i in sorted(calls)]
         self.result.logprobs = logprobs
         self.record("ok")
+
+    def backend_failure(self, exc: BaseException) -> ApiError | None:
+        """What an exception from the replica means for the client, or None where it is
+        to propagate as it is (the client left): a plugin's ApiError under the model's
+        name; the unload's abort (our own cut of the task, undone here); any other plugin
+        failure as 500 ``backend_error`` with the request id (the log has the exception)."""
+        assert self.entry is not None
+        if isinstance(exc, ApiError):
+            return exc.with_model(self.entry.name)
+        if isinstance(exc, asyncio.CancelledError):
+            if self._aborted is None:
+                return None
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own cut, not the client leaving: answer with the reason
+            return self._aborted
+        if not isinstance(exc, Exception):
+            return None
+        log.error("backend_error", model=self.entry.name, backend=self.entry.backend, error=describe(exc),
+                  exc_info=not isinstance(exc, WorkerError))  # a worker's traceback is in the worker's log
+        return internal_error(self.request_id, code="backend_error", model=self.entry.name)
 
     def _result(self, completion: Completion, output: str, reasoning: str | None, backend_start: float,
                 backend_end: float) -> InferenceResult:

@@ -14,7 +14,9 @@ the raw logits (:mod:`llmpool_gguf.engine`) and follow the text through
 :class:`~llmpoold.logprobs.LogprobText`.
 
 Modules: ``options`` (per-model keys), ``memory`` (estimate from the GGUF header),
-``engine`` (model, context and decode loop), ``prompt`` (tokens in, text out),
+``native`` (llama.cpp's model, context parameters and their release), ``engine`` (the
+context and decode loop), ``sampling`` (one request's token choice, grammar checked on
+the chosen token), ``prompt`` (tokens in, text out),
 ``grammar`` (``response_format`` as a llama.cpp grammar), ``tools`` (function tools:
 prompts and grammars), ``toolcalls`` (calls read back from the output), ``embedding``
 (a model configured ``gguf_embedding: true``: pooled vectors through ``llmpool_embed``,

@@ -17,7 +17,6 @@ the pool's fair queue, not this lock, orders requests.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Sequence
@@ -26,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from llmpool_gguf.engine import _cache_type_id, _init_backend, _low
+from llmpool_gguf.native import context_params, free_native, load_model
+from llmpool_gguf.native import low as _low
 from llmpool_gguf.options import GgufOptions
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.types import BackendMetrics, CancelToken, EmbeddingResult
@@ -48,17 +48,10 @@ class EmbeddingEngine:
 
     def __init__(self, path: str, options: GgufOptions, replica_id: str) -> None:
         low = _low()
-        _init_backend()
         self.options = options
         self.replica_id = replica_id
-        cache_types = {key: _cache_type_id(f"gguf_{key}", name)
-                       for key, name in (("type_k", options.gguf_type_k), ("type_v", options.gguf_type_v))}
-        mparams = low.llama_model_default_params()
-        mparams.n_gpu_layers = 0x7FFFFFFF if options.gguf_n_gpu_layers == -1 else options.gguf_n_gpu_layers
-        mparams.use_extra_bufts = options.gguf_repack
-        self.model = low.llama_model_load_from_file(path.encode("utf-8"), mparams)
-        if not self.model:
-            raise ValueError("llama_model_load_from_file failed")
+        params = context_params(options)  # a bad cache type fails before the model loads
+        self.model = load_model(path, options)
         self.ctx: Any = None
         self.batch: Any = None
         self.lock = threading.Lock()
@@ -66,7 +59,7 @@ class EmbeddingEngine:
             self.vocab = low.llama_model_get_vocab(self.model)
             self.n_embd = int(low.llama_model_n_embd(self.model))
             self.pooling = options.gguf_pooling or self._model_pooling()
-            self.ctx = low.llama_init_from_model(self.model, self._context_params(cache_types))
+            self.ctx = low.llama_init_from_model(self.model, self._context_params(params))
             if not self.ctx:
                 raise ValueError("llama_init_from_model failed (context too large for memory?)")
             self.memory = low.llama_get_memory(self.ctx)
@@ -98,10 +91,8 @@ class EmbeddingEngine:
         n = _low().llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, 256)
         return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
-    def _context_params(self, cache_types: dict[str, int | None]) -> Any:
-        low = _low()
+    def _context_params(self, params: Any) -> Any:
         options = self.options
-        params = low.llama_context_default_params()
         params.embeddings = True
         params.pooling_type = POOLING[self.pooling]
         params.n_ctx = options.gguf_n_ctx
@@ -109,14 +100,6 @@ class EmbeddingEngine:
         params.n_batch = params.n_ubatch = options.gguf_n_ctx
         params.n_seq_max = options.gguf_parallel
         params.kv_unified = True  # the inputs of one call share the context's cells
-        threads = options.gguf_n_threads or os.cpu_count() or 1
-        params.n_threads = params.n_threads_batch = threads
-        params.flash_attn_type = {"on": low.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": low.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-                                  "auto": low.LLAMA_FLASH_ATTN_TYPE_AUTO}[options.gguf_flash_attn]
-        params.no_perf = True
-        for key, value in cache_types.items():
-            if value is not None:
-                setattr(params, key, value)
         return params
 
     # ----- any thread ------------------------------------------------------------------
@@ -216,13 +199,4 @@ class EmbeddingEngine:
             self._free()
 
     def _free(self) -> None:
-        low = _low()
-        if self.batch is not None:
-            low.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx:
-            low.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            low.llama_model_free(self.model)
-            self.model = None
+        free_native(self)

@@ -34,8 +34,6 @@ vocabulary has 262k entries).
 from __future__ import annotations
 
 import ctypes
-import logging
-import os
 import queue
 import threading
 import time
@@ -46,43 +44,16 @@ from typing import Any
 import numpy as np
 import structlog
 
-from llmpool_gguf.options import CACHE_TYPES, GgufOptions, ggml_type
+from llmpool_gguf.native import context_params, free_native, load_model
+from llmpool_gguf.native import low as _low
+from llmpool_gguf.options import GgufOptions
 from llmpool_gguf.sampling import RequestSampler
 from llmpoold.errors import BackendError, LoadError
 from llmpoold.types import Decoding
 
 log = structlog.get_logger("llmpool_gguf")
 
-_BACKEND_READY = False
-_BACKEND_LOCK = threading.Lock()
-
 _DECODE_ERRORS = {1: "no KV cache slot for the batch", 2: "aborted", -1: "invalid input batch"}
-
-
-def _low() -> Any:
-    from llama_cpp import llama_cpp as low
-
-    return low
-
-
-def _init_backend() -> None:
-    global _BACKEND_READY
-    with _BACKEND_LOCK:
-        if not _BACKEND_READY:
-            # llama-cpp-python prints llama.cpp's log lines unless its logger is above INFO
-            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-            _low().llama_backend_init()
-            _BACKEND_READY = True
-
-
-def _cache_type_id(key: str, name: str | None) -> int | None:
-    if name is None:
-        return None
-    value = ggml_type(name)
-    if value is None:
-        raise LoadError(f"{key}: unsupported GGUF cache type: '{name}' (this llama.cpp build has no "
-                        f"GGML_TYPE_{name.upper()}; try one of {', '.join(CACHE_TYPES)})")
-    return value
 
 
 @dataclass(eq=False)
@@ -121,18 +92,11 @@ class Engine:
 
     def __init__(self, path: str, options: GgufOptions, replica_id: str) -> None:
         low = _low()
-        _init_backend()
         self.options = options
         self.replica_id = replica_id
         self.n_parallel = options.gguf_parallel
-        cache_types = {key: _cache_type_id(f"gguf_{key}", name)
-                       for key, name in (("type_k", options.gguf_type_k), ("type_v", options.gguf_type_v))}
-        mparams = low.llama_model_default_params()
-        mparams.n_gpu_layers = 0x7FFFFFFF if options.gguf_n_gpu_layers == -1 else options.gguf_n_gpu_layers
-        mparams.use_extra_bufts = options.gguf_repack
-        self.model = low.llama_model_load_from_file(path.encode("utf-8"), mparams)
-        if not self.model:
-            raise ValueError("llama_model_load_from_file failed")
+        params = self._context_params(options)
+        self.model = load_model(path, options)
         self.ctx: Any = None
         self.batch: Any = None
         try:
@@ -141,7 +105,7 @@ class Engine:
             self.bos = low.llama_vocab_bos(self.vocab)
             self.eos = low.llama_vocab_eos(self.vocab)
             self.add_bos = bool(low.llama_vocab_get_add_bos(self.vocab))
-            self.ctx = low.llama_init_from_model(self.model, self._context_params(options, cache_types))
+            self.ctx = low.llama_init_from_model(self.model, params)
             if not self.ctx:
                 raise ValueError("llama_init_from_model failed (context too large for memory?)")
             self.memory = low.llama_get_memory(self.ctx)
@@ -165,24 +129,15 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name=f"llmpool-gguf-{replica_id}", daemon=True)
         self._thread.start()
 
-    def _context_params(self, options: GgufOptions, cache_types: dict[str, int | None]) -> Any:
-        low = _low()
-        params = low.llama_context_default_params()
+    def _context_params(self, options: GgufOptions) -> Any:
+        params = context_params(options)
         params.n_seq_max = self.n_parallel
         params.kv_unified = False  # each sequence owns gguf_n_ctx cells
         params.n_ctx = options.gguf_n_ctx * self.n_parallel
         params.n_batch = params.n_ubatch = min(options.gguf_n_batch, params.n_ctx)
         # the loop asks for one row of logits per sequence per step
         params.n_outputs_max = self.n_parallel
-        threads = options.gguf_n_threads or os.cpu_count() or 1
-        params.n_threads = params.n_threads_batch = threads
-        params.flash_attn_type = {"on": low.LLAMA_FLASH_ATTN_TYPE_ENABLED, "off": low.LLAMA_FLASH_ATTN_TYPE_DISABLED,
-                                  "auto": low.LLAMA_FLASH_ATTN_TYPE_AUTO}[options.gguf_flash_attn]
         params.swa_full = options.gguf_swa_full
-        params.no_perf = True
-        for key, value in cache_types.items():
-            if value is not None:
-                setattr(params, key, value)
         return params
 
     # ----- vocabulary (any thread) -------------------------------------------------------
@@ -281,16 +236,7 @@ class Engine:
         log.error("gguf_unload_with_readers", replica=self.replica_id, readers=self._readers)
 
     def _free(self) -> None:
-        low = _low()
-        if self.batch is not None:
-            low.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx:
-            low.llama_free(self.ctx)
-            self.ctx = None
-        if self.model:
-            low.llama_model_free(self.model)
-            self.model = None
+        free_native(self)
 
     # ----- the loop (its own thread) -----------------------------------------------------
 

@@ -28,14 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from llmpool_gguf.native import low as _low
 from llmpoold.types import Decoding
-
-
-def _low() -> Any:
-    from llama_cpp import llama_cpp as low
-
-    return low
-
 
 # How many of the highest logits a greedy constrained step shows the grammar before all.
 _LEADS = (64, 2048)
