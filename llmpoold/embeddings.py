@@ -21,6 +21,7 @@ from llmpoold.schemas import ResponseRequest
 from llmpoold.tenants import Tenant
 from llmpoold.types import Completion, EmbeddingRequest, EmbeddingResult
 
+
 class Embedding(Inference):
     """Admission, queueing and the vectors of one embeddings request.
 
