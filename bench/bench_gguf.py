@@ -21,6 +21,10 @@ Sections:
   time per step inside ``llama_decode`` vs the rest of the step (Python);
 - ``divergence``: greedy texts of 16 prompts alone vs in batches of 4, with and without
   ``gguf_repack``: how many are identical, and at which token the others part;
+- ``grammar``: greedy decoding under a JSON-schema grammar (``response_format``) in the
+  decode loop, against the same loop showing the grammar every candidate first (the
+  order before llmpool_gguf.sampling), llama-cpp-python's ``create_completion(grammar=)``
+  and free text;
 - ``--soak N``: N requests of 16 tokens at concurrency 8 to llmpoold, the worker's RSS
   before, along the way and after.
 
@@ -315,12 +319,82 @@ def soak(args: argparse.Namespace, pool_port: int, daemon_pid: int) -> None:
         print(f"{done:>9}{asyncio.run(worker_rss(pool_port, 'g8')):>16.0f}{rss_mib(daemon_pid):>16.0f}{errors:>8}")
 
 
+def constrained(args: argparse.Namespace, model: str, llm: Any) -> None:
+    """Tokens/s of greedy decoding under a JSON-schema grammar, per way of applying it."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import llama_cpp as low
+    from llmpool_gguf.engine import Engine, Job
+    from llmpool_gguf.grammar import grammar_for
+    from llmpool_gguf.options import GgufOptions
+    from llmpool_gguf.sampling import RequestSampler
+
+    from llmpoold.types import CancelToken, Decoding
+
+    schema = {"type": "object", "required": ["name", "city", "tags"], "properties": {
+        "name": {"type": "string", "maxLength": 16}, "city": {"type": "string", "maxLength": 16},
+        "tags": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 12}}}}
+    gbnf = grammar_for({"type": "json_schema", "json_schema": {"name": "p", "schema": schema}}, "bench")
+    prompts = ["A person as JSON:", "A customer record as JSON:", "JSON for a user profile:"]
+    engine = Engine(model, GgufOptions(gguf_n_ctx=1024, gguf_parallel=1, gguf_n_threads=args.threads), "g")
+
+    def loop(grammar: str | None) -> tuple[int, float]:
+        tokens, wall = 0, 0.0
+        for prompt in prompts:
+            job = Job(prompt=[engine.bos, *engine.tokenize(prompt.encode(), special=False)], budget=args.max_tokens,
+                      decoding=Decoding(temperature=0, top_k=1), cancel=CancelToken(), grammar=grammar)
+            started = time.perf_counter()
+            engine.submit(job)
+            while not isinstance(job.events.get(timeout=300), tuple):
+                pass
+            wall += time.perf_counter() - started
+            tokens += job.produced
+        return tokens, wall
+
+    def grammar_first(self: RequestSampler, ctx: Any, i_batch: int) -> int:
+        records, array = self._fill(self._logits(ctx, i_batch))
+        low.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        token = int(records["id"][int(records["logit"].argmax())])
+        low.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def peer() -> tuple[int, float]:
+        tokens, wall = 0, 0.0
+        for prompt in prompts:
+            started = time.perf_counter()
+            out = llm.create_completion(prompt, max_tokens=args.max_tokens, temperature=0, top_k=1,
+                                        grammar=llama_cpp.LlamaGrammar.from_string(gbnf, verbose=False))
+            wall += time.perf_counter() - started
+            tokens += out["usage"]["completion_tokens"]
+        return tokens, wall
+
+    checked = RequestSampler.sample
+    ways: dict[str, list[float]] = {"checked (llmpoold)": [], "grammar first": [], "llama-cpp-python": [],
+                                    "free text": []}
+    print(f"\n## grammar: greedy JSON-schema output of {len(prompts)} prompts, at most {args.max_tokens} tokens")
+    try:
+        for _ in range(args.runs):
+            for name in ways:
+                RequestSampler.sample = grammar_first if name == "grammar first" else checked  # type: ignore[method-assign]
+                n, wall = peer() if name == "llama-cpp-python" else loop(None if name == "free text" else gbnf)
+                ways[name].append(n / wall)
+    finally:
+        RequestSampler.sample = checked  # type: ignore[method-assign]
+        engine.close()
+    ours = statistics.median(ways["checked (llmpoold)"])
+    print(f"{'way':<22}{'tok/s (median)':>16}{'llmpoold / this':>17}")
+    for name, rates in ways.items():
+        rate = statistics.median(rates)
+        print(f"{name:<22}{rate:>16.1f}{ours / rate:>17.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--sections", default="throughput,prefix,profile,divergence")
+    parser.add_argument("--sections", default="throughput,prefix,profile,divergence,grammar")
     parser.add_argument("--soak", type=int, default=0, help="only the soak: this many requests")
     parser.add_argument("--gpu-layers", type=int, default=0, help="gguf_n_gpu_layers / --n-gpu-layers")
     args = parser.parse_args()
@@ -370,6 +444,8 @@ def main() -> None:
             throughput(args, pool_port, servers, llm)
         if "prefix" in sections:
             prefix(args, pool_port, servers, llm)
+        if "grammar" in sections:
+            constrained(args, model, llm)
         llm.close()
         if "profile" in sections:
             profile(args, model)
