@@ -142,8 +142,9 @@ def llmpool_stream(backend: str, runtime: EchoRuntime, request: Any) -> Iterator
                     break
                 if runtime.options.echo_fail_after is not None and i >= runtime.options.echo_fail_after:
                     raise BackendError(502, "echo_failed", "echo failed mid-stream")
-                if runtime.options.echo_delay_s:
-                    time.sleep(runtime.options.echo_delay_s)
+                if runtime.options.echo_delay_s and request.cancel.wait(runtime.options.echo_delay_s):
+                    finish = "cancelled"  # a runtime that sees a cancel within its step, as the real ones do
+                    break
                 produced += 1
                 yield TextDelta(word if i == 0 else " " + word)
             total = (time.perf_counter() - start) * 1000

@@ -293,3 +293,36 @@ async def test_a_lone_surrogate_over_http_is_a_400_not_a_500(make_client: Any) -
     assert time.monotonic() - started < 3
     resp = await client.post("/v1/responses", json={"model": "m", "input": "fine"})
     assert resp.status == 200 and (await resp.json())["output_text"] == "fine"
+
+
+async def test_a_streamed_client_gone_before_the_first_token_cancels_its_request(tmp_path: Any) -> None:
+    """The SSE headers wait for the first token (a refusal before it is an HTTP error);
+    a client that leaves during that wait must still stop its generation (the real
+    daemon cancels the handler of a closed connection), not hold the slot to the end."""
+    import sys
+    from pathlib import Path
+
+    import aiohttp
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from daemon_proc import running_daemon
+
+    words = " ".join(f"w{i}" for i in range(20))  # 3 s a word: the first comes 2.6 s after the client left
+    settings = {"engine": {"backend": "echo", "models": {"slow": {"echo_delay_s": 3.0}}}}
+    with running_daemon(tmp_path, settings) as daemon:
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(asyncio.TimeoutError):
+                await session.post(f"{daemon.url}/v1/responses", json={"model": "slow", "input": words, "stream": True},
+                                   timeout=aiohttp.ClientTimeout(total=0.4))
+            left = time.monotonic()
+            inflight = -1
+            while time.monotonic() - left < 10:
+                async with session.get(f"{daemon.url}/v1/admin/models") as resp:
+                    models = (await resp.json())["models"]
+                inflight = next(m for m in models if m["name"] == "slow")["inflight_requests"]
+                if inflight == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert inflight == 0, "the request still runs after its client left"
+            assert time.monotonic() - left < 1.5  # at once, not when the first token finds the socket closed
+    assert "client_disconnected" in daemon.log.read_text()
