@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from llmpool_gguf.native import context_params, free_native, load_model
+from llmpool_gguf.native import context_params, free_native, load_model, model_metadata, tokenize
 from llmpool_gguf.native import low as _low
 from llmpool_gguf.options import GgufOptions
 from llmpoold.errors import BackendError, LoadError
@@ -79,17 +79,10 @@ class EmbeddingEngine:
     def _model_pooling(self) -> str:
         """The pooling the GGUF header names (``<arch>.pooling_type``) when it is one that
         yields a single vector per input, else mean (a generative model has none)."""
-        arch = self._meta("general.architecture")
-        value = self._meta(f"{arch}.pooling_type") if arch else None
+        arch = model_metadata(self.model, "general.architecture")
+        value = model_metadata(self.model, f"{arch}.pooling_type") if arch else None
         by_id = {str(v): k for k, v in POOLING.items()}
         return by_id.get(value or "", "mean")
-
-    def _meta(self, key: str) -> str | None:
-        import ctypes
-
-        buf = ctypes.create_string_buffer(256)
-        n = _low().llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, 256)
-        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
 
     def _context_params(self, params: Any) -> Any:
         options = self.options
@@ -107,20 +100,9 @@ class EmbeddingEngine:
     def tokenize(self, text: str) -> list[int]:
         """``text`` as the model reads it for an embedding: BOS and EOS where its
         vocabulary adds them, special-token markup not parsed (as ``Llama.embed``)."""
-        low = _low()
-        data = text.encode("utf-8")
-        size = len(data) + 8
-        buf = (low.llama_token * size)()
-        n = low.llama_tokenize(self.vocab, data, len(data), buf, size, self.add_bos, False)
-        if n < 0:
-            size = -n
-            buf = (low.llama_token * size)()
-            n = low.llama_tokenize(self.vocab, data, len(data), buf, size, self.add_bos, False)
-            if n < 0:
-                raise BackendError(500, "backend_error", f"llama_tokenize failed ({n})")
-        tokens = list(buf[:n])
+        tokens = tokenize(self.vocab, text.encode("utf-8"), add_bos=self.add_bos, special=False)
         if self.add_eos:
-            tokens.append(low.llama_vocab_eos(self.vocab))
+            tokens.append(_low().llama_vocab_eos(self.vocab))
         return tokens
 
     def embed(self, inputs: Sequence[str], cancel: CancelToken | None = None) -> EmbeddingResult:

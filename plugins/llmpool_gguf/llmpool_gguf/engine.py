@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import structlog
 
-from llmpool_gguf.native import context_params, free_native, load_model
+from llmpool_gguf.native import context_params, free_native, load_model, model_metadata, tokenize
 from llmpool_gguf.native import low as _low
 from llmpool_gguf.options import GgufOptions
 from llmpool_gguf.sampling import RequestSampler
@@ -144,17 +144,7 @@ class Engine:
 
     def tokenize(self, data: bytes, *, special: bool) -> list[int]:
         """``data`` as tokens, no BOS added; ``special`` parses special-token markup."""
-        low = _low()
-        size = len(data) + 8
-        buf = (low.llama_token * size)()
-        n = low.llama_tokenize(self.vocab, data, len(data), buf, size, False, special)
-        if n < 0:
-            size = -n
-            buf = (low.llama_token * size)()
-            n = low.llama_tokenize(self.vocab, data, len(data), buf, size, False, special)
-            if n < 0:
-                raise BackendError(500, "backend_error", f"llama_tokenize failed ({n})")
-        return list(buf[:n])
+        return tokenize(self.vocab, data, add_bos=False, special=special)
 
     def piece(self, token: int) -> bytes:
         """The bytes of one generated token (special tokens render as nothing)."""
@@ -176,16 +166,7 @@ class Engine:
 
     def metadata(self, key: str) -> str | None:
         """One GGUF metadata value as a string (None when absent)."""
-        low = _low()
-        size = 4096
-        while True:
-            buf = ctypes.create_string_buffer(size)
-            n = low.llama_model_meta_val_str(self.model, key.encode("utf-8"), buf, size)
-            if n < 0:
-                return None
-            if n < size:
-                return buf.value.decode("utf-8", errors="replace")
-            size = n + 1
+        return model_metadata(self.model, key)
 
     # ----- requests (request threads) ----------------------------------------------------
 

@@ -15,7 +15,7 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 RUNTIME_BYTES_PER_VOCAB_ENTRY = 230
 
 
-def _read_gguf_metadata(path: str) -> tuple[dict[str, Any], list[tuple[tuple[int, ...], int]]]:
+def read_gguf_metadata(path: str) -> tuple[dict[str, Any], list[tuple[tuple[int, ...], int]]]:
     """Scalar metadata and (shape, ggml type) of every tensor from a GGUF header.
 
     Arrays are skipped without being decoded: the tokenizer's vocabulary (262k strings
@@ -76,7 +76,7 @@ def read_gguf_header(path: str) -> dict[str, Any]:
     """Architecture facts and tensor bytes from the GGUF header (no weights loaded)."""
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    meta, tensors = _read_gguf_metadata(path)
+    meta, tensors = read_gguf_metadata(path)
     weights = 0
     for dims, kind in tensors:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]

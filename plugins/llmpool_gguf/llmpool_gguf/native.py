@@ -8,13 +8,14 @@ and differ only in the context they make on it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
 from typing import Any
 
 from llmpool_gguf.options import CACHE_TYPES, GgufOptions, ggml_type
-from llmpoold.errors import LoadError
+from llmpoold.errors import BackendError, LoadError
 
 _BACKEND_READY = False
 _BACKEND_LOCK = threading.Lock()
@@ -79,6 +80,36 @@ def load_model(path: str, options: GgufOptions) -> Any:
     if not model:
         raise ValueError("llama_model_load_from_file failed")
     return model
+
+
+def tokenize(vocab: Any, data: bytes, *, add_bos: bool, special: bool) -> list[int]:
+    """``data`` as tokens of ``vocab`` (thread-safe: read-only); ``add_bos`` puts the
+    BOS token first where the vocabulary has one, ``special`` parses special-token markup."""
+    bindings = low()
+    size = len(data) + 8
+    buf = (bindings.llama_token * size)()
+    n = bindings.llama_tokenize(vocab, data, len(data), buf, size, add_bos, special)
+    if n < 0:  # the buffer was short: -n is the size it needs
+        size = -n
+        buf = (bindings.llama_token * size)()
+        n = bindings.llama_tokenize(vocab, data, len(data), buf, size, add_bos, special)
+        if n < 0:
+            raise BackendError(500, "backend_error", f"llama_tokenize failed ({n})")
+    return list(buf[:n])
+
+
+def model_metadata(model: Any, key: str) -> str | None:
+    """One GGUF metadata value of a loaded ``llama_model`` as a string (None when absent)."""
+    bindings = low()
+    size = 4096
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = bindings.llama_model_meta_val_str(model, key.encode("utf-8"), buf, size)
+        if n < 0:
+            return None
+        if n < size:
+            return buf.value.decode("utf-8", errors="replace")
+        size = n + 1
 
 
 def free_native(holder: Any) -> None:

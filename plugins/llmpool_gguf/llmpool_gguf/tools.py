@@ -45,6 +45,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
+from llmpool_gguf.memory import read_gguf_metadata
 from llmpool_gguf.toolcalls import CALL_OPEN, HermesCalls, NamedCall, OutputStream, RequiredCall, call_prefix
 from llmpoold.errors import BackendError, clip
 from llmpoold.prompts import chat_messages, content_text, prompt_format
@@ -95,10 +96,8 @@ def header_templates(path: str | None) -> tuple[str | None, str | None]:
 
 @lru_cache(maxsize=64)
 def _header_templates(path: str, mtime_ns: int, size: int) -> tuple[str | None, str | None]:
-    from llmpool_gguf.memory import _read_gguf_metadata
-
     try:
-        meta, _ = _read_gguf_metadata(path)
+        meta, _ = read_gguf_metadata(path)
     except Exception:  # noqa: BLE001 - a header that does not parse has no template to read
         return None, None
     default, tool_use = meta.get(CHAT_TEMPLATE), meta.get(TOOL_USE_TEMPLATE)
