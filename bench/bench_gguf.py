@@ -321,10 +321,7 @@ def soak(args: argparse.Namespace, pool_port: int, daemon_pid: int) -> None:
 
 def constrained(args: argparse.Namespace, model: str, llm: Any) -> None:
     """Tokens/s of greedy decoding under a JSON-schema grammar, per way of applying it."""
-    import ctypes
-
     import llama_cpp
-    from llama_cpp import llama_cpp as low
     from llmpool_gguf.engine import Engine, Job
     from llmpool_gguf.grammar import grammar_for
     from llmpool_gguf.options import GgufOptions
@@ -352,13 +349,6 @@ def constrained(args: argparse.Namespace, model: str, llm: Any) -> None:
             tokens += job.produced
         return tokens, wall
 
-    def grammar_first(self: RequestSampler, ctx: Any, i_batch: int) -> int:
-        records, array = self._fill(self._logits(ctx, i_batch))
-        low.llama_sampler_apply(self.grammar, ctypes.byref(array))
-        token = int(records["id"][int(records["logit"].argmax())])
-        low.llama_sampler_accept(self.grammar, token)
-        return token
-
     def peer() -> tuple[int, float]:
         tokens, wall = 0, 0.0
         for prompt in prompts:
@@ -376,7 +366,7 @@ def constrained(args: argparse.Namespace, model: str, llm: Any) -> None:
     try:
         for _ in range(args.runs):
             for name in ways:
-                RequestSampler.sample = grammar_first if name == "grammar first" else checked  # type: ignore[method-assign]
+                RequestSampler.sample = RequestSampler.sample_grammar_first if name == "grammar first" else checked  # type: ignore[method-assign]
                 n, wall = peer() if name == "llama-cpp-python" else loop(None if name == "free text" else gbnf)
                 ways[name].append(n / wall)
     finally:

@@ -80,6 +80,17 @@ class RequestSampler:
         token = self._pick(logits, constrained=False)
         if not self._allowed(token):
             token = self._pick(logits, constrained=True)
+        return self._accept(token)
+
+    def sample_grammar_first(self, ctx: Any, i_batch: int) -> int:
+        """:meth:`sample` in the reference order (llama.cpp's ``grammar_first``): the
+        grammar applied to every candidate, then the chain. The same tokens, about five
+        times slower on a 262k vocabulary: for tests and the benchmark."""
+        assert self.grammar is not None
+        return self._accept(self._pick(self._logits(ctx, i_batch), constrained=True, leads=()))
+
+    def _accept(self, token: int) -> int:
+        low = _low()
         if self.chain is not None:
             low.llama_sampler_accept(self.chain, token)
         low.llama_sampler_accept(self.grammar, token)
@@ -95,9 +106,10 @@ class RequestSampler:
     def _logits(self, ctx: Any, i_batch: int) -> Any:
         return np.ctypeslib.as_array(_low().llama_get_logits_ith(ctx, i_batch), shape=(self.n_vocab,))
 
-    def _pick(self, logits: Any, *, constrained: bool) -> int:
+    def _pick(self, logits: Any, *, constrained: bool, leads: tuple[int, ...] = _LEADS) -> int:
         """The chain's choice (or the argmax) over all candidates, the grammar applied
-        first when ``constrained``; nothing is accepted here."""
+        first when ``constrained`` (under greedy decoding to the ``leads`` highest
+        logits before all); nothing is accepted here."""
         if self.chain is None and not constrained:
             return int(logits.argmax())
         low = _low()
@@ -105,7 +117,7 @@ class RequestSampler:
             # Greedy: the best token the grammar allows is the first allowed one in logit
             # order, so the grammar need only see the leading candidates (all of them only
             # when none of those is allowed).
-            for lead in (n for n in _LEADS if n < self.n_vocab):
+            for lead in (n for n in leads if n < self.n_vocab):
                 token = self._best_allowed(logits, lead)
                 if token is not None:
                     return token
