@@ -47,8 +47,7 @@ class Embedding(Inference):
         """The vectors, once :meth:`start` has a lease; sets ``result`` (metrics).
         Raises ApiError; the lease is released and the outcome recorded on every path."""
         assert self.entry is not None and self.lease is not None and self.request is not None
-        entry, lease, scheduler = self.entry, self.lease, self.entry.scheduler
-        assert scheduler is not None
+        entry, lease = self.entry, self.lease
         # The generation request start() built is not run; its cancel token is the one
         # an unload's abort sets, so the runtime hears of it too.
         job = EmbeddingRequest(request_id=self.request_id, model=entry.name, replica_id=lease.replica.replica_id,
@@ -66,13 +65,7 @@ class Embedding(Inference):
                 raise
             raise failure from None
         finally:
-            backend_end = time.perf_counter()
-            scheduler.release(lease, service_ms=(backend_end - backend_start) * 1000)
-            self._finish()
-            if failure is not None:
-                self.record("error", failure)
-            elif result is None:
-                self.record("cancelled")
+            backend_end = self._settle(backend_start, failure, done=result is not None)
         self.pool.metrics.latency.labels(entry.name).observe(backend_end - self.started_at)
         self.result = self._result(Completion(finish_reason="stop", metrics=result.metrics), "", None,
                                    backend_start, backend_end)

@@ -275,8 +275,6 @@ class Inference:
         """Yield output and reasoning deltas (and tool call pieces); set ``result`` when
         the runtime is done."""
         assert self.entry is not None and self.lease is not None and self.request is not None
-        scheduler = self.entry.scheduler
-        assert scheduler is not None
         lease, request = self.lease, self.request
         backend_start = time.perf_counter()
         completion: Completion | None = None
@@ -335,14 +333,7 @@ class Inference:
             if completion is None:
                 request.cancel.set()
             await stream.aclose()
-            backend_end = time.perf_counter()
-            # Charged for the replica time used, cancelled or failed work included.
-            scheduler.release(lease, service_ms=(backend_end - backend_start) * 1000)
-            self._finish()
-            if failure is not None:
-                self.record("error", failure)
-            elif completion is None:
-                self.record("cancelled")
+            backend_end = self._settle(backend_start, failure, done=completion is not None)
         assert completion is not None
         metrics.latency.labels(self.entry.name).observe(backend_end - self.started_at)
         if completion.metrics.output_tokens:
@@ -352,6 +343,21 @@ class Inference:
         self.result.tool_calls = [calls[i] for i in sorted(calls)]
         self.result.logprobs = logprobs
         self.record("ok")
+
+    def _settle(self, backend_start: float, failure: ApiError | None, *, done: bool) -> float:
+        """The replica's part is over: release the lease, charged for the replica time
+        used (cancelled or failed work included), count the request out, and record a
+        failure or (not ``done``) a cancel; a done request's caller records ``ok``.
+        Returns the time the replica's part ended."""
+        assert self.entry is not None and self.entry.scheduler is not None and self.lease is not None
+        backend_end = time.perf_counter()
+        self.entry.scheduler.release(self.lease, service_ms=(backend_end - backend_start) * 1000)
+        self._finish()
+        if failure is not None:
+            self.record("error", failure)
+        elif not done:
+            self.record("cancelled")
+        return backend_end
 
     def backend_failure(self, exc: BaseException) -> ApiError | None:
         """What an exception from the replica means for the client, or None where it is
