@@ -19,10 +19,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import AsyncIterator, Iterator, Mapping
+from enum import StrEnum
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import pytest
+from pydantic import BaseModel, Field
 
 from llmpoold.backend import Backend
 from llmpoold.config import AppSettings, ModelConfig, parse_settings, resolve_model_options
@@ -93,6 +95,43 @@ def collect(stream: Iterator[StreamItem] | AsyncIterator[StreamItem]) -> list[St
             return [item async for item in stream]  # type: ignore[union-attr]
         return asyncio.run(drain())
     return list(stream)  # type: ignore[arg-type]
+
+
+def cancel_after(stream: Iterator[StreamItem], request: GenerationRequest, items: int) -> Completion:
+    """Read ``stream``, set ``request``'s cancel token once ``items`` items have come,
+    and return the stream's last item (which must be its Completion)."""
+    seen = 0
+    for item in stream:
+        seen += 1
+        if seen == items:
+            request.cancel.set()
+        if isinstance(item, Completion):
+            return item
+    raise AssertionError("the stream ended without a Completion")
+
+
+# A structured-output schema with a nested object, an enum and an array, for tests of
+# ``response_format`` on real models. The bounds keep a small model from looping inside
+# a string or an array until ``max_tokens``.
+Word = Annotated[str, Field(max_length=16)]
+
+
+class Colour(StrEnum):
+    red = "red"
+    green = "green"
+    blue = "blue"
+
+
+class Address(BaseModel):
+    city: Word
+    zip_code: int
+
+
+class Person(BaseModel):
+    name: Word
+    favourite: Colour
+    address: Address
+    tags: list[Word] = Field(min_length=1, max_length=3)
 
 
 class BackendContractSuite:

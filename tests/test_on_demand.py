@@ -49,6 +49,17 @@ async def ask(client: Any, model: str, text: str = "The capital of France is", m
                                                     "decoding": {"max_tokens": max_tokens, "temperature": 0.0}})
 
 
+async def streaming(client: Any, model: str, max_tokens: int) -> Any:
+    """A greedy stream of ``model`` counting on, read up to its first text delta (so the
+    model is busy generating when this returns); the rest is the caller's to read."""
+    stream = await client.post("/v1/responses", json={"model": model, "input": COUNT, "stream": True,
+                                                      "decoding": {"max_tokens": max_tokens, "temperature": 0.0}})
+    assert stream.status == 200
+    while b"output_text.delta" not in await stream.content.readline():
+        pass
+    return stream
+
+
 async def states(client: Any) -> dict[str, dict[str, Any]]:
     resp = await client.get("/v1/admin/models")
     assert resp.status == 200
@@ -100,11 +111,7 @@ async def test_on_demand_load_evicts_the_idle_other(aiohttp_client: Any, gguf_pa
 
 async def test_a_streaming_model_is_not_evicted(aiohttp_client: Any, gguf_path: str) -> None:
     client = await start(aiohttp_client, {"a": gguf(gguf_path), "b": gguf(gguf_path)})
-    stream = await client.post("/v1/responses", json={"model": "a", "input": COUNT, "stream": True,
-                                                      "decoding": {"max_tokens": 200, "temperature": 0.0}})
-    assert stream.status == 200
-    while b"output_text.delta" not in await stream.content.readline():
-        pass
+    stream = await streaming(client, "a", max_tokens=200)
     resp = await ask(client, "b")
     assert resp.status == 503
     detail = (await resp.json())["detail"]
@@ -128,11 +135,7 @@ async def test_evict_busy_drains_the_streaming_model(aiohttp_client: Any, gguf_p
     its stream ends with 503 model_unloaded and the new model loads."""
     client = await start(aiohttp_client, {"a": gguf(gguf_path), "b": gguf(gguf_path)},
                          memory={"evict_busy": True, "drain_timeout_s": 0.5})
-    stream = await client.post("/v1/responses", json={"model": "a", "input": COUNT, "stream": True,
-                                                      "decoding": {"max_tokens": 400, "temperature": 0.0}})
-    assert stream.status == 200
-    while b"output_text.delta" not in await stream.content.readline():
-        pass
+    stream = await streaming(client, "a", max_tokens=400)
     resp = await ask(client, "b")
     assert resp.status == 200, await resp.text()
     rest = (await stream.read()).decode()
@@ -154,11 +157,7 @@ async def test_idle_ttl_unloads_an_idle_model_not_a_busy_or_pinned_one(aiohttp_c
     client = await start(aiohttp_client, {"a": gguf(gguf_path), "p": gguf(gguf_path, pinned=True)},
                          idle_ttl_s=0.5, memory={"ram_budget_mib": 4000})
     assert (await ask(client, "p")).status == 200
-    stream = await client.post("/v1/responses", json={"model": "a", "input": COUNT, "stream": True,
-                                                      "decoding": {"max_tokens": 200, "temperature": 0.0}})
-    assert stream.status == 200
-    while b"output_text.delta" not in await stream.content.readline():
-        pass
+    stream = await streaming(client, "a", max_tokens=200)
     models = await states(client)
     assert models["a"]["idle_unload_at"] is None  # busy: the clock does not run
     await asyncio.sleep(1.0)

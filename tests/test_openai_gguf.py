@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import echo_backend
 import openai
 import pytest
-from pydantic import BaseModel, Field
 
 from llmpoold.http.app import create_app
 from llmpoold.http.keys import POOL
-from llmpoold.testing import make_registry, settings_from
+from llmpoold.testing import Colour, Person, make_registry, settings_from
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.timeout(180)
@@ -132,27 +130,6 @@ async def test_context_overflow_is_a_bad_request_with_the_numbers(aiohttp_client
     assert err.value.code == "context_length_exceeded"
     done = await aio.chat.completions.create(model="raw", messages=messages, max_tokens=8, temperature=0.0)
     assert done.usage is not None and done.usage.completion_tokens <= 8
-
-
-class Colour(StrEnum):
-    red = "red"
-    green = "green"
-    blue = "blue"
-
-
-Word = Annotated[str, Field(max_length=16)]  # bounds keep a 270M model from looping inside a string
-
-
-class Address(BaseModel):
-    city: Word
-    zip_code: int
-
-
-class Person(BaseModel):
-    name: Word
-    favourite: Colour
-    address: Address
-    tags: list[Word] = Field(min_length=1, max_length=3)
 
 
 async def test_structured_output_on_gguf(aiohttp_client: Any, gguf_path: str) -> None:

@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from llmpoold.config import resolve_model_options
 from llmpoold.http.app import create_app
 from llmpoold.http.keys import POOL
-from llmpoold.testing import BackendContractSuite, collect, make_registry, make_request, settings_from
+from llmpoold.testing import BackendContractSuite, cancel_after, collect, make_registry, make_request, settings_from
 from llmpoold.types import Completion, TextDelta
 
 pytestmark = pytest.mark.timeout(180)
@@ -83,15 +83,8 @@ def test_non_ascii_output_is_valid_text(registry: Any, runtime: Any) -> None:
 
 def test_cancel_mid_stream_stops_within_a_token(registry: Any, runtime: Any) -> None:
     request = make_request(model="g", prompt_format="raw", text="Once upon a time", max_tokens=200)
-    stream = registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=request)
-    seen = 0
-    for item in stream:
-        seen += 1
-        if seen == 3:
-            request.cancel.set()
-        if isinstance(item, Completion):
-            break
-    assert isinstance(item, Completion) and item.finish_reason == "cancelled"
+    item = cancel_after(registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=request), request, 3)
+    assert item.finish_reason == "cancelled"
     assert item.metrics.output_tokens <= 4
     assert runtime.engine.busy_slots() == 0, "the slot is free for the next request"
 

@@ -13,7 +13,7 @@ import pytest
 
 from llmpoold.config import resolve_model_options
 from llmpoold.errors import BackendError
-from llmpoold.testing import collect, make_request, settings_from
+from llmpoold.testing import cancel_after, collect, make_request, settings_from
 from llmpoold.types import Completion, Message, TextDelta
 
 pytestmark = pytest.mark.timeout(300)
@@ -113,15 +113,8 @@ def test_cancel_is_seen_within_a_step_and_frees_the_slot(registry: Any, runtime:
     request = make_request(model="g", prompt_format="raw", text="Once upon a time", max_tokens=200)
     other = threading.Thread(target=run, args=(registry, runtime, "Water boils at"), kwargs={"max_tokens": 40})
     other.start()  # a neighbour in the batch keeps the loop stepping
-    stream = registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=request)
-    seen = 0
-    for item in stream:
-        seen += 1
-        if seen == 3:
-            request.cancel.set()
-        if isinstance(item, Completion):
-            break
-    assert isinstance(item, Completion) and item.finish_reason == "cancelled"
+    item = cancel_after(registry.hook.llmpool_stream(backend="gguf", runtime=runtime, request=request), request, 3)
+    assert item.finish_reason == "cancelled"
     assert item.metrics.output_tokens <= 5
     other.join(timeout=60)
     assert runtime.engine.busy_slots() == 0, "a finished stream has left its slot"

@@ -3,42 +3,18 @@ model's output inside the JSON schema (or inside JSON at all, for ``json_object`
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
-from enum import StrEnum
-from typing import Annotated, Any
+from typing import Any
 
 import pytest
-from pydantic import BaseModel, Field
 
 from llmpoold.errors import BackendError
-from llmpoold.testing import collect, make_request
+from llmpoold.testing import Colour, Person, collect, make_request
 from llmpoold.types import Completion, TextDelta
 
 pytest.importorskip("llama_cpp")
 pytestmark = pytest.mark.timeout(300)
-
-
-class Colour(StrEnum):
-    red = "red"
-    green = "green"
-    blue = "blue"
-
-
-Word = Annotated[str, Field(max_length=16)]  # bounds keep a 270M model from looping inside a string
-
-
-class Address(BaseModel):
-    city: Word
-    zip_code: int
-
-
-class Person(BaseModel):
-    name: Word
-    favourite: Colour
-    address: Address
-    tags: list[Word] = Field(min_length=1, max_length=3)
 
 
 def run(registry: Any, runtime: Any, text: str, response_format: dict[str, Any] | None,
@@ -84,21 +60,13 @@ def test_checking_the_chosen_token_gives_the_grammar_first_tokens(registry: Any,
     """The sampler shows the grammar the chosen token, then the leading candidates, and
     all 262k only when none of those is allowed (llmpool_gguf.sampling). Its tokens must
     be those of the grammar applied to every candidate first, then the argmax."""
-    from llama_cpp import llama_cpp as low
     from llmpool_gguf.sampling import RequestSampler
 
     schema = {"type": "json_schema", "json_schema": {"name": "Person", "schema": Person.model_json_schema()}}
     run(registry, runtime, "A person as JSON:", schema)  # both runs below then start from the same cached prompt
     checked = [run(registry, runtime, "A person as JSON:", fmt)[0] for fmt in (schema, {"type": "json_object"})]
 
-    def grammar_first(self: RequestSampler, ctx: Any, i_batch: int) -> int:
-        records, array = self._fill(self._logits(ctx, i_batch))
-        low.llama_sampler_apply(self.grammar, ctypes.byref(array))
-        token = int(records["id"][int(records["logit"].argmax())])
-        low.llama_sampler_accept(self.grammar, token)
-        return token
-
-    monkeypatch.setattr(RequestSampler, "sample", grammar_first)
+    monkeypatch.setattr(RequestSampler, "sample", RequestSampler.sample_grammar_first)
     reference = [run(registry, runtime, "A person as JSON:", fmt)[0] for fmt in (schema, {"type": "json_object"})]
     assert checked == reference
     assert Person.model_validate_json(checked[0])  # json_object's free JSON may run past the budget here
